@@ -1,0 +1,26 @@
+# Everything a fresh machine needs, from python3 alone.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+
+.PHONY: demo test bench install clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,examples]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 --durations=10
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_matmul.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,89 @@
+"""w8a8_dot: the quantized matmul behind every quantized Dense.
+
+On GPU it runs the Pallas kernels (pallas_kernels); elsewhere the XLA path: int8
+`lax.dot_general` with int32 accumulation (fp8: f32 accumulation). Both compute the
+numbers defined in pallas_kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from actquant_jax.quant import QuantizedKernel, qtype_dtype
+from pallas_kernels import reference as ref
+
+Backend = Literal["auto", "xla", "triton", "mosaic"]
+BACKENDS = ("auto", "xla", "triton", "mosaic")
+
+
+def resolve_backend(backend: str, interpret: bool = False) -> str:
+  """"auto" picks the Pallas Triton kernels on a GPU (or in interpret mode), else XLA."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  if backend != "auto":
+    if interpret and backend == "xla":
+      raise ValueError("interpret=True runs the Pallas kernels; it cannot be combined with backend='xla'")
+    return backend
+  if interpret or jax.default_backend() == "gpu":
+    return "triton"
+  return "xla"
+
+
+def _check_inputs(x: jax.Array, qk: QuantizedKernel, bias, name: str):
+  if not isinstance(qk, QuantizedKernel):
+    raise TypeError(f"{name}: expected a QuantizedKernel, got {type(qk).__name__}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name}: activations must be floating point, got {x.dtype}")
+  if x.ndim < 1 or x.shape[-1] != qk.in_features:
+    raise ValueError(f"{name}: input of shape {x.shape} does not match the kernel: expected last "
+                     f"dim {qk.in_features} (kernel (in, out) = {qk.shape})")
+  if bias is not None and tuple(bias.shape) != (qk.out_features,):
+    raise ValueError(f"{name}: bias must have shape ({qk.out_features},), got {tuple(bias.shape)}")
+
+
+def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = "xla",
+                         interpret: bool = False):
+  """(M, K) float -> (xq (M, K), sx (M,)) for `qk`'s activation mode, inverse smoothing
+  applied first. Reusable across Dense layers that read the same input with the same
+  activation settings."""
+  dtype = qtype_dtype(qk.qtype)
+  if backend == "xla":
+    return ref.quantize_rows_ref(x2d, qk.inv_smooth, dtype=dtype, scale=qk.act_scale)
+  from pallas_kernels import quantize_rows
+  return quantize_rows(x2d, qk.inv_smooth, scale=qk.act_scale, dtype=dtype, backend=backend,
+                       interpret=interpret)
+
+
+def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *,
+             out_dtype=None, backend: str = "auto", interpret: bool = False,
+             name: str = "w8a8_dot") -> jax.Array:
+  """y = x @ W (+ bias) with both operands in 8 bits.
+
+  x: (..., K) float, any number of leading batch dims. qk: a QuantizedKernel for a (K, N)
+  kernel. Activations are quantized per token (dynamic) or with qk.act_scale (static),
+  after multiplying by qk.inv_smooth if present. The product accumulates in int32 (fp8:
+  f32) and is scaled as (acc * sx[m]) * sw[n] + bias in f32, then cast to `out_dtype`
+  (default: x.dtype).
+
+  backend: "auto" (Pallas Triton kernels on GPU, XLA elsewhere), "xla", "triton" or
+  "mosaic" (Hopper wgmma). interpret=True runs the Pallas kernels on the CPU (slow; tests).
+  NaN/Inf in x are not checked inside jit: they propagate as NaN (fp8) or garbage (int8).
+  """
+  x = jnp.asarray(x)
+  _check_inputs(x, qk, bias, name)
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  backend = resolve_backend(backend, interpret)
+  lead = x.shape[:-1]
+  x2d = x.reshape(-1, qk.in_features)
+  if backend == "xla":
+    xq, sx = quantize_activations(x2d, qk, backend="xla")
+    y = ref.scaled_matmul_ref(xq, qk.values, sx, qk.scale, bias, out_dtype)
+  else:
+    from pallas_kernels import scaled_matmul
+    xq, sx = quantize_activations(x2d, qk, backend=backend, interpret=interpret)
+    y = scaled_matmul(xq, qk.values, sx, qk.scale, bias, out_dtype=out_dtype, backend=backend,
+                      interpret=interpret)
+  return y.reshape(*lead, qk.out_features)

@@ -1,0 +1,257 @@
+"""Quantization core: scales, quantize / dequantize, int8 and float8_e4m3fn.
+
+Symmetric quantization only (zero point 0): that is what a GEMM with outer-dimension
+scaling needs, since y = (xq * sx) @ (wq * sw) = (xq @ wq) * sx * sw.
+
+Granularities
+  "tensor"   one scale for the whole array
+  "channel"  one scale per index of `axis` (any axis), reduced over all others
+  "token"    one scale per row: reduced over the last axis only (per token of X[..., K])
+
+A scale is kept with reduced axes as size 1 (keepdims), so `values * scale` broadcasts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QType = Literal["int8", "float8_e4m3fn"]
+Granularity = Literal["tensor", "channel", "token"]
+
+QTYPES: tuple[str, ...] = ("int8", "float8_e4m3fn")
+_DTYPES = {"int8": jnp.int8, "float8_e4m3fn": jnp.float8_e4m3fn}
+# int8 is symmetric in [-127, 127]: -128 is never produced, so negation is exact.
+_QMAX = {"int8": 127.0, "float8_e4m3fn": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
+
+
+def check_qtype(qtype: str) -> str:
+  if qtype not in QTYPES:
+    raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
+  return qtype
+
+
+def qtype_dtype(qtype: str):
+  """The storage dtype of a qtype (jnp.int8 or jnp.float8_e4m3fn)."""
+  return _DTYPES[check_qtype(qtype)]
+
+
+def qtype_max(qtype: str) -> float:
+  """Largest representable magnitude: 127 for int8, 448 for float8_e4m3fn."""
+  return _QMAX[check_qtype(qtype)]
+
+
+def qtype_of(dtype) -> str:
+  """The qtype name of a storage dtype."""
+  for name, dt in _DTYPES.items():
+    if jnp.dtype(dtype) == jnp.dtype(dt):
+      return name
+  raise TypeError(f"{jnp.dtype(dtype)} is not a quantized storage dtype; expected one of {QTYPES}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized array: `values * scale` approximates the original.
+
+  values: int8 or float8_e4m3fn storage.
+  scale:  float32, broadcastable to `values` (reduced axes kept as size 1).
+  qtype:  static name of the storage type ("int8" or "float8_e4m3fn").
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  qtype: str = dataclasses.field(metadata=dict(static=True))
+
+  @property
+  def shape(self):
+    return self.values.shape
+
+  @property
+  def ndim(self):
+    return self.values.ndim
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    return dequantize(self, dtype)
+
+
+def _reduce_axes(ndim: int, granularity: str, axis: int) -> tuple[int, ...]:
+  if granularity == "tensor":
+    return tuple(range(ndim))
+  if ndim == 0:
+    raise ValueError(f"granularity {granularity!r} needs an array with at least one axis")
+  if granularity == "token":
+    return (ndim - 1,)
+  if granularity == "channel":
+    if not -ndim <= axis < ndim:
+      raise ValueError(f"channel axis {axis} out of range for an array of rank {ndim}")
+    a = axis % ndim
+    return tuple(i for i in range(ndim) if i != a)
+  raise ValueError(f"granularity must be 'tensor', 'channel' or 'token', got {granularity!r}")
+
+
+def scale_from_absmax(absmax: jax.Array, qtype: str = "int8") -> jax.Array:
+  """absmax * f32(1/qmax); an all-zero group gets scale 1 so it round-trips to zeros.
+
+  (A zero scale would make x / scale = 0/0 = NaN.) Multiplying by the rounded reciprocal
+  is what compilers turn a division by a constant into; defining the scale that way keeps
+  the XLA path, the kernels and numpy references bit-identical.
+  """
+  absmax = jnp.asarray(absmax, jnp.float32)
+  s = absmax * jnp.float32(1.0 / qtype_max(qtype))
+  # A subnormal scale would be flushed to zero (CPU and GPU): such groups (absmax below
+  # qmax * 2^-126) are treated as zero groups and quantize to 0.
+  return jnp.where(s >= jnp.finfo(jnp.float32).tiny, s, jnp.float32(1.0))
+
+
+def compute_scale(x: jax.Array, qtype: str = "int8", *, granularity: str = "tensor",
+                  axis: int = -1) -> jax.Array:
+  """The symmetric scale of `x` for `granularity`, keepdims shape, float32."""
+  x = jnp.asarray(x)
+  axes = _reduce_axes(x.ndim, granularity, axis)
+  absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
+  return scale_from_absmax(absmax, qtype)
+
+
+def quantize_with_scale(x: jax.Array, scale: jax.Array, qtype: str = "int8") -> jax.Array:
+  """Saturating quantize of x / scale: int8 rounds half to even and clips to [-127, 127];
+  float8_e4m3fn clips to [-448, 448] then casts (round to nearest even).
+
+  Values outside the scale's range saturate (static scales). NaN inputs stay NaN for
+  fp8 and become an unspecified int8: checked eagerly where data is seen (calibration,
+  weight quantization), not inside jit.
+  """
+  qmax = jnp.float32(qtype_max(qtype))
+  y = jnp.clip(jnp.asarray(x, jnp.float32) / scale, -qmax, qmax)
+  if qtype == "int8":
+    y = jnp.round(y)  # XLA rounds half to even
+  return y.astype(qtype_dtype(qtype))
+
+
+def quantize(x: jax.Array, qtype: str = "int8", *, granularity: str = "tensor",
+             axis: int = -1, scale: jax.Array | None = None) -> QArray:
+  """Quantize `x` symmetrically. With `scale` given (a static, calibrated scale) it is used
+  as is and out-of-range values saturate; otherwise the scale is x's absmax / qmax at
+  `granularity`, so no value saturates.
+
+  Guarantee (int8, values inside the range): |x - dequantize(quantize(x))| <= scale / 2.
+  """
+  check_qtype(qtype)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"quantize expects a floating-point array, got {x.dtype}")
+  if scale is None:
+    scale = compute_scale(x, qtype, granularity=granularity, axis=axis)
+  else:
+    scale = jnp.asarray(scale, jnp.float32)
+    try:
+      jnp.broadcast_shapes(scale.shape, x.shape)
+    except ValueError:
+      raise ValueError(f"scale of shape {scale.shape} does not broadcast to x of shape {x.shape}") from None
+  return QArray(quantize_with_scale(x, scale, qtype), scale, qtype)
+
+
+def dequantize(q: QArray, dtype=jnp.float32) -> jax.Array:
+  return (q.values.astype(jnp.float32) * q.scale).astype(dtype)
+
+
+def check_finite(x, what: str) -> None:
+  """Raise ValueError naming `what` if a concrete array holds NaN or Inf.
+
+  Inside jit the values are abstract and nothing is checked (documented, not silent:
+  the eager entry points -- calibration and weight quantization -- call this).
+  """
+  if isinstance(x, jax.core.Tracer):
+    return
+  a = np.asarray(x, dtype=np.float32) if np.asarray(x).dtype != np.float32 else np.asarray(x)
+  if not np.all(np.isfinite(a)):
+    n_nan = int(np.isnan(a).sum())
+    n_inf = int(np.isinf(a).sum())
+    raise ValueError(f"{what}: contains {n_nan} NaN and {n_inf} Inf values (shape {a.shape})")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedKernel:
+  """What a quantized Dense `kernel` leaf becomes: one pytree node with everything the
+  W8A8 matmul needs.
+
+  values:     (N, K) int8 or float8_e4m3fn -- the (K, N) float kernel transposed to
+              K-major once at quantize time (8-bit wgmma and the vLLM/CUTLASS kernels
+              need it; XLA's dot does not care).
+  scale:      (N,) float32, per output channel.
+  act_scale:  () float32 static per-tensor activation scale, or None for dynamic
+              per-token quantization.
+  inv_smooth: (K,) float32 runtime inverse smoothing vector (multiplied into x before it
+              is quantized), or None when smoothing is off or was folded into the producer.
+  qtype:      static; the activations are quantized to the same type.
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  act_scale: jax.Array | None = None
+  inv_smooth: jax.Array | None = None
+  qtype: str = dataclasses.field(default="int8", metadata=dict(static=True))
+
+  @property
+  def in_features(self) -> int:
+    return self.values.shape[1]
+
+  @property
+  def out_features(self) -> int:
+    return self.values.shape[0]
+
+  @property
+  def shape(self):
+    """The (in, out) shape of the float kernel this replaces."""
+    return (self.in_features, self.out_features)
+
+  @property
+  def act_mode(self) -> str:
+    return "dynamic" if self.act_scale is None else "static"
+
+  def dequantize(self, dtype=jnp.float32) -> jax.Array:
+    """The (K, N) float kernel this computes with, inverse smoothing included."""
+    w = self.values.astype(jnp.float32).T * self.scale[None, :]
+    if self.inv_smooth is not None:
+      w = w * self.inv_smooth[:, None]
+    return w.astype(dtype)
+
+
+def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
+                    act_scale: jax.Array | float | None = None,
+                    inv_smooth: jax.Array | None = None,
+                    name: str = "kernel") -> QuantizedKernel:
+  """Quantize a float Dense kernel (K, N) per output channel into a QuantizedKernel.
+
+  `kernel` is the already-smoothed weight (diag(s) W) when smoothing is used; `inv_smooth`
+  is 1/s when it is applied at run time. Raises on wrong rank, non-float dtypes, NaN/Inf,
+  or side inputs of the wrong shape; `name` (the layer path) is in every message.
+  """
+  check_qtype(qtype)
+  kernel = jnp.asarray(kernel)
+  if kernel.ndim != 2:
+    raise ValueError(f"{name}: expected a 2-D (in, out) Dense kernel, got shape {kernel.shape}")
+  if not jnp.issubdtype(kernel.dtype, jnp.floating):
+    raise TypeError(f"{name}: expected a floating-point kernel, got {kernel.dtype}")
+  check_finite(kernel, f"{name}: kernel")
+  k, n = kernel.shape
+  w = kernel.astype(jnp.float32).T  # (N, K)
+  q = quantize(w, qtype, granularity="channel", axis=0)
+  if act_scale is not None:
+    act_scale = jnp.asarray(act_scale, jnp.float32)
+    if act_scale.shape != ():
+      raise ValueError(f"{name}: act_scale must be a scalar (static per-tensor), got shape {act_scale.shape}")
+    check_finite(act_scale, f"{name}: act_scale")
+    if not isinstance(act_scale, jax.core.Tracer) and float(act_scale) <= 0:
+      raise ValueError(f"{name}: act_scale must be > 0, got {float(act_scale)}")
+  if inv_smooth is not None:
+    inv_smooth = jnp.asarray(inv_smooth, jnp.float32)
+    if inv_smooth.shape != (k,):
+      raise ValueError(f"{name}: inv_smooth must have shape ({k},) (the kernel's input dim), got {inv_smooth.shape}")
+    check_finite(inv_smooth, f"{name}: inv_smooth")
+  return QuantizedKernel(q.values, q.scale[:, 0], act_scale, inv_smooth, qtype)

@@ -1,0 +1,150 @@
+"""w8a8_dot (XLA path) against an independent numpy reference."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import actquant_jax as aq
+from actquant_jax import ops
+
+
+def np_quantize_rows(x, inv_smooth=None, static_scale=None, qmax=127.0):
+  x = x.astype(np.float32)
+  if inv_smooth is not None:
+    x = x * inv_smooth.astype(np.float32)
+  if static_scale is None:
+    amax = np.abs(x).max(axis=1)
+    sx = np.where(amax > 0, amax * np.float32(1 / qmax), np.float32(1)).astype(np.float32)
+  else:
+    sx = np.full(x.shape[0], static_scale, np.float32)
+  q = np.clip(x / sx[:, None], -qmax, qmax)
+  return np.rint(q).astype(np.int8), sx  # np.rint rounds half to even
+
+
+def np_w8a8(x2d, qk, bias=None):
+  xq, sx = np_quantize_rows(x2d, None if qk.inv_smooth is None else np.asarray(qk.inv_smooth),
+                            None if qk.act_scale is None else np.float32(qk.act_scale))
+  acc = xq.astype(np.int64) @ np.asarray(qk.values).astype(np.int64).T
+  y = acc.astype(np.float32) * sx[:, None] * np.asarray(qk.scale)[None, :]
+  if bias is not None:
+    y = y + np.asarray(bias, np.float32)
+  return xq, sx, acc, y
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_int8_matches_numpy(mode, smooth, rng):
+  m, k, n = 37, 96, 40
+  x = rng.standard_normal((m, k)).astype(np.float32) * 3
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  b = rng.standard_normal(n).astype(np.float32)
+  inv_s = rng.uniform(0.2, 5.0, k).astype(np.float32) if smooth else None
+  qk = aq.quantize_kernel(jnp.asarray(w), act_scale=0.05 if mode == "static" else None, inv_smooth=inv_s)
+  xq_np, sx_np, acc_np, y_np = np_w8a8(x, qk, b)
+
+  xq, sx = aq.quantize_activations(jnp.asarray(x), qk)
+  np.testing.assert_array_equal(np.asarray(xq), xq_np)
+  np.testing.assert_array_equal(np.asarray(sx), sx_np)
+  acc = jax.lax.dot_general(xq, qk.values, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(acc), acc_np)
+  y = jax.jit(aq.w8a8_dot)(jnp.asarray(x), qk, jnp.asarray(b))
+  assert y.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(y), y_np, rtol=2e-6, atol=1e-5)
+
+
+def test_int32_accumulation_bit_exact_k4096_extremes(rng):
+  # Values at +-127 over K = 4096: |acc| up to 4096 * 127^2 = 66M, exact in int32 only.
+  m, k, n = 16, 4096, 64
+  xq = rng.choice(np.array([-127, 127, 126, -1, 0], np.int8), size=(m, k))
+  xq[0] = 127
+  wq = rng.choice(np.array([-127, 127, 5], np.int8), size=(n, k))
+  wq[0] = 127
+  sx = rng.uniform(0.01, 1, m).astype(np.float32)
+  sw = rng.uniform(0.01, 1, n).astype(np.float32)
+  acc = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                                  preferred_element_type=jnp.int32))(xq, wq)
+  acc_np = xq.astype(np.int64) @ wq.astype(np.int64).T
+  assert acc_np[0, 0] == k * 127 * 127
+  np.testing.assert_array_equal(np.asarray(acc), acc_np)
+  # And end to end through w8a8_dot: rows whose absmax is 127 * s quantize back to xq.
+  x = xq.astype(np.float32) * sx[:, None]
+  x[:, 0] = 127 * sx  # pin each row's absmax so sx is reproduced exactly
+  xq[:, 0] = 127
+  qk = aq.QuantizedKernel(jnp.asarray(wq), jnp.asarray(sw))
+  y = jax.jit(aq.w8a8_dot)(jnp.asarray(x), qk)
+  _, sx_np, acc_np, y_np = np_w8a8(x, qk)
+  np.testing.assert_array_equal(acc_np, xq.astype(np.int64) @ wq.astype(np.int64).T)
+  np.testing.assert_allclose(np.asarray(y), y_np, rtol=2e-6)
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 5), (2, 1, 3)])
+def test_batch_dims(lead, rng):
+  k, n = 24, 10
+  x = rng.standard_normal((*lead, k)).astype(np.float32)
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  qk = aq.quantize_kernel(jnp.asarray(w))
+  y = aq.w8a8_dot(jnp.asarray(x), qk)
+  assert y.shape == (*lead, n)
+  _, _, _, y_np = np_w8a8(x.reshape(-1, k), qk)
+  np.testing.assert_allclose(np.asarray(y).reshape(-1, n), y_np, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_scale", [None, 0.02])
+def test_fp8(act_scale, rng):
+  m, k, n = 20, 64, 24
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  w = rng.standard_normal((k, n)).astype(np.float32)
+  qk = aq.quantize_kernel(jnp.asarray(w), "float8_e4m3fn", act_scale=act_scale)
+  assert qk.values.dtype == jnp.float8_e4m3fn
+  y = jax.jit(functools.partial(aq.w8a8_dot, out_dtype=jnp.bfloat16))(jnp.asarray(x), qk)
+  assert y.dtype == jnp.bfloat16
+  # numpy reference on the exactly-representable fp8 values
+  x32 = x if act_scale is None else x
+  sx = (np.abs(x32).max(1) * np.float32(1 / 448)).astype(np.float32) if act_scale is None else np.full(m, act_scale, np.float32)
+  xq = jnp.asarray(np.clip(x32 / sx[:, None], -448, 448)).astype(jnp.float8_e4m3fn)
+  acc = np.asarray(xq.astype(jnp.float32), np.float64) @ np.asarray(qk.values.astype(jnp.float32), np.float64).T
+  y_np = (acc.astype(np.float32) * sx[:, None] * np.asarray(qk.scale)[None]).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(y, np.float32), y_np, rtol=1e-2, atol=1e-2)
+  # and close to the float product
+  rel = np.linalg.norm(np.asarray(y, np.float32) - x @ w) / np.linalg.norm(x @ w)
+  assert rel < 0.06
+
+
+def test_accuracy_vs_float(rng):
+  x = rng.standard_normal((64, 256)).astype(np.float32)
+  w = rng.standard_normal((256, 128)).astype(np.float32) / 16
+  y = aq.w8a8_dot(jnp.asarray(x), aq.quantize_kernel(jnp.asarray(w)))
+  rel = np.linalg.norm(np.asarray(y) - x @ w) / np.linalg.norm(x @ w)
+  assert rel < 0.02
+
+
+def test_zero_and_bf16_inputs():
+  qk = aq.quantize_kernel(jnp.ones((8, 4)))
+  y = aq.w8a8_dot(jnp.zeros((3, 8), jnp.bfloat16), qk, jnp.arange(4.0))
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.tile(np.arange(4.0), (3, 1)))
+
+
+def test_bad_inputs():
+  qk = aq.quantize_kernel(jnp.ones((8, 4)))
+  with pytest.raises(ValueError, match="layer3: input of shape \\(2, 7\\).*expected last dim 8"):
+    aq.w8a8_dot(jnp.ones((2, 7)), qk, name="layer3")
+  with pytest.raises(TypeError, match="floating point"):
+    aq.w8a8_dot(jnp.ones((2, 8), jnp.int32), qk)
+  with pytest.raises(ValueError, match="bias must have shape \\(4,\\)"):
+    aq.w8a8_dot(jnp.ones((2, 8)), qk, jnp.ones(5))
+  with pytest.raises(TypeError, match="expected a QuantizedKernel"):
+    aq.w8a8_dot(jnp.ones((2, 8)), jnp.ones((8, 4)))
+  with pytest.raises(ValueError, match="backend"):
+    aq.w8a8_dot(jnp.ones((2, 8)), qk, backend="cuda")
+  with pytest.raises(ValueError, match="interpret"):
+    ops.resolve_backend("xla", interpret=True)
+
+
+def test_auto_backend_is_xla_on_cpu():
+  if jax.default_backend() == "cpu":
+    assert ops.resolve_backend("auto") == "xla"
+  assert ops.resolve_backend("auto", interpret=True) == "triton"
