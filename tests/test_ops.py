@@ -148,3 +148,17 @@ def test_auto_backend_is_xla_on_cpu():
   if jax.default_backend() == "cpu":
     assert ops.resolve_backend("auto") == "xla"
   assert ops.resolve_backend("auto", interpret=True) == "triton"
+
+
+@pytest.mark.parametrize("qtype", ["int8", "float8_e4m3fn"])
+@pytest.mark.parametrize("act_scale,smooth", [(None, False), (None, True), (0.05, True)])
+def test_pallas_interpret_matches_xla_path(qtype, act_scale, smooth, rng):
+  x = rng.standard_normal((3, 11, 96)).astype(np.float32)
+  w = rng.standard_normal((96, 40)).astype(np.float32)
+  b = jnp.asarray(rng.standard_normal(40), jnp.float32)
+  inv_s = jnp.asarray(rng.uniform(0.2, 3, 96), jnp.float32) if smooth else None
+  qk = aq.quantize_kernel(jnp.asarray(w), qtype, act_scale=act_scale, inv_smooth=inv_s)
+  y_xla = aq.w8a8_dot(jnp.asarray(x), qk, b, backend="xla")
+  y_pl = aq.w8a8_dot(jnp.asarray(x), qk, b, interpret=True)
+  assert y_pl.shape == y_xla.shape == (3, 11, 40)
+  np.testing.assert_allclose(np.asarray(y_pl), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
