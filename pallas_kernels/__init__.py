@@ -13,6 +13,7 @@ from pallas_kernels.matmul import default_blocks as default_blocks
 from pallas_kernels.matmul import fp8_matmul as fp8_matmul
 from pallas_kernels.matmul import int8_matmul as int8_matmul
 from pallas_kernels.matmul import scaled_matmul as scaled_matmul
+from pallas_kernels.matmul_mosaic import MosaicBlocks as MosaicBlocks
 from pallas_kernels.quantize import QuantizeBlocks as QuantizeBlocks
 from pallas_kernels.quantize import quantize_rows as quantize_rows
 from pallas_kernels.reference import fp8_matmul_ref as fp8_matmul_ref
