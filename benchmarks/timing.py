@@ -1,0 +1,33 @@
+"""Timing helpers shared by the benchmarks: median wall time of jitted calls, run side by
+side in one process so ratios compare like with like."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_seconds(f, *args, reps: int = 15, warmup: int = 2, budget_s: float = 20.0) -> float:
+  """Median of `reps` timed calls of f(*args) (fewer if `budget_s` runs out)."""
+  for _ in range(warmup):
+    jax.block_until_ready(f(*args))
+  times = []
+  start = time.perf_counter()
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t)
+    if time.perf_counter() - start > budget_s and len(times) >= 3:
+      break
+  return statistics.median(times)
+
+
+def print_table(headers, rows):
+  widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+  line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
+  print(line(headers))
+  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+  for r in rows:
+    print(line(r))
