@@ -1,14 +1,33 @@
-"""actquant-jax: W8A8 (int8 and FP8 e4m3) activation quantization for JAX/Flax."""
+"""actquant-jax: W8A8 (int8 and FP8 e4m3) activation quantization for JAX/Flax.
 
-from actquant_jax.ops import w8a8_dot as w8a8_dot
+  stats   = aq.calibrate(model, params, batches)
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig())
+  y = jax.jit(aq.quantized_apply(model))(qparams, x)
+"""
+
+from actquant_jax.calibrate import LayerStats as LayerStats
+from actquant_jax.calibrate import calibrate as calibrate
+from actquant_jax.calibrate import load_stats as load_stats
+from actquant_jax.calibrate import merge_stats as merge_stats
+from actquant_jax.calibrate import save_stats as save_stats
+from actquant_jax.config import LayerRule as LayerRule
+from actquant_jax.config import QuantConfig as QuantConfig
+from actquant_jax.intercept import quantize_model as quantize_model
+from actquant_jax.intercept import quantized_apply as quantized_apply
+from actquant_jax.layers import QuantizedDense as QuantizedDense
+from actquant_jax.layers import QuantizedLinear as QuantizedLinear
 from actquant_jax.ops import quantize_activations as quantize_activations
+from actquant_jax.ops import w8a8_dot as w8a8_dot
 from actquant_jax.quant import QArray as QArray
 from actquant_jax.quant import QuantizedKernel as QuantizedKernel
 from actquant_jax.quant import compute_scale as compute_scale
 from actquant_jax.quant import dequantize as dequantize
-from actquant_jax.quant import quantize as quantize
-from actquant_jax.quant import quantize_kernel as quantize_kernel
 from actquant_jax.quant import qtype_dtype as qtype_dtype
 from actquant_jax.quant import qtype_max as qtype_max
+from actquant_jax.quant import quantize as quantize
+from actquant_jax.quant import quantize_kernel as quantize_kernel
+from actquant_jax.transform import LayerReport as LayerReport
+from actquant_jax.transform import format_report as format_report
+from actquant_jax.transform import quantize_params as quantize_params
 
 __version__ = "0.1.0"

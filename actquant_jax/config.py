@@ -1,0 +1,103 @@
+"""Quantization config: small frozen dataclasses, rules by regex on the module path."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Union
+
+from actquant_jax.quant import check_qtype
+
+Alpha = Union[float, str, None]  # a migration strength in [0, 1], "auto", or None (no smoothing)
+ACT_MODES = ("dynamic", "static")
+DEFAULT_ALPHA_GRID: tuple[float | None, ...] = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _check_alpha(alpha, where: str):
+  if alpha is None or alpha == "auto":
+    return
+  if isinstance(alpha, str) or not 0.0 <= float(alpha) <= 1.0:
+    raise ValueError(f"{where}: alpha must be in [0, 1], 'auto' or None, got {alpha!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerRule:
+  """Overrides for Dense layers whose module path ("block_0/mlp/fc1") matches `pattern`
+  (re.search). `skip=True` keeps them in float; any other field that is set replaces the
+  QuantConfig's value for them. Later rules win."""
+
+  pattern: str
+  skip: bool = False
+  qtype: str | None = None
+  act_mode: str | None = None
+  alpha: Alpha | str = "inherit"
+
+  def __post_init__(self):
+    try:
+      re.compile(self.pattern)
+    except re.error as e:
+      raise ValueError(f"LayerRule: bad regex {self.pattern!r}: {e}") from None
+    if self.qtype is not None:
+      check_qtype(self.qtype)
+    if self.act_mode is not None and self.act_mode not in ACT_MODES:
+      raise ValueError(f"LayerRule({self.pattern!r}): act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+    if self.alpha != "inherit":
+      _check_alpha(self.alpha, f"LayerRule({self.pattern!r})")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSettings:
+  """The resolved settings of one Dense layer."""
+
+  quantize: bool
+  qtype: str
+  act_mode: str
+  alpha: Alpha
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How to quantize a model.
+
+  qtype:      "int8" (W8A8) or "float8_e4m3fn" (FP8 weights and activations).
+  act_mode:   "dynamic" (a scale per token, computed at run time) or "static" (one
+              calibrated per-tensor scale per layer: no row reduction at run time).
+  alpha:      SmoothQuant migration strength s_j = max|X_j|^a / max|W_j|^(1-a); a float in
+              [0, 1], "auto" (per group of layers sharing an input, the grid value with the
+              least quantized-output error on calibration activations), or None (off).
+  alpha_grid: the candidates for "auto"; None in it means "no smoothing".
+  rules:      LayerRule overrides, matched on the module path; later rules win.
+  """
+
+  qtype: str = "int8"
+  act_mode: str = "dynamic"
+  alpha: Alpha = 0.5
+  alpha_grid: tuple[float | None, ...] = DEFAULT_ALPHA_GRID
+  rules: tuple[LayerRule, ...] = ()
+
+  def __post_init__(self):
+    check_qtype(self.qtype)
+    if self.act_mode not in ACT_MODES:
+      raise ValueError(f"QuantConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+    _check_alpha(self.alpha, "QuantConfig")
+    if not self.alpha_grid:
+      raise ValueError("QuantConfig: alpha_grid must not be empty")
+    for a in self.alpha_grid:
+      if a == "auto":
+        raise ValueError("QuantConfig: alpha_grid cannot contain 'auto'")
+      _check_alpha(a, "QuantConfig.alpha_grid")
+    object.__setattr__(self, "rules", tuple(self.rules))
+    for r in self.rules:
+      if not isinstance(r, LayerRule):
+        raise TypeError(f"QuantConfig: rules must be LayerRule instances, got {type(r).__name__}")
+
+  def settings_for(self, path: str) -> LayerSettings:
+    s = LayerSettings(True, self.qtype, self.act_mode, self.alpha)
+    for r in self.rules:
+      if re.search(r.pattern, path):
+        s = LayerSettings(
+            quantize=not r.skip,
+            qtype=r.qtype or s.qtype,
+            act_mode=r.act_mode or s.act_mode,
+            alpha=s.alpha if r.alpha == "inherit" else r.alpha)
+    return s
