@@ -3,10 +3,10 @@ per-input-channel absmax (max over all batches), the tokens seen, a sample of in
 (for choosing alpha), and the dataflow facts folding needs: which op produced the layer's
 input and whether anything else reads that tensor.
 
-The dataflow comes from the traced jaxpr, not from names: every hooked module's output
-and every Dense input passes through a named identity `jit` (a tag), so in the jaxpr the
-producer of a Dense input is either a module-output tag (LayerNorm / RMSNorm / Dense /
-other module) or a plain op (gelu, a residual add, ...), and the consumers of that tensor
+The dataflow comes from the traced jaxpr, not from names: LayerNorm / RMSNorm / Dense
+output and every Dense input passes through a named identity `jit` (a tag), so in the
+jaxpr the producer of a Dense input is either such a tag or a plain op (gelu, a residual
+add, ...), and the consumers of that tensor
 are exactly the equations that read its variable.
 """
 
@@ -40,7 +40,7 @@ class LayerStats:
   group:    path of the first Dense reading the same input tensor; layers with the same
             group share one smoothing vector.
   producer: module path of the op that made the input, or "" for a plain op.
-  producer_kind: "layernorm", "rmsnorm", "dense", "module" or "op".
+  producer_kind: "layernorm", "rmsnorm", "dense" or "op" (anything else).
   exclusive: True when the input tensor is read by Dense layers of `group` only (no
             residual add, no other op, not a model output) -- the condition for folding.
   """
@@ -91,7 +91,9 @@ def trace_dataflow(run: Callable, variables, batch) -> dict[str, DataflowFacts]:
     return call(_tag(x, name))
 
   def on_output(path, kind, out):
-    if not isinstance(out, jax.Array):
+    # Only the ops folding understands are tagged; a container module's output is left
+    # alone so the op inside that made it (a LayerNorm, an add) stays visible.
+    if kind not in FOLDABLE_KINDS or not isinstance(out, jax.Array):
       return out
     name = f"aq_out_{len(calls)}"
     calls.append((path, kind))
@@ -176,10 +178,10 @@ def _batch_stats_fn(run, num_samples: int):
       return call(x)
 
     _hooks.hooked_forward(*run, _hooks.Hooks(on_dense=on_dense))(variables, batch)
-    collected_paths[:] = list(out)
+    collected_paths[:] = list(out)  # call order (the jitted dict comes back key-sorted)
     return out
 
-  return jax.jit(stats)
+  return jax.jit(stats), collected_paths
 
 
 def _merge_samples(a, ta, b, tb, cap, rng):
@@ -215,7 +217,7 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
     total = None
   show = progress if progress is not None else (total is None or total > 4)
   rng = np.random.default_rng(seed)
-  stats_fn = _batch_stats_fn(run, num_samples)
+  stats_fn, call_order = _batch_stats_fn(run, num_samples)
   acc: dict[str, dict] = {}
   facts = None
   t0 = time.perf_counter()
@@ -226,7 +228,8 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       if not facts:
         raise ValueError("calibrate: the model called no Dense (nn.Dense / nnx.Linear) layer")
     out = jax.device_get(stats_fn(variables, batch))
-    for path, e in out.items():
+    for path in call_order:  # in call order, so a NaN is reported where it first appears
+      e = out[path]
       if int(e["nonfinite"]):
         raise ValueError(f"calibrate: layer {path}: input has {int(e['nonfinite'])} NaN/Inf values "
                          f"in batch {n}")

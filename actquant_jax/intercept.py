@@ -89,7 +89,7 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
     for pname, value in node.items():  # folded producers (norm scale/bias, Dense columns)
       var = getattr(m, pname, None)
       if isinstance(var, nnx.Param) and not isinstance(value, dict):
-        var.value = value
+        var.set_value(value)
   return (model, report) if return_report else model
 
 

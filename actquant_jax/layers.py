@@ -65,7 +65,10 @@ class QuantizedDense(nn.Module):
 
   @nn.compact
   def __call__(self, inputs):
-    kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+    if self.has_variable("params", "kernel") and isinstance(self.get_variable("params", "kernel"), QuantizedKernel):
+      kernel = self.get_variable("params", "kernel")  # self.param would compare its leaves' shapes
+    else:
+      kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
     if isinstance(kernel, QuantizedKernel) or self.quantize:
       return quantized_dense_call(inputs, kernel, bias, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -103,8 +106,8 @@ class QuantizedLinear(nnx.Module):
       self.bias = nnx.data(None)
 
   def __call__(self, inputs):
-    kernel = self.kernel.value
-    bias = self.bias.value if self.use_bias else None
+    kernel = self.kernel.get_value()
+    bias = self.bias.get_value() if self.use_bias else None
     if isinstance(kernel, QuantizedKernel) or self.quantize:
       return quantized_dense_call(inputs, kernel, bias, dtype=self.dtype, param_dtype=self.param_dtype,
                                   qtype=self.qtype, backend=self.backend, interpret=self.interpret,
@@ -116,4 +119,4 @@ class QuantizedLinear(nnx.Module):
     """A QuantizedLinear standing in for `linear` with the given (quantized) kernel."""
     return cls(linear.in_features, linear.out_features, use_bias=linear.use_bias, dtype=linear.dtype,
                param_dtype=linear.param_dtype, precision=linear.precision, kernel=kernel,
-               bias=bias if bias is not None else (linear.bias.value if linear.use_bias else None), **kwargs)
+               bias=bias if bias is not None else (linear.bias.get_value() if linear.use_bias else None), **kwargs)

@@ -1,0 +1,106 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import actquant_jax as aq
+from tests import toy_models as tm
+
+
+@pytest.fixture(scope="module")
+def setup():
+  m = tm.TinyGPT()
+  cal = tm.batches(2)
+  params = tm.with_outlier_channels(m.init(jax.random.key(0), cal[0]), tm.GPT_READERS)
+  return m, params, cal, aq.calibrate(m, params, cal, progress=False)
+
+
+def test_quantized_apply_routes_every_quantized_dense(setup):
+  m, params, cal, stats = setup
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)))
+  seen = []
+
+  def spy(next_fun, args, kwargs, ctx):
+    if ctx.method_name == "__call__" and type(ctx.module) is nn.Dense:
+      seen.append("/".join(ctx.module.path))
+    return next_fun(*args, **kwargs)
+
+  x = tm.batches(1, seed=2)[0]
+  f = aq.quantized_apply(m)
+  with nn.intercept_methods(spy):
+    y = f(qparams, x)
+  assert len(seen) == 13  # every Dense is still called, by the model's own code
+  # Check one layer by hand: block_1/fc2's output equals w8a8_dot on its input.
+  captured = {}
+
+  def grab(next_fun, args, kwargs, ctx):
+    out = next_fun(*args, **kwargs)
+    if ctx.method_name == "__call__" and "/".join(ctx.module.path) == "block_1/fc2":
+      captured["x"], captured["y"] = args[0], out
+    return out
+  with nn.intercept_methods(grab):
+    f(qparams, x)
+  node = qparams["params"]["block_1"]["fc2"]
+  expect = aq.w8a8_dot(captured["x"], node["kernel"], node["bias"])
+  np.testing.assert_array_equal(np.asarray(captured["y"]), np.asarray(expect))
+  # jit gives the same numbers
+  np.testing.assert_allclose(np.asarray(jax.jit(f)(qparams, x)), np.asarray(y), rtol=1e-6, atol=1e-6)
+
+
+def test_float_params_run_unchanged(setup):
+  m, params, cal, _ = setup
+  x = cal[0]
+  np.testing.assert_array_equal(np.asarray(aq.quantized_apply(m)(params, x)), np.asarray(m.apply(params, x)))
+
+
+def test_interpret_kernels_match_xla_path(setup):
+  m, params, cal, stats = setup
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static", alpha=0.5))
+  x = cal[0][:1, :8]
+  y_xla = aq.quantized_apply(m, backend="xla")(qparams, x)
+  y_pl = aq.quantized_apply(m, interpret=True)(qparams, x)
+  np.testing.assert_allclose(np.asarray(y_pl), np.asarray(y_xla), rtol=1e-4, atol=1e-4)
+
+
+def test_linen_and_nnx_give_the_same_quantized_outputs(setup):
+  m, params, cal, stats = setup
+  nm = tm.load_linen_into_nnx(tm.NNXTinyGPT(), params)
+  x = tm.batches(1, seed=3)[0]
+  np.testing.assert_array_equal(np.asarray(nm(x)), np.asarray(m.apply(params, x)))
+  nstats = aq.calibrate(nm, None, cal, progress=False)
+  for p in stats:
+    a, b = stats[p], nstats[p]
+    assert (a.group, a.producer, a.producer_kind, a.exclusive) == (b.group, b.producer, b.producer_kind, b.exclusive)
+    np.testing.assert_array_equal(np.asarray(a.absmax), np.asarray(b.absmax))
+  for cfg in (aq.QuantConfig(act_mode="static", alpha=0.5), aq.QuantConfig(alpha="auto"),
+              aq.QuantConfig(qtype="float8_e4m3fn", rules=(aq.LayerRule("head", skip=True),))):
+    yl = jax.jit(aq.quantized_apply(m))(aq.quantize_params(params, stats, cfg), x)
+    qn = aq.quantize_model(nm, nstats, cfg, copy=True)
+    yn = nnx.jit(lambda mod, v: mod(v))(qn, x)
+    np.testing.assert_array_equal(np.asarray(yn), np.asarray(yl))
+  # copy=True left the original float model alone
+  assert type(nm.block_0.q) is nnx.Linear
+  np.testing.assert_array_equal(np.asarray(nm(x)), np.asarray(m.apply(params, x)))
+
+
+def test_nnx_in_place_and_report(setup):
+  m, params, cal, stats = setup
+  nm = tm.load_linen_into_nnx(tm.NNXTinyGPT(), params)
+  nstats = aq.calibrate(nm, None, cal, progress=False)
+  ln_scale_before = np.asarray(nm.block_0.ln_1.scale.get_value())
+  out, report = aq.quantize_model(nm, nstats, aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)),
+                                  return_report=True)
+  assert out is nm
+  assert isinstance(nm.block_0.q, aq.QuantizedLinear) and isinstance(nm.block_0.q.kernel.get_value(), aq.QuantizedKernel)
+  assert type(nm.head) is nnx.Linear  # kept in float by the rule
+  assert not np.allclose(np.asarray(nm.block_0.ln_1.scale.get_value()), ln_scale_before)  # 1/s folded
+  assert report["block_0/q"].smoothing == "folded" and not report["head"].quantized
+
+
+def test_errors():
+  with pytest.raises(TypeError, match="linen Module"):
+    aq.quantized_apply(tm.NNXTinyGPT())
+  with pytest.raises(TypeError, match="nnx Module"):
+    aq.quantize_model(tm.TinyGPT(), {}, aq.QuantConfig())
