@@ -118,7 +118,7 @@ def compute_scale(x: jax.Array, qtype: str = "int8", *, granularity: str = "tens
 
 
 def quantize_with_scale(x: jax.Array, scale: jax.Array, qtype: str = "int8") -> jax.Array:
-  """Saturating quantize of x / scale: int8 rounds half to even and clips to [-127, 127];
+  """Saturating quantize of x * (1 / scale): int8 rounds half to even and clips to [-127, 127];
   float8_e4m3fn clips to [-448, 448] then casts (round to nearest even).
 
   Values outside the scale's range saturate (static scales). NaN inputs stay NaN for
@@ -126,7 +126,9 @@ def quantize_with_scale(x: jax.Array, scale: jax.Array, qtype: str = "int8") -> 
   weight quantization), not inside jit.
   """
   qmax = jnp.float32(qtype_max(qtype))
-  y = jnp.clip(jnp.asarray(x, jnp.float32) / scale, -qmax, qmax)
+  # x * (1/scale), not x / scale: the same numbers as the kernels and the XLA path
+  # (XLA rewrites a division by a broadcast scale into this anyway).
+  y = jnp.clip(jnp.asarray(x, jnp.float32) * (1.0 / jnp.asarray(scale, jnp.float32)), -qmax, qmax)
   if qtype == "int8":
     y = jnp.round(y)  # XLA rounds half to even
   return y.astype(qtype_dtype(qtype))

@@ -31,3 +31,18 @@ def print_table(headers, rows):
   print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
   for r in rows:
     print(line(r))
+
+
+def interleaved_medians(fns: dict, args: dict, rounds: int = 9, warmup: int = 1) -> dict:
+  """Median seconds of each fns[name](*args[name]), timed round-robin (one call of each per
+  round) so slow drifts of a shared 2-core machine hit every variant alike."""
+  for name, f in fns.items():
+    for _ in range(warmup):
+      jax.block_until_ready(f(*args[name]))
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, f in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f(*args[name]))
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(ts) for name, ts in times.items()}

@@ -90,9 +90,11 @@ def _quantize_rows_kernel(x_ref, s_ref, scale_ref, xq_ref, sx_ref, *, m, k, bloc
   else:  # static per tensor
     sx = jnp.full((block_m,), _compat.triton_load(scale_ref.at[pl.ds(0, 1)])[0], jnp.float32)
 
+  inv_sx = 1.0 / sx
+
   def quantize_step(i, carry):
     x, k_slice, col_ok = load_block(i)
-    xq = _saturate_cast(x / sx[:, None], xq_ref.dtype)
+    xq = _saturate_cast(x * inv_sx[:, None], xq_ref.dtype)
     _compat.triton_store(xq_ref.at[m_slice, k_slice], xq, mask=row_ok[:, None] & col_ok[None, :])
     return carry
   lax.fori_loop(0, n_k, quantize_step, 0)

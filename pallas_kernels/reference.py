@@ -4,7 +4,9 @@ They are also the XLA path of `actquant_jax.w8a8_dot` (CPU/TPU), so kernel and X
 are one definition of the numbers:
 
   quantize:  x32 = x * inv_smooth;  sx = absmax(x32 row) * f32(1/qmax) (1 where the row is 0)
-             xq  = saturate(round_half_even(x32 / sx))       (fp8: clip, then RNE cast)
+             xq  = saturate(round_half_even(x32 * (1 / sx)))   (fp8: clip, then RNE cast)
+             (a reciprocal per row, then multiplies: what XLA rewrites x / sx into anyway,
+             and one division per row instead of per element on the GPU)
   GEMM:      acc = xq @ wq^T   (int8 -> int32 exact; fp8 -> f32)
   epilogue:  y   = cast((acc * sx[m]) * sw[n] + bias[n], out_dtype)     all in f32
 
@@ -62,7 +64,7 @@ def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
     sx = row_scale(jnp.max(jnp.abs(x32), axis=1), dtype)
   else:
     sx = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (x.shape[0],))
-  return saturate_cast(x32 / sx[:, None], dtype), sx
+  return saturate_cast(x32 * (1.0 / sx)[:, None], dtype), sx
 
 
 def accumulate_ref(xq: jax.Array, wq: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ def np_quantize_rows(x, inv_smooth=None, static_scale=None, qmax=127.0):
     sx = np.where(amax > 0, amax * np.float32(1 / qmax), np.float32(1)).astype(np.float32)
   else:
     sx = np.full(x.shape[0], static_scale, np.float32)
-  q = np.clip(x / sx[:, None], -qmax, qmax)
+  q = np.clip(x * (np.float32(1) / sx)[:, None], -qmax, qmax)
   return np.rint(q).astype(np.int8), sx  # np.rint rounds half to even
 
 
@@ -104,7 +104,7 @@ def test_fp8(act_scale, rng):
   # numpy reference on the exactly-representable fp8 values
   x32 = x if act_scale is None else x
   sx = (np.abs(x32).max(1) * np.float32(1 / 448)).astype(np.float32) if act_scale is None else np.full(m, act_scale, np.float32)
-  xq = jnp.asarray(np.clip(x32 / sx[:, None], -448, 448)).astype(jnp.float8_e4m3fn)
+  xq = jnp.asarray(np.clip(x32 * (np.float32(1) / sx)[:, None], -448, 448)).astype(jnp.float8_e4m3fn)
   acc = np.asarray(xq.astype(jnp.float32), np.float64) @ np.asarray(qk.values.astype(jnp.float32), np.float64).T
   y_np = (acc.astype(np.float32) * sx[:, None] * np.asarray(qk.scale)[None]).astype(np.float32)
   np.testing.assert_allclose(np.asarray(y, np.float32), y_np, rtol=1e-2, atol=1e-2)
@@ -162,3 +162,23 @@ def test_pallas_interpret_matches_xla_path(qtype, act_scale, smooth, rng):
   y_pl = aq.w8a8_dot(jnp.asarray(x), qk, b, interpret=True)
   assert y_pl.shape == y_xla.shape == (3, 11, 40)
   np.testing.assert_allclose(np.asarray(y_pl), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n", [(1, 48), (2100, 2048)], ids=["one-row", "row-blocked"])
+@pytest.mark.parametrize("act_scale", [None, 0.04])
+def test_cpu_fast_paths_are_bit_identical(m, n, act_scale, rng):
+  # M == 1 is padded to two rows and big outputs run in row blocks on CPU (ops._xla_w8a8);
+  # both must give exactly the reference's numbers.
+  from pallas_kernels import reference as ref
+  k = 64
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+  qk = aq.quantize_kernel(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), act_scale=act_scale,
+                          inv_smooth=jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32))
+  b = jnp.asarray(rng.standard_normal(n), jnp.float32)
+  @jax.jit  # jitted like w8a8_dot, so both epilogues get the same FMA contraction
+  def reference(x, qk, b):
+    xq, sx = ref.quantize_rows_ref(x, qk.inv_smooth, scale=qk.act_scale)
+    return ref.scaled_matmul_ref(xq, qk.values, sx, qk.scale, b, jnp.float32)
+  expect = reference(x, qk, b)
+  y = jax.jit(aq.w8a8_dot)(x, qk, b)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(expect))
