@@ -10,6 +10,8 @@ from actquant_jax.calibrate import calibrate as calibrate
 from actquant_jax.calibrate import load_stats as load_stats
 from actquant_jax.calibrate import merge_stats as merge_stats
 from actquant_jax.calibrate import save_stats as save_stats
+from actquant_jax.checkpoint import restore_checkpoint as restore_checkpoint
+from actquant_jax.checkpoint import save_checkpoint as save_checkpoint
 from actquant_jax.config import LayerRule as LayerRule
 from actquant_jax.config import QuantConfig as QuantConfig
 from actquant_jax.intercept import quantize_model as quantize_model
@@ -26,6 +28,8 @@ from actquant_jax.quant import qtype_dtype as qtype_dtype
 from actquant_jax.quant import qtype_max as qtype_max
 from actquant_jax.quant import quantize as quantize
 from actquant_jax.quant import quantize_kernel as quantize_kernel
+from actquant_jax.sharding import quantized_partition_specs as quantized_partition_specs
+from actquant_jax.sharding import shard_quantized as shard_quantized
 from actquant_jax.transform import LayerReport as LayerReport
 from actquant_jax.transform import format_report as format_report
 from actquant_jax.transform import quantize_params as quantize_params
