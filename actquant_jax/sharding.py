@@ -6,6 +6,7 @@ kernel's spec onto its QuantizedKernel's fields (the weight is stored transposed
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax.quant import QuantizedKernel
@@ -38,3 +39,50 @@ def shard_quantized(qparams, float_specs, mesh):
   specs = quantized_partition_specs(qparams, float_specs)
   shardings = jax.tree_util.tree_map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   return jax.device_put(qparams, shardings)
+
+
+def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None, k_axis=None, n_axis=None,
+                     out_dtype=None, backend: str = "auto", interpret: bool = False):
+  """w8a8_dot run per shard under jax.shard_map -- how the Pallas kernels (which XLA's
+  partitioner cannot split) run on a mesh.
+
+  x (M, K): rows over `batch_axis`, K over `k_axis`. qk: values (N, K) with output
+  channels over `n_axis` and input channels over `k_axis` (the specs
+  quantized_partition_specs gives column- and row-parallel layers). With `k_axis`, a
+  token's scale needs its whole row: the row absmax is a pmax over `k_axis`, and the
+  int32 partial products are psum'd before the epilogue, so the result is exact.
+  """
+  from actquant_jax import ops
+  from pallas_kernels import int8_matmul, fp8_matmul
+  from pallas_kernels import reference as ref
+  from actquant_jax.quant import qtype_dtype
+
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  dtype = qtype_dtype(qk.qtype)
+  resolved = ops.resolve_backend(backend, interpret)
+  x_spec, v_spec = P(batch_axis, k_axis), P(n_axis, k_axis)
+  qk_spec = QuantizedKernel(v_spec, P(n_axis), None if qk.act_scale is None else P(),
+                            None if qk.inv_smooth is None else P(k_axis), qk.qtype)
+  b_spec = None if bias is None else P(n_axis)
+
+  def per_shard(xb, q, b):
+    if k_axis is None:  # whole rows here: the plain per-device op (kernels on GPU)
+      return ops.w8a8_dot(xb, q, b, out_dtype=out_dtype, backend=backend, interpret=interpret)
+    x32 = xb.astype(jnp.float32)
+    if q.inv_smooth is not None:
+      x32 = x32 * q.inv_smooth[None, :]
+    if q.act_scale is None:
+      sx = ref.row_scale(jax.lax.pmax(jnp.max(jnp.abs(x32), axis=1), k_axis), dtype)
+    else:
+      sx = jnp.broadcast_to(q.act_scale, (xb.shape[0],))
+    xq = ref.saturate_cast(x32 * (1.0 / sx)[:, None], dtype)
+    if resolved == "xla":
+      acc = ref.accumulate_ref(xq, q.values)
+    else:
+      mm = int8_matmul if dtype == jnp.int8 else fp8_matmul
+      acc = mm(xq, q.values, backend="triton", interpret=interpret)
+    return ref.epilogue_ref(jax.lax.psum(acc, k_axis), sx, q.scale, b, out_dtype)
+
+  f = jax.shard_map(per_shard, mesh=mesh, in_specs=(x_spec, qk_spec, b_spec), out_specs=P(batch_axis, n_axis),
+                    check_vma=False)
+  return f(x, qk, bias)

@@ -69,7 +69,28 @@ def main():
       back, _ = aq.restore_checkpoint(os.path.join(d, "ck"), like=params, config=cfg, shardings=where)
       assert back["params"]["block_0"]["fc1"]["kernel"].values.sharding.spec == P("model", None)
       out[name]["restored_equal"] = bool(np.array_equal(np.asarray(f(back, xs)), y8))
+  out["shard_map"] = shard_map_kernels(mesh)
   print(json.dumps(out))
+
+
+def shard_map_kernels(mesh):
+  """The Pallas kernels (interpret mode) per shard vs the one-device XLA path."""
+  rng = np.random.default_rng(0)
+  res = {}
+  x = jnp.asarray(rng.standard_normal((32, 256)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal(128), jnp.float32)
+  inv = jnp.asarray(rng.uniform(0.5, 2, 256), jnp.float32)
+  for name, qk in (("dynamic", aq.quantize_kernel(w, inv_smooth=inv)), ("static", aq.quantize_kernel(w, act_scale=0.03)),
+                   ("fp8", aq.quantize_kernel(w, "float8_e4m3fn"))):
+    y1 = np.asarray(aq.w8a8_dot(x, qk, b, backend="xla"))
+    for layout, axes in (("column", dict(batch_axis="data", n_axis="model")),
+                         ("row", dict(batch_axis="data", k_axis="model"))):
+      for impl in ("xla", "pallas-interpret"):
+        kw = dict(backend="xla") if impl == "xla" else dict(interpret=True)
+        y = np.asarray(jax.jit(lambda x, qk, b: aq.sharded_w8a8_dot(x, qk, b, mesh=mesh, **axes, **kw))(x, qk, b))
+        res[f"{name}/{layout}/{impl}"] = float(np.abs(y - y1).max() / np.abs(y1).max())
+  return res
 
 
 if __name__ == "__main__":
