@@ -7,7 +7,9 @@ Each number is a speed ratio vs a jitted f32 `x @ w + b` of the same shape (high
 faster), medians of 9 rounds timed round-robin in one process (so the shared machine's
 drift hits every variant alike). Memory is XLA's own accounting of the compiled program
 (arguments + outputs + temporaries), in MiB. "bare int8 dot" is XLA's int8 x int8 -> int32
-dot alone on pre-quantized operands: the ceiling the quantize pass and epilogue eat into.
+dot alone on pre-quantized operands: the ceiling the quantize pass and epilogue eat into
+(at M = 1 it is XLA's slow int8 matrix-vector path, which w8a8_dot avoids by padding to
+two rows).
 """
 
 from __future__ import annotations

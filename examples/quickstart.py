@@ -1,38 +1,45 @@
-"""Quickstart: one Dense layer's matmul in W8A8, int8 and FP8, against float32.
+"""Quickstart: a Flax model in W8A8 without touching its code.
 
   python examples/quickstart.py
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 import actquant_jax as aq
 
-kx, kw, kb = jax.random.split(jax.random.key(0), 3)
-x = jax.random.normal(kx, (4, 128, 512))             # (batch, tokens, hidden) activations
-x = x.at[..., 7].multiply(50.0)                       # one systematic outlier channel
-w = jax.random.normal(kw, (512, 1024)) / 512**0.5    # a Dense kernel, (in, out)
-b = jax.random.normal(kb, (1024,))
-y_ref = x @ w + b
 
-for qtype in ("int8", "float8_e4m3fn"):
-  qk = aq.quantize_kernel(w, qtype)                  # int8/fp8 (out, in) + per-channel scales
-  y = jax.jit(aq.w8a8_dot)(x, qk, b)                 # per-token dynamic activation quant
-  rel = jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref)
-  print(f"{qtype:14s} dynamic per-token  rel. error {float(rel):.2e}  "
-        f"weight bytes {qk.values.nbytes + qk.scale.nbytes} vs {w.nbytes} (f32)")
+class MLPBlock(nn.Module):  # any Flax model written with plain nn.Dense
+  @nn.compact
+  def __call__(self, x):
+    h = nn.LayerNorm(name="ln")(x)
+    return x + nn.Dense(256, name="down")(nn.gelu(nn.Dense(1024, name="up")(h)))
 
-# Static per-tensor activation scale (calibrated offline): the outlier channel sets the
-# scale, so normal channels lose resolution -- the problem smoothing solves.
-act_scale = jnp.max(jnp.abs(x)) / 127
-qk = aq.quantize_kernel(w, act_scale=act_scale)
-y = jax.jit(aq.w8a8_dot)(x, qk, b)
-print(f"int8           static per-tensor rel. error "
-      f"{float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref)):.2e}")
 
-# Smoothing by hand: s_j = sqrt(max|X_j| / max|W_j|), X W = (X / s)(s W).
-s = jnp.sqrt(jnp.max(jnp.abs(x), axis=(0, 1)) / jnp.max(jnp.abs(w), axis=1))
-qk = aq.quantize_kernel(w * s[:, None], act_scale=jnp.max(jnp.abs(x / s)) / 127, inv_smooth=1 / s)
-y = jax.jit(aq.w8a8_dot)(x, qk, b)
-print(f"int8 smoothed  static per-tensor rel. error "
-      f"{float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref)):.2e}")
+model = MLPBlock()
+keys = jax.random.split(jax.random.key(0), 5)
+batches = [jax.random.normal(k, (8, 64, 256)) for k in keys[:4]]  # calibration data
+params = model.init(keys[4], batches[0])
+# Give the LayerNorm outlier channels, as trained LLMs have (and undo it in the weights).
+ln, up = params["params"]["ln"], params["params"]["up"]
+ln["scale"] = ln["scale"].at[:4].multiply(50.0)
+up["kernel"] = up["kernel"].at[:4].divide(50.0)
+
+stats = aq.calibrate(model, params, batches)  # per-channel input absmax of every Dense
+x = jax.random.normal(jax.random.key(9), (8, 64, 256))
+y_ref = model.apply(params, x)
+run = jax.jit(aq.quantized_apply(model))  # same model code, int8 math in every Dense
+
+for cfg in (aq.QuantConfig(act_mode="static", alpha=None),      # naive W8A8
+            aq.QuantConfig(act_mode="static", alpha="auto"),    # + SmoothQuant
+            aq.QuantConfig(act_mode="dynamic", alpha="auto"),   # per-token scales
+            aq.QuantConfig(qtype="float8_e4m3fn", alpha=None)): # FP8 e4m3
+  qparams, report = aq.quantize_params(params, stats, cfg, return_report=True)  # pure
+  y = run(qparams, x)
+  err = float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
+  print(f"{cfg.qtype:14s} {cfg.act_mode:8s} alpha={str(cfg.alpha):5s} relative error {err:.2e}  "
+        f"up: {report['up'].smoothing} (outliers {report['up'].outlier_ratio_before:.0f}x -> "
+        f"{report['up'].outlier_ratio_after:.0f}x)")
+
+print(aq.format_report(report))
