@@ -11,15 +11,15 @@ smoothing). Columns:
   top-1 agree        for each evaluation sentence, is its nearest other sentence (cosine)
                      the same as with FP32 embeddings?
   weight bytes       all Dense layers (kernels, scales, vectors, biases) vs FP32
-  speed vs FP32      jitted forward of a batch of 64 sentences x 128 tokens on this CPU,
-                     median time FP32 / median time of the mode, same process
+  speed vs FP32      jitted forward of a batch of 64 sentences x 128 tokens on this CPU:
+                     median time of FP32 / median time of the mode, the two timed
+                     round-robin (7 rounds) right after each other in this process
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 from actquant_jax.models.bert import load_minilm  # noqa: E402
+from benchmarks.timing import interleaved_medians  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 FFN_LAYER = "bert/layer_3/intermediate"  # the FFN input (attention LayerNorm output) is plotted
@@ -88,14 +89,12 @@ def dense_bytes(params) -> int:
   return total
 
 
-def median_time(f, *args, reps=7, **kwargs) -> float:
-  jax.block_until_ready(f(*args, **kwargs))
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    jax.block_until_ready(f(*args, **kwargs))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+def speed_ratio(float_apply, params, apply, qparams, batch, rounds=7) -> float:
+  """FP32 time / mode time, timed round-robin so the machine's drift hits both alike."""
+  args = (batch["input_ids"], batch["attention_mask"])
+  t = interleaved_medians({"fp32": float_apply, "mode": apply}, {"fp32": (params, *args), "mode": (qparams, *args)},
+                          rounds=rounds)
+  return t["fp32"] / t["mode"]
 
 
 def run(n_calib=None, n_eval=None, speed=True, out_json=None, out_png=None, log=print, modes=MODES):
@@ -111,7 +110,6 @@ def run(n_calib=None, n_eval=None, speed=True, out_json=None, out_png=None, log=
   eval_batches = batched(mm, evals)
   ref = embed(float_apply, mm.params, eval_batches)
   speed_batch = mm.tokenize((evals * 2)[:64], max_len=128, pad_to=128)
-  t_fp32 = median_time(float_apply, mm.params, **speed_batch) if speed else None
   fp32_bytes = dense_bytes(mm.params)
   records = []
   for name, cfg in modes:
@@ -124,7 +122,7 @@ def run(n_calib=None, n_eval=None, speed=True, out_json=None, out_png=None, log=
     rec = dict(mode=name, **compare(ref, embed(apply, params, eval_batches)),
                weight_bytes=dense_bytes(params), weight_bytes_ratio=dense_bytes(params) / fp32_bytes)
     if speed:
-      rec["speed_vs_fp32"] = t_fp32 / median_time(apply, params, **speed_batch)
+      rec["speed_vs_fp32"] = speed_ratio(float_apply, mm.params, apply, params, speed_batch)
     if report is not None:
       rec["alphas"] = sorted({str(r.alpha) for r in report.values()})
     records.append(rec)
