@@ -57,6 +57,9 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   from pallas_kernels import reference as ref
   from actquant_jax.quant import qtype_dtype
 
+  ops._check_inputs(x, qk, bias, "sharded_w8a8_dot")
+  if x.ndim != 2:
+    raise ValueError(f"sharded_w8a8_dot: x must be (M, K), got shape {x.shape}")
   out_dtype = x.dtype if out_dtype is None else out_dtype
   dtype = qtype_dtype(qk.qtype)
   resolved = ops.resolve_backend(backend, interpret)

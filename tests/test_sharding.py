@@ -28,6 +28,17 @@ def test_partition_specs_follow_the_float_rules():
     aq.quantized_partition_specs(qparams, {"params": {"fc": float_specs["params"]["fc"]}})
 
 
+def test_sharded_dot_rejects_bad_input():
+  from jax.sharding import Mesh
+  import numpy as np
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  qk = aq.quantize_kernel(jnp.ones((8, 4)))
+  with pytest.raises(ValueError, match="sharded_w8a8_dot: input of shape \\(2, 7\\)"):
+    aq.sharded_w8a8_dot(jnp.ones((2, 7)), qk, mesh=mesh)
+  with pytest.raises(ValueError, match="must be \\(M, K\\)"):
+    aq.sharded_w8a8_dot(jnp.ones((2, 3, 8)), qk, mesh=mesh)
+
+
 def test_eight_device_mesh_matches_one_device():
   # A subprocess: the forced device count must be set before JAX starts.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
