@@ -41,7 +41,7 @@ def _sha256(a) -> str:
 def _skeleton(node, path: str, leaves: list):
   """JSON-able description of the tree; appends arrays to `leaves` in order."""
   if isinstance(node, QuantizedKernel):
-    return {"__quantized_kernel__": {"qtype": node.qtype, **{
+    return {"__quantized_kernel__": {"qtype": node.qtype, "act_key": node.act_key, **{
         f: None if getattr(node, f) is None else _skeleton(getattr(node, f), f"{path}/{f}", leaves)
         for f in _QK_FIELDS}}}
   if isinstance(node, dict):
@@ -70,7 +70,8 @@ def _abstract(skel, shardings, path: str):
                      shardings[key] if isinstance(shardings, dict) else shardings)
   if "__quantized_kernel__" in skel:
     q = skel["__quantized_kernel__"]
-    return QuantizedKernel(**{f: _abstract(q[f], sub(f), f"{path}/{f}") for f in _QK_FIELDS}, qtype=q["qtype"])
+    return QuantizedKernel(**{f: _abstract(q[f], sub(f), f"{path}/{f}") for f in _QK_FIELDS}, qtype=q["qtype"],
+                           act_key=q.get("act_key", ""))
   if isinstance(shardings, dict) and set(shardings) != set(skel):
     raise ValueError(f"restore_checkpoint: {path or '/'}: the shardings tree does not match the checkpoint")
   return {k: _abstract(v, sub(k), f"{path}/{k}") for k, v in skel.items()}

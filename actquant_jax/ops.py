@@ -7,6 +7,8 @@ numbers defined in pallas_kernels/reference.py.
 
 from __future__ import annotations
 
+import functools
+import weakref
 from typing import Literal
 
 import jax
@@ -47,8 +49,7 @@ def _check_inputs(x: jax.Array, qk: QuantizedKernel, bias, name: str):
 def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = "xla",
                          interpret: bool = False):
   """(M, K) float -> (xq (M, K), sx (M,)) for `qk`'s activation mode, inverse smoothing
-  applied first. Reusable across Dense layers that read the same input with the same
-  activation settings."""
+  applied first."""
   dtype = qtype_dtype(qk.qtype)
   if backend == "xla":
     return ref.quantize_rows_ref(x2d, qk.inv_smooth, dtype=dtype, scale=qk.act_scale)
@@ -57,19 +58,44 @@ def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = 
                        interpret=interpret)
 
 
-def _xla_w8a8(x2d, qk: QuantizedKernel, bias, out_dtype):
-  dtype = qtype_dtype(qk.qtype)
+# Quantized activations shared within a trace by Dense layers that read the same input
+# tracer with kernels of equal act_key (q/k/v of attention, a gated MLP's two input
+# projections). XLA cannot merge these passes itself: each layer's smoothing vector and
+# static scale is a separate parameter. Only weak references are held: an entry is used
+# while its tracers are alive (a jit trace keeps them until it ends) and dropped with x.
+_shared: dict[int, tuple[weakref.ref, dict]] = {}
 
-  def rows(xb):
-    xq, sx = ref.quantize_rows_ref(xb, qk.inv_smooth, dtype=dtype, scale=qk.act_scale)
-    return ref.scaled_matmul_ref(xq, qk.values, sx, qk.scale, bias, out_dtype)
 
-  if x2d.shape[0] == 1 and jax.default_backend() == "cpu":
+def _drop_shared(dead: weakref.ref, key: int, table=_shared):
+  if table.get(key, (None,))[0] is dead:
+    del table[key]
+
+
+def _quantize_shared(x, x2d, qk: QuantizedKernel, backend: str, interpret: bool):
+  if not qk.act_key or not isinstance(x, jax.core.Tracer):
+    return quantize_activations(x2d, qk, backend=backend, interpret=interpret)
+  entry = _shared.get(id(x))
+  if entry is None or entry[0]() is not x:
+    entry = (weakref.ref(x, functools.partial(_drop_shared, key=id(x))), {})
+    _shared[id(x)] = entry
+  key = (qk.act_key, backend, interpret, x2d.shape, x2d.dtype)
+  cached = [r() for r in entry[1].get(key, ())]
+  if len(cached) == 2 and all(c is not None for c in cached):
+    return tuple(cached)
+  xq, sx = quantize_activations(x2d, qk, backend=backend, interpret=interpret)
+  entry[1][key] = (weakref.ref(xq), weakref.ref(sx))
+  return xq, sx
+
+
+def _xla_w8a8(xq, sx, qk: QuantizedKernel, bias, out_dtype):
+  if xq.shape[0] == 1 and jax.default_backend() == "cpu":
     # XLA CPU's int8 matrix-vector product is ~15x slower than its GEMM at two rows.
-    return rows(jnp.pad(x2d, ((0, 1), (0, 0))))[:1]
+    y = ref.scaled_matmul_ref(jnp.pad(xq, ((0, 1), (0, 0))), qk.values, jnp.pad(sx, (0, 1)), qk.scale, bias,
+                              out_dtype)
+    return y[:1]
   # (Row blocks for big outputs, so the int32 accumulator stays in cache, were measured:
   # +0-10% on a lone GEMM, but -4% and +60% peak memory inside MiniLM; not kept.)
-  return rows(x2d)
+  return ref.scaled_matmul_ref(xq, qk.values, sx, qk.scale, bias, out_dtype)
 
 
 def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *,
@@ -93,11 +119,11 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   backend = resolve_backend(backend, interpret)
   lead = x.shape[:-1]
   x2d = x.reshape(-1, qk.in_features)
+  xq, sx = _quantize_shared(x, x2d, qk, backend, interpret)
   if backend == "xla":
-    y = _xla_w8a8(x2d, qk, bias, out_dtype)
+    y = _xla_w8a8(xq, sx, qk, bias, out_dtype)
   else:
     from pallas_kernels import scaled_matmul
-    xq, sx = quantize_activations(x2d, qk, backend=backend, interpret=interpret)
     y = scaled_matmul(xq, qk.values, sx, qk.scale, bias, out_dtype=out_dtype, backend=backend,
                       interpret=interpret)
   return y.reshape(*lead, qk.out_features)

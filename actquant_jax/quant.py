@@ -14,6 +14,7 @@ A scale is kept with reduced axes as size 1 (keepdims), so `values * scale` broa
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Literal
 
 import jax
@@ -191,6 +192,11 @@ class QuantizedKernel:
   inv_smooth: (K,) float32 runtime inverse smoothing vector (multiplied into x before it
               is quantized), or None when smoothing is off or was folded into the producer.
   qtype:      static; the activations are quantized to the same type.
+  act_key:    static; a digest of (qtype, act_scale, inv_smooth) that quantize_kernel
+              takes from their concrete values, or "" (unknown: never shared). Dense
+              layers whose kernels have the same act_key quantize the same input
+              identically, so w8a8_dot quantizes an input read by several of them (q, k,
+              v) once per trace. Replacing act_scale or inv_smooth by hand must reset it.
   """
 
   values: jax.Array
@@ -198,6 +204,7 @@ class QuantizedKernel:
   act_scale: jax.Array | None = None
   inv_smooth: jax.Array | None = None
   qtype: str = dataclasses.field(default="int8", metadata=dict(static=True))
+  act_key: str = dataclasses.field(default="", metadata=dict(static=True))
 
   @property
   def in_features(self) -> int:
@@ -256,4 +263,16 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
     if inv_smooth.shape != (k,):
       raise ValueError(f"{name}: inv_smooth must have shape ({k},) (the kernel's input dim), got {inv_smooth.shape}")
     check_finite(inv_smooth, f"{name}: inv_smooth")
-  return QuantizedKernel(q.values, q.scale[:, 0], act_scale, inv_smooth, qtype)
+  return QuantizedKernel(q.values, q.scale[:, 0], act_scale, inv_smooth, qtype,
+                         activation_key(qtype, act_scale, inv_smooth))
+
+
+def activation_key(qtype: str, act_scale, inv_smooth) -> str:
+  """QuantizedKernel.act_key: a digest of what the activation quantization depends on,
+  "" when a value is not concrete (inside jit)."""
+  parts = [qtype.encode()]
+  for a in (act_scale, inv_smooth):
+    if isinstance(a, jax.core.Tracer):
+      return ""
+    parts.append(b"-" if a is None else np.asarray(a, np.float32).tobytes())
+  return hashlib.sha256(b"|".join(parts)).hexdigest()[:16]

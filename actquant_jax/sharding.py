@@ -25,7 +25,7 @@ def quantized_partition_specs(qparams, float_specs):
       spec = tuple(s) + (None,) * (2 - len(tuple(s)))
       k_axis, n_axis = spec
       return QuantizedKernel(P(n_axis, k_axis), P(n_axis), None if q.act_scale is None else P(),
-                             None if q.inv_smooth is None else P(k_axis), q.qtype)
+                             None if q.inv_smooth is None else P(k_axis), q.qtype, q.act_key)
     if isinstance(q, dict):
       if not isinstance(s, dict) or set(s) != set(q):
         raise ValueError(f"quantized_partition_specs: {path or '/'}: float_specs does not match the params tree")
@@ -65,7 +65,7 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   resolved = ops.resolve_backend(backend, interpret)
   x_spec, v_spec = P(batch_axis, k_axis), P(n_axis, k_axis)
   qk_spec = QuantizedKernel(v_spec, P(n_axis), None if qk.act_scale is None else P(),
-                            None if qk.inv_smooth is None else P(k_axis), qk.qtype)
+                            None if qk.inv_smooth is None else P(k_axis), qk.qtype, qk.act_key)
   b_spec = None if bias is None else P(n_axis)
 
   def per_shard(xb, q, b):

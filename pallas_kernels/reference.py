@@ -58,12 +58,17 @@ def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
   Static (scale given, a scalar): that scale for every row; values beyond it saturate.
   """
   x32 = x.astype(jnp.float32)
-  if inv_smooth is not None:
-    x32 = x32 * inv_smooth.astype(jnp.float32)[None, :]
+  inv = None if inv_smooth is None else inv_smooth.astype(jnp.float32)[None, :]
   if scale is None:
-    sx = row_scale(jnp.max(jnp.abs(x32), axis=1), dtype)
+    # max |x * inv| taken as max(|x| * |inv|) (equal: rounding is sign-symmetric). Written
+    # this way XLA CPU computes an expensive producer (erf GELU) once instead of splitting
+    # it and recomputing it in both the absmax and the quantize pass: 4x faster there.
+    absx = jnp.abs(x32) if inv is None else jnp.abs(x32) * jnp.abs(inv)
+    sx = row_scale(jnp.max(absx, axis=1), dtype)
   else:
     sx = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (x.shape[0],))
+  if inv is not None:
+    x32 = x32 * inv
   return saturate_cast(x32 * (1.0 / sx)[:, None], dtype), sx
 
 

@@ -41,6 +41,7 @@ def test_round_trip_is_bit_exact(tmp_path, model, config):
   aq.save_checkpoint(tmp_path / "ck", qparams, stats=stats, config=config)
   back, back_stats = aq.restore_checkpoint(tmp_path / "ck", like=params, config=config)
   _leaves_equal(qparams, back)
+  assert jax.tree.structure(back) == jax.tree.structure(qparams)  # static qtype and act_key too
   assert set(back_stats) == set(stats)
   np.testing.assert_array_equal(np.asarray(back_stats["head"].absmax), np.asarray(stats["head"].absmax))
   x = tm.batches(1, seed=4)[0]

@@ -104,3 +104,26 @@ def test_errors():
     aq.quantized_apply(tm.NNXTinyGPT())
   with pytest.raises(TypeError, match="nnx Module"):
     aq.quantize_model(tm.TinyGPT(), {}, aq.QuantConfig())
+
+
+def test_qkv_share_one_quantize_pass():
+  # Post-LN BERT with runtime smoothing: q/k/v read one LayerNorm output with equal
+  # act_key, so one quantize pass serves all three (4 per block instead of 6), and the
+  # result is that of quantizing per layer.
+  import dataclasses
+  m = tm.TinyBERT()
+  cal = tm.batches(2)
+  params = tm.with_outlier_channels(m.init(jax.random.key(0), cal[0]), tm.BERT_READERS)
+  stats = aq.calibrate(m, params, cal, progress=False)
+  x = tm.batches(1, seed=3)[0]
+  f = aq.quantized_apply(m)
+  for mode in ("dynamic", "static"):
+    qparams, report = aq.quantize_params(params, stats, aq.QuantConfig(act_mode=mode, alpha=0.5), return_report=True)
+    assert {r.smoothing for r in report.values()} == {"runtime"}
+    kernels = lambda qp: {p: qp["params"][p.split("/")[0]][p.split("/")[1]]["kernel"] for p in report}
+    assert len({kernels(qparams)[f"layer_0/{n}"].act_key for n in "qkv"}) == 1
+    unshared = jax.tree.map(lambda q: dataclasses.replace(q, act_key="") if isinstance(q, aq.QuantizedKernel) else q,
+                            qparams, is_leaf=lambda n: isinstance(n, aq.QuantizedKernel))
+    passes = lambda qp: str(jax.make_jaxpr(f)(qp, x)).count("name=clip")
+    assert (passes(qparams), passes(unshared)) == (8, 12)
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(qparams, x)), np.asarray(jax.jit(f)(unshared, x)))

@@ -181,3 +181,60 @@ def test_cpu_fast_path_is_bit_identical(m, n, act_scale, rng):
   expect = reference(x, qk, b)
   y = jax.jit(aq.w8a8_dot)(x, qk, b)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(expect))
+
+
+def test_negative_inv_smooth_absmax(rng):
+  # The XLA path takes the row absmax as max(|x| * |inv|): equal to |x * inv| for any sign.
+  k = 48
+  x = rng.standard_normal((9, k)).astype(np.float32)
+  inv = (rng.uniform(0.5, 2, k) * rng.choice([-1, 1], k)).astype(np.float32)
+  qk = aq.quantize_kernel(jnp.asarray(rng.standard_normal((k, 16)), jnp.float32), inv_smooth=inv)
+  xq, sx = aq.quantize_activations(jnp.asarray(x), qk)
+  xq_np, sx_np = np_quantize_rows(x, inv)
+  np.testing.assert_array_equal(np.asarray(xq), xq_np)
+  np.testing.assert_array_equal(np.asarray(sx), sx_np)
+
+
+def _count_quantize_passes(f, *args) -> int:
+  # One saturating clip per activation-quantize pass.
+  return str(jax.make_jaxpr(f)(*args)).count("name=clip")
+
+
+@pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])
+def test_layers_with_equal_act_key_share_one_quantize_pass(act_scale, rng):
+  # q/k/v: three kernels with equal smoothing/static scale read one x -> one quantize pass
+  # under jit, bit-identical to quantizing per layer (eager: no sharing).
+  k = 64
+  inv = rng.uniform(0.5, 2, k).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((2, 5, k)), jnp.float32)
+  kernels = [aq.quantize_kernel(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), act_scale=act_scale,
+                                inv_smooth=inv) for n in (32, 32, 48)]
+  assert len({qk.act_key for qk in kernels}) == 1 and kernels[0].act_key
+  other = aq.quantize_kernel(jnp.asarray(rng.standard_normal((k, 32)), jnp.float32), act_scale=act_scale,
+                             inv_smooth=inv * np.float32(1.5))
+  assert other.act_key != kernels[0].act_key
+
+  def qkv(x, kernels, other):
+    return [aq.w8a8_dot(x, qk) for qk in kernels] + [aq.w8a8_dot(x, other), aq.w8a8_dot(x + 1, kernels[0])]
+  assert _count_quantize_passes(qkv, x, kernels, other) == 3  # shared, other key, other input
+  eager = qkv(x, kernels, other)
+  for got, want in zip(jax.jit(qkv)(x, kernels, other), eager):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  import gc
+  gc.collect()
+  assert not ops._shared  # entries die with their trace
+
+
+def test_act_key_tracks_activation_settings(rng):
+  w = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+  inv = jnp.linspace(0.5, 2, 16)
+  keys = [aq.quantize_kernel(w, "int8").act_key, aq.quantize_kernel(w, "float8_e4m3fn").act_key,
+          aq.quantize_kernel(w, act_scale=0.1).act_key, aq.quantize_kernel(w, act_scale=0.2).act_key,
+          aq.quantize_kernel(w, inv_smooth=inv).act_key]
+  assert len(set(keys)) == len(keys)
+  assert aq.quantize_kernel(w * 3, inv_smooth=inv).act_key == keys[-1]  # the weight does not matter
+  # Inside jit the activation params are abstract: no key, never shared.
+  traced = []
+  jax.jit(lambda s: traced.append(aq.quantize_kernel(w, act_scale=s).act_key))(0.1)
+  assert traced == [""]
+  assert aq.QuantizedKernel(jnp.zeros((8, 16), jnp.int8), jnp.ones(8)).act_key == ""
