@@ -1,8 +1,9 @@
 """w8a8_dot: the quantized matmul behind every quantized Dense.
 
-On GPU it runs the Pallas kernels (pallas_kernels); elsewhere the XLA path: int8
-`lax.dot_general` with int32 accumulation (fp8: f32 accumulation). Both compute the
-numbers defined in pallas_kernels/reference.py.
+On GPU it runs the Pallas kernels (pallas_kernels). On an x86-64 CPU with AVX512-VNNI
+the int8 GEMM is the native kernel in cpu_kernels (quantize pass and epilogue stay XLA
+fusions); elsewhere the XLA path: int8 `lax.dot_general` with int32 accumulation (fp8:
+f32 accumulation). All compute the numbers defined in pallas_kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -14,24 +15,48 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+import cpu_kernels
 from actquant_jax.quant import QuantizedKernel, qtype_dtype
 from pallas_kernels import reference as ref
 
-Backend = Literal["auto", "xla", "triton", "mosaic"]
-BACKENDS = ("auto", "xla", "triton", "mosaic")
+Backend = Literal["auto", "xla", "cpu", "triton", "mosaic"]
+BACKENDS = ("auto", "xla", "cpu", "triton", "mosaic")
 
 
-def resolve_backend(backend: str, interpret: bool = False) -> str:
-  """"auto" picks the Pallas Triton kernels on a GPU (or in interpret mode), else XLA."""
+def resolve_backend(backend: str, interpret: bool = False, qtype: str = "int8", in_features: int = 0) -> str:
+  """"auto": the Pallas Triton kernels on a GPU (or in interpret mode); on a CPU the
+  native int8 GEMM ("cpu") where it runs (int8, AVX512-VNNI, K <= 65536), else "xla"."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
   if backend != "auto":
-    if interpret and backend == "xla":
-      raise ValueError("interpret=True runs the Pallas kernels; it cannot be combined with backend='xla'")
+    if interpret and backend in ("xla", "cpu"):
+      raise ValueError(f"interpret=True runs the Pallas kernels; it cannot be combined with backend={backend!r}")
+    if backend == "cpu":
+      if qtype != "int8":
+        raise ValueError(f"backend='cpu' is an int8 kernel; {qtype} runs on backend='xla'")
+      if in_features > cpu_kernels.MAX_K:
+        raise ValueError(f"backend='cpu' takes K <= {cpu_kernels.MAX_K}, got {in_features}")
+      if not cpu_kernels.available():
+        raise RuntimeError(f"backend='cpu' is not available here: {cpu_kernels.unavailable_reason()}")
     return backend
   if interpret or jax.default_backend() == "gpu":
     return "triton"
+  if (jax.default_backend() == "cpu" and qtype == "int8" and in_features <= cpu_kernels.MAX_K
+      and cpu_kernels.available()):
+    return "cpu"
   return "xla"
+
+
+def accumulate(xq: jax.Array, wq: jax.Array, *, backend: str, interpret: bool = False) -> jax.Array:
+  """xq (M, K) @ wq (N, K)^T, int8 -> int32 (fp8 -> f32) on a resolved backend."""
+  if backend == "xla":
+    return ref.accumulate_ref(xq, wq)
+  if backend == "cpu":
+    return cpu_kernels.s8_gemm(xq, wq)
+  from pallas_kernels import fp8_matmul, int8_matmul
+  mm = int8_matmul if xq.dtype == jnp.int8 else fp8_matmul
+  # The raw accumulator comes from the Triton kernel (the Mosaic one always scales).
+  return mm(xq, wq, backend="triton", interpret=interpret)
 
 
 def _check_inputs(x: jax.Array, qk: QuantizedKernel, bias, name: str):
@@ -51,7 +76,7 @@ def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = 
   """(M, K) float -> (xq (M, K), sx (M,)) for `qk`'s activation mode, inverse smoothing
   applied first."""
   dtype = qtype_dtype(qk.qtype)
-  if backend == "xla":
+  if backend in ("xla", "cpu"):
     return ref.quantize_rows_ref(x2d, qk.inv_smooth, dtype=dtype, scale=qk.act_scale)
   from pallas_kernels import quantize_rows
   return quantize_rows(x2d, qk.inv_smooth, scale=qk.act_scale, dtype=dtype, backend=backend,
@@ -109,19 +134,21 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   f32) and is scaled as (acc * sx[m]) * sw[n] + bias in f32, then cast to `out_dtype`
   (default: x.dtype).
 
-  backend: "auto" (Pallas Triton kernels on GPU, XLA elsewhere), "xla", "triton" or
-  "mosaic" (Hopper wgmma). interpret=True runs the Pallas kernels on the CPU (slow; tests).
+  backend: "auto" (Pallas Triton kernels on GPU; on CPU the native AVX512-VNNI int8 GEMM
+  where it runs, else XLA), "xla", "cpu", "triton" or "mosaic" (Hopper wgmma). interpret=True runs the Pallas kernels on the CPU (slow; tests).
   NaN/Inf in x are not checked inside jit: they propagate as NaN (fp8) or garbage (int8).
   """
   x = jnp.asarray(x)
   _check_inputs(x, qk, bias, name)
   out_dtype = x.dtype if out_dtype is None else out_dtype
-  backend = resolve_backend(backend, interpret)
+  backend = resolve_backend(backend, interpret, qk.qtype, qk.in_features)
   lead = x.shape[:-1]
   x2d = x.reshape(-1, qk.in_features)
   xq, sx = _quantize_shared(x, x2d, qk, backend, interpret)
   if backend == "xla":
     y = _xla_w8a8(xq, sx, qk, bias, out_dtype)
+  elif backend == "cpu":
+    y = ref.epilogue_ref(cpu_kernels.s8_gemm(xq, qk.values), sx, qk.scale, bias, out_dtype)
   else:
     from pallas_kernels import scaled_matmul
     y = scaled_matmul(xq, qk.values, sx, qk.scale, bias, out_dtype=out_dtype, backend=backend,

@@ -53,7 +53,6 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   int32 partial products are psum'd before the epilogue, so the result is exact.
   """
   from actquant_jax import ops
-  from pallas_kernels import int8_matmul, fp8_matmul
   from pallas_kernels import reference as ref
   from actquant_jax.quant import qtype_dtype
 
@@ -62,7 +61,7 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
     raise ValueError(f"sharded_w8a8_dot: x must be (M, K), got shape {x.shape}")
   out_dtype = x.dtype if out_dtype is None else out_dtype
   dtype = qtype_dtype(qk.qtype)
-  resolved = ops.resolve_backend(backend, interpret)
+  resolved = ops.resolve_backend(backend, interpret, qk.qtype, qk.in_features)
   x_spec, v_spec = P(batch_axis, k_axis), P(n_axis, k_axis)
   qk_spec = QuantizedKernel(v_spec, P(n_axis), None if qk.act_scale is None else P(),
                             None if qk.inv_smooth is None else P(k_axis), qk.qtype, qk.act_key)
@@ -79,11 +78,7 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
     else:
       sx = jnp.broadcast_to(q.act_scale, (xb.shape[0],))
     xq = ref.saturate_cast(x32 * (1.0 / sx)[:, None], dtype)
-    if resolved == "xla":
-      acc = ref.accumulate_ref(xq, q.values)
-    else:
-      mm = int8_matmul if dtype == jnp.int8 else fp8_matmul
-      acc = mm(xq, q.values, backend="triton", interpret=interpret)
+    acc = ops.accumulate(xq, q.values, backend=resolved, interpret=interpret)
     return ref.epilogue_ref(jax.lax.psum(acc, k_axis), sx, q.scale, b, out_dtype)
 
   f = jax.shard_map(per_shard, mesh=mesh, in_specs=(x_spec, qk_spec, b_spec), out_specs=P(batch_axis, n_axis),

@@ -144,10 +144,18 @@ def test_bad_inputs():
     ops.resolve_backend("xla", interpret=True)
 
 
-def test_auto_backend_is_xla_on_cpu():
+def test_auto_backend_on_cpu():
+  import cpu_kernels
   if jax.default_backend() == "cpu":
-    assert ops.resolve_backend("auto") == "xla"
+    native = "cpu" if cpu_kernels.available() else "xla"
+    assert ops.resolve_backend("auto", qtype="int8", in_features=4096) == native
+    assert ops.resolve_backend("auto", qtype="float8_e4m3fn", in_features=4096) == "xla"
+    assert ops.resolve_backend("auto", qtype="int8", in_features=cpu_kernels.MAX_K + 1) == "xla"
   assert ops.resolve_backend("auto", interpret=True) == "triton"
+  with pytest.raises(ValueError, match="int8 kernel"):
+    ops.resolve_backend("cpu", qtype="float8_e4m3fn")
+  with pytest.raises(ValueError, match="interpret"):
+    ops.resolve_backend("cpu", interpret=True)
 
 
 @pytest.mark.parametrize("qtype", ["int8", "float8_e4m3fn"])
@@ -164,10 +172,15 @@ def test_pallas_interpret_matches_xla_path(qtype, act_scale, smooth, rng):
   np.testing.assert_allclose(np.asarray(y_pl), np.asarray(y_xla), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["xla", "cpu"])
 @pytest.mark.parametrize("m,n", [(1, 48), (300, 2048)], ids=["one-row", "many-rows"])
 @pytest.mark.parametrize("act_scale", [None, 0.04])
-def test_cpu_fast_path_is_bit_identical(m, n, act_scale, rng):
-  # M == 1 is padded to two rows on CPU (ops._xla_w8a8): exactly the reference's numbers.
+def test_cpu_paths_are_bit_identical(backend, m, n, act_scale, rng):
+  # XLA path: M == 1 is padded to two rows (ops._xla_w8a8). Native path: cpu_kernels.
+  # Both give exactly the reference's numbers.
+  import cpu_kernels
+  if backend == "cpu" and not cpu_kernels.available():
+    pytest.skip(cpu_kernels.unavailable_reason())
   from pallas_kernels import reference as ref
   k = 64
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
@@ -179,7 +192,7 @@ def test_cpu_fast_path_is_bit_identical(m, n, act_scale, rng):
     xq, sx = ref.quantize_rows_ref(x, qk.inv_smooth, scale=qk.act_scale)
     return ref.scaled_matmul_ref(xq, qk.values, sx, qk.scale, b, jnp.float32)
   expect = reference(x, qk, b)
-  y = jax.jit(aq.w8a8_dot)(x, qk, b)
+  y = jax.jit(functools.partial(aq.w8a8_dot, backend=backend))(x, qk, b)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(expect))
 
 

@@ -1,0 +1,106 @@
+"""Native CPU kernels for W8A8 off the GPU: an int8 GEMM with AVX512-VNNI (s8_gemm.cc),
+called from jitted code as an XLA FFI custom call.
+
+XLA's own int8 dot on CPU reaches only about 1.3-1.7x its f32 GEMM rate; vpdpbusd does 4x
+the multiply-adds of an f32 FMA per instruction. The kernel computes exactly what
+`pallas_kernels.reference.accumulate_ref` (XLA's int8 dot) computes.
+
+The shared library is compiled on first use with the system C++ compiler (`$CXX`, else
+c++ / g++) against the XLA FFI headers shipped in jaxlib, and cached under
+`$ACTQUANT_CACHE_DIR` (default ~/.cache/actquant_jax) keyed by the source and jaxlib
+version. Where there is no compiler, the CPU is not x86-64 or lacks AVX512-VNNI,
+`available()` is False and `unavailable_reason()` says why; w8a8_dot then uses XLA's dot.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+_SOURCE = Path(__file__).with_name("s8_gemm.cc")
+_TARGET = "actquant_s8_gemm"
+MAX_K = 65536  # the u8-offset intermediate 255 * 128 * K stays below 2^31
+
+
+def _cache_dir() -> Path:
+  return Path(os.environ.get("ACTQUANT_CACHE_DIR", Path.home() / ".cache" / "actquant_jax"))
+
+
+def _compiler() -> str | None:
+  for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if c and shutil.which(c):
+      return c
+  return None
+
+
+def _build() -> Path:
+  """The compiled library, compiling it if this source/jaxlib pair has not been built."""
+  cxx = _compiler()
+  if cxx is None:
+    raise RuntimeError("no C++ compiler found (set $CXX)")
+  src = _SOURCE.read_bytes()
+  key = hashlib.sha256(src + jax.__version__.encode() + cxx.encode()).hexdigest()[:16]
+  lib = _cache_dir() / f"s8_gemm-{key}.so"
+  if lib.exists():
+    return lib
+  lib.parent.mkdir(parents=True, exist_ok=True)
+  # Built under a temporary name and renamed: concurrent builders (pytest -n) never see a
+  # half-written library.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
+  os.close(fd)
+  cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+  proc = subprocess.run(cmd, capture_output=True, text=True)
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{' '.join(cmd)}\n{proc.stderr[-2000:]}")
+  os.replace(tmp, lib)
+  return lib
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return False, f"not an x86-64 CPU ({platform.machine()})"
+  try:
+    lib = ctypes.cdll.LoadLibrary(str(_build()))
+  except (OSError, RuntimeError) as e:
+    return False, str(e)
+  if not lib.actquant_cpu_has_vnni():
+    return False, "the CPU lacks AVX512-VNNI (avx512f/bw/vl/vnni)"
+  jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ActquantS8Gemm), platform="cpu")
+  return True, ""
+
+
+def available() -> bool:
+  """True where s8_gemm can run: x86-64 with AVX512-VNNI and the library built."""
+  return _load()[0]
+
+
+def unavailable_reason() -> str:
+  """Why available() is False ("" when it is True)."""
+  return _load()[1]
+
+
+def s8_gemm(xq: jax.Array, wq: jax.Array) -> jax.Array:
+  """xq (M, K) int8 @ wq (N, K)^T -> (M, N) int32, exact (K <= MAX_K). CPU only."""
+  if xq.ndim != 2 or wq.ndim != 2 or xq.shape[1] != wq.shape[1]:
+    raise ValueError(f"s8_gemm: expected xq (M, K) and wq (N, K), got {xq.shape} and {wq.shape}")
+  if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
+    raise TypeError(f"s8_gemm: expected int8 operands, got {xq.dtype} and {wq.dtype}")
+  if xq.shape[1] > MAX_K:
+    raise ValueError(f"s8_gemm: K = {xq.shape[1]} > {MAX_K} could overflow the int32 accumulator")
+  ok, why = _load()
+  if not ok:
+    raise RuntimeError(f"s8_gemm is not available here: {why}")
+  out = jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), jnp.int32)
+  return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq)

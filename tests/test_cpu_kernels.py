@@ -1,0 +1,76 @@
+"""cpu_kernels.s8_gemm (AVX512-VNNI) against XLA's int8 dot: bit-exact, ragged shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cpu_kernels
+from pallas_kernels import reference as ref
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=f"s8_gemm: {cpu_kernels.unavailable_reason()}")
+
+gemm = jax.jit(cpu_kernels.s8_gemm)
+expect = jax.jit(ref.accumulate_ref)
+
+
+def _ints(rng, shape):
+  return jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
+
+
+# M: 1..5-row micro-tiles and a second 240-row block; K: under, at and over one 64-byte
+# step, masked tails; N: ragged 4-column tiles and a second 64-row weight block.
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 64, 4), (2, 65, 5), (3, 127, 3), (4, 128, 8), (5, 200, 9),
+                                   (6, 63, 2), (7, 130, 13), (241, 300, 70), (17, 384, 1541), (1, 4096, 4096),
+                                   (33, 1000, 129)])
+def test_matches_xla_int8_dot(m, k, n, rng):
+  x, w = _ints(rng, (m, k)), _ints(rng, (n, k))
+  np.testing.assert_array_equal(np.asarray(gemm(x, w)), np.asarray(expect(x, w)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [4096, cpu_kernels.MAX_K])
+def test_extremes_do_not_overflow(k):
+  # The u8 offset makes (x + 128) * w up to 255 * 127 per product; at K = MAX_K the
+  # intermediate is within 1.5% of 2^31.
+  for xv, wv in [(127, 127), (-127, 127), (127, -127), (-127, -127)]:
+    x, w = jnp.full((3, k), xv, jnp.int8), jnp.full((5, k), wv, jnp.int8)
+    got = np.asarray(gemm(x, w))
+    assert (got == xv * wv * k).all(), (xv, wv, got[0, 0])
+
+
+@needs_kernel
+def test_empty_and_batched(rng):
+  assert gemm(jnp.zeros((0, 8), jnp.int8), jnp.zeros((4, 8), jnp.int8)).shape == (0, 4)
+  x, w = _ints(rng, (3, 2, 40)), _ints(rng, (6, 40))
+  got = jax.vmap(cpu_kernels.s8_gemm, in_axes=(0, None))(x, w)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(ref.accumulate_ref, in_axes=(0, None))(x, w)))
+
+
+def test_bad_inputs():
+  with pytest.raises(ValueError, match="expected xq \\(M, K\\) and wq \\(N, K\\)"):
+    cpu_kernels.s8_gemm(jnp.zeros((2, 8), jnp.int8), jnp.zeros((4, 9), jnp.int8))
+  with pytest.raises(TypeError, match="int8 operands"):
+    cpu_kernels.s8_gemm(jnp.zeros((2, 8), jnp.float32), jnp.zeros((4, 8), jnp.int8))
+  with pytest.raises(ValueError, match="overflow"):
+    cpu_kernels.s8_gemm(jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8), jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8))
+
+
+def test_without_a_compiler_w8a8_dot_falls_back_to_xla(tmp_path):
+  # A machine that cannot build the kernel: available() is False with the reason, and
+  # w8a8_dot's "auto" uses XLA's dot.
+  import os
+  import subprocess
+  import sys
+  code = ("import jax.numpy as jnp, cpu_kernels, actquant_jax as aq\n"
+          "from actquant_jax import ops\n"
+          "assert not cpu_kernels.available(), 'built without a compiler?'\n"
+          "print(cpu_kernels.unavailable_reason().splitlines()[0])\n"
+          "assert ops.resolve_backend('auto', in_features=8) == 'xla'\n"
+          "print(aq.w8a8_dot(jnp.ones((2, 8)), aq.quantize_kernel(jnp.ones((8, 3)))).tolist())\n")
+  env = {**os.environ, "CXX": "/bin/false", "ACTQUANT_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "compiling s8_gemm.cc failed" in out.stdout
+  assert "[[8.0, 8.0, 8.0], [8.0, 8.0, 8.0]]" in out.stdout
