@@ -4,14 +4,18 @@
 //                                             QuantizedKernel layout), out (M, N) int32
 //
 // Exact (the same numbers as XLA's int8 dot) for K <= 65536. vpdpbusd multiplies unsigned
-// by signed bytes, so x is fed as x + 128 (x ^ 0x80) and 128 * sum_k w[n, k] is subtracted
-// after the K loop; that intermediate stays below 255 * 128 * K < 2^31.
+// by signed bytes, so one operand is offset by 128 (xor 0x80) and 128 times the sums of
+// the other is subtracted after the K loop; that intermediate stays below 255*128*K < 2^31.
 //
-// Dot-product form on the stored layout (no packing pass, which would cost decode shapes
-// a second read of the weight): a micro-tile of MR rows of x by 4 rows of w keeps MR * 4
-// 16-lane accumulators over K and reduces them horizontally at the end, 4 at a time.
-// Work is split into (row block, weight block) chunks shared through an atomic counter by
-// the calling thread and XLA's intra-op thread pool.
+// Two paths, by shape:
+// - few rows (decode): dot-product form on the stored layout, no packing pass (it would
+//   cost a second read of the weight): a micro-tile of MR rows of x by 4 rows of w keeps
+//   MR * 4 16-lane accumulators over K and reduces them horizontally at the end.
+// - many rows (prefill): the weight is packed once per call for an outer-product
+//   micro-kernel (16 outputs per register, no horizontal sums): ~650 GOP/s on 2 Zen 4
+//   cores, against ~250 for XLA's int8 dot and ~200 GFLOP/s for its f32 GEMM.
+// Work is split into chunks shared through an atomic counter by the calling thread and
+// XLA's intra-op thread pool.
 //
 // Compiled without -mavx512*: only the functions marked VNNI use those instructions, and
 // Python calls them only where actquant_cpu_has_vnni() says the CPU has them.
@@ -21,6 +25,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -29,6 +35,7 @@
 
 namespace ffi = xla::ffi;
 
+#define UNROLL _Pragma("GCC unroll 16")
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 extern "C" int actquant_cpu_has_vnni() {
@@ -38,6 +45,12 @@ extern "C" int actquant_cpu_has_vnni() {
 }
 
 namespace {
+
+// acc += u8 bytes of a times s8 bytes of b, 4 per lane. Inline asm ties acc to its
+// register: GCC 12 turns the intrinsic into copies and spills in these loops (3x slower).
+VNNI inline void Dp(__m512i& acc, __m512i a_u8, __m512i b_s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a_u8), "v"(b_s8));
+}
 
 constexpr int kNR = 4;             // weight rows per micro-tile
 constexpr int64_t kRowBlock = 240;  // x rows per chunk (a multiple of every MR used)
@@ -69,13 +82,13 @@ VNNI inline void Step(__m512i (&acc)[MR][kNR], __m512i (&ws)[kNR], const int8_t*
                       const int8_t* const* w_rows, int64_t k, __mmask64 mask) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512i wv[kNR];
-  for (int j = 0; j < kNR; ++j) {
+  UNROLL for (int j = 0; j < kNR; ++j) {
     wv[j] = Load64<MASKED>(w_rows[j] + k, mask);
     if constexpr (WSUM) ws[j] = _mm512_dpbusd_epi32(ws[j], _mm512_set1_epi8(1), wv[j]);
   }
-  for (int i = 0; i < MR; ++i) {
+  UNROLL for (int i = 0; i < MR; ++i) {
     __m512i xv = _mm512_xor_si512(Load64<MASKED>(x_rows[i] + k, mask), flip);
-    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+    UNROLL for (int j = 0; j < kNR; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
   }
 }
 
@@ -143,52 +156,195 @@ VNNI void Chunk(const int8_t* x, const int8_t* w, int32_t* out, int64_t N, int64
   }
 }
 
-struct Work {
-  const int8_t* x;
-  const int8_t* w;
-  int32_t* out;
-  int64_t M, N, K, row_blocks, chunks;
+// ---- Prefill path: outer-product micro-kernel on a packed weight.
+//
+// For many rows the weight is packed once per call into 64-column panels, K in groups of
+// 4 bytes: panel[g][c][0..3] = w[n0 + c, 4g .. 4g + 3] ^ 0x80 (u8 = w + 128; zero past N
+// and K). One 64-byte load then holds 16 columns x 4 k, a 4-byte broadcast of x row i
+// multiplies it, and 16 outputs accumulate per register with no horizontal reduction.
+// Here w carries the offset: out = acc - 128 * sum_k x[m, k].
+
+constexpr int kMRP = 6;             // x rows per packed micro-tile
+constexpr int64_t kPanel = 64;      // packed weight columns per panel (4 registers)
+constexpr int64_t kRowBlockP = 240;  // x rows per chunk (a multiple of kMRP)
+// Packing reads and writes the weight once per call: worth it from about 128 rows, or
+// from 48 when the weight is small enough (<= 4 MiB) to be packed from cache (measured).
+inline bool UsePacked(int64_t M, int64_t N, int64_t K) { return M >= 128 || (M >= 48 && N * K <= (1 << 22)); }
+
+// 4 bytes of x row from k (zero past K: the packed weight is zero there too, but the
+// bytes must not be read past the row's end).
+inline int32_t Group4(const int8_t* row, int64_t k, int64_t K) {
+  int32_t v = 0;
+  std::memcpy(&v, row + k, static_cast<size_t>(std::min<int64_t>(4, K - k)));
+  return v;
+}
+
+void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
+  const int64_t full = K / 4, groups = (K + 3) / 4;
+  // Only real bytes get the 0x80 offset; padding past K stays 0 (adds nothing).
+  const uint32_t tail_flip = 0x80808080u & static_cast<uint32_t>((1ULL << (8 * (K - 4 * full))) - 1);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t c = 0; c < kPanel; ++c) {
+    const int64_t n = p * kPanel + c;
+    if (n >= N) {
+      for (int64_t g = 0; g < groups; ++g) d[g * kPanel + c] = 0;
+      continue;
+    }
+    const int8_t* row = w + n * K;
+    for (int64_t g = 0; g < full; ++g) {
+      uint32_t v;
+      std::memcpy(&v, row + 4 * g, 4);
+      d[g * kPanel + c] = v ^ 0x80808080u;
+    }
+    if (full < groups) d[full * kPanel + c] = static_cast<uint32_t>(Group4(row, 4 * full, K)) ^ tail_flip;
+  }
+}
+
+VNNI void RowSums(const int8_t* x, int64_t K, int64_t m0, int64_t m1, int32_t* comp) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* row = x + m * K;
+    __m512i acc = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) Dp(acc, ones, _mm512_loadu_si512(row + k));
+    if (k < K) Dp(acc, ones, _mm512_maskz_loadu_epi8((1ULL << (K - k)) - 1, row + k));
+    comp[m] = 128 * _mm512_reduce_add_epi32(acc);
+  }
+}
+
+template <int MR>
+VNNI inline void PackedStep(__m512i (&acc)[MR][4], const uint8_t* panel_g, const int32_t* bytes) {
+  const __m512i* b = reinterpret_cast<const __m512i*>(panel_g);
+  const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 1);
+  const __m512i b2 = _mm512_loadu_si512(b + 2), b3 = _mm512_loadu_si512(b + 3);
+  UNROLL for (int i = 0; i < MR; ++i) {
+    const __m512i a = _mm512_set1_epi32(bytes[i]);
+    Dp(acc[i][0], b0, a);
+    Dp(acc[i][1], b1, a);
+    Dp(acc[i][2], b2, a);
+    Dp(acc[i][3], b3, a);
+  }
+}
+
+template <int MR>
+VNNI void PackedTile(const int8_t* x, int64_t K, const uint8_t* panel, const int32_t* comp, int32_t* out,
+                     int64_t ldc, int64_t ncols) {
+  __m512i acc[MR][4];
+  UNROLL for (int i = 0; i < MR; ++i) {
+    UNROLL for (int v = 0; v < 4; ++v) acc[i][v] = _mm512_setzero_si512();
+  }
+  const int64_t full = K / 4;
+  int32_t bytes[MR];
+  for (int64_t g = 0; g < full; ++g) {
+    UNROLL for (int i = 0; i < MR; ++i) std::memcpy(&bytes[i], x + i * K + 4 * g, 4);
+    PackedStep<MR>(acc, panel + g * kPanel * 4, bytes);
+  }
+  if (full * 4 < K) {  // the last 1-3 bytes of each row, zero-padded (not read past the row)
+    UNROLL for (int i = 0; i < MR; ++i) bytes[i] = Group4(x + i * K, 4 * full, K);
+    PackedStep<MR>(acc, panel + full * kPanel * 4, bytes);
+  }
+  UNROLL for (int i = 0; i < MR; ++i) {
+    const __m512i c = _mm512_set1_epi32(comp[i]);
+    UNROLL for (int v = 0; v < 4; ++v) {
+      const int64_t left = ncols - 16 * v;
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      _mm512_mask_storeu_epi32(out + i * ldc + 16 * v, mask, _mm512_sub_epi32(acc[i][v], c));
+    }
+  }
+}
+
+// Rows [m0, m1) of out against packed panel p.
+VNNI void PackedChunk(const int8_t* x, const uint8_t* packed, const int32_t* comp, int32_t* out, int64_t N,
+                      int64_t K, int64_t m0, int64_t m1, int64_t p) {
+  const uint8_t* panel = packed + p * ((K + 3) / 4) * kPanel * 4;
+  const int64_t n0 = p * kPanel, ncols = std::min(kPanel, N - n0);
+  for (int64_t m = m0; m < m1;) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMRP, m1 - m));
+    const int8_t* xm = x + m * K;
+    int32_t* o = out + m * N + n0;
+    switch (mr) {
+      case 6: PackedTile<6>(xm, K, panel, comp + m, o, N, ncols); break;
+      case 5: PackedTile<5>(xm, K, panel, comp + m, o, N, ncols); break;
+      case 4: PackedTile<4>(xm, K, panel, comp + m, o, N, ncols); break;
+      case 3: PackedTile<3>(xm, K, panel, comp + m, o, N, ncols); break;
+      case 2: PackedTile<2>(xm, K, panel, comp + m, o, N, ncols); break;
+      default: PackedTile<1>(xm, K, panel, comp + m, o, N, ncols); break;
+    }
+    m += mr;
+  }
+}
+
+// ---- Parallel loop over chunks: the calling thread and XLA's intra-op pool.
+
+struct Counters {
+  int64_t chunks;
+  std::function<void(int64_t)> body;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
   void Drain() {
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t mb = c % row_blocks, nb = c / row_blocks;
-      Chunk(x, w, out, N, K, mb * kRowBlock, std::min(M, (mb + 1) * kRowBlock), nb * kColBlock,
-            std::min(N, (nb + 1) * kColBlock));
+      body(c);
       done.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
-                      ffi::ResultBuffer<ffi::S32> out) {
-  auto xd = x.dimensions(), wd = w.dimensions();
+// Runs body(0 .. chunks-1). Helpers that start late find no chunk left and return (the
+// shared_ptr keeps the counters alive for them; they never touch the body's data). The
+// caller works too, so a busy pool cannot stall it.
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64_t)> body) {
+  auto work = std::make_shared<Counters>();
+  work->chunks = chunks;
+  work->body = std::move(body);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, chunks - 1);
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buffer<ffi::S8> w_buf,
+                      ffi::ResultBuffer<ffi::S32> out_buf) {
+  auto xd = x_buf.dimensions(), wd = w_buf.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
     return ffi::Error::InvalidArgument("actquant s8_gemm: expected x (M, K) and w (N, K)");
   }
   const int64_t M = xd[0], K = xd[1], N = wd[0];
   if (K > 65536) return ffi::Error::InvalidArgument("actquant s8_gemm: K > 65536 may overflow int32");
+  const int8_t* x = x_buf.typed_data();
+  const int8_t* w = w_buf.typed_data();
+  int32_t* out = out_buf->typed_data();
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {
-    std::fill(out->typed_data(), out->typed_data() + M * N, 0);
+    std::fill(out, out + M * N, 0);
     return ffi::Error::Success();
   }
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->out = out->typed_data();
-  work->M = M;
-  work->N = N;
-  work->K = K;
-  work->row_blocks = (M + kRowBlock - 1) / kRowBlock;
-  work->chunks = work->row_blocks * ((N + kColBlock - 1) / kColBlock);
-  // Helpers that start late find no chunk left and return; the shared_ptr keeps the
-  // counters alive for them. The caller works too, so a busy pool cannot stall it.
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, work->chunks - 1);
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work] { work->Drain(); });
-  work->Drain();
-  while (work->done.load(std::memory_order_acquire) < work->chunks) std::this_thread::yield();
+  if (!UsePacked(M, N, K)) {
+    const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
+    ParallelFor(pool, row_blocks * ((N + kColBlock - 1) / kColBlock), [&](int64_t c) {
+      const int64_t mb = c % row_blocks, nb = c / row_blocks;
+      Chunk(x, w, out, N, K, mb * kRowBlock, std::min(M, (mb + 1) * kRowBlock), nb * kColBlock,
+            std::min(N, (nb + 1) * kColBlock));
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t panels = (N + kPanel - 1) / kPanel, panel_bytes = ((K + 3) / 4) * kPanel * 4;
+  const int64_t row_blocks = (M + kRowBlockP - 1) / kRowBlockP;
+  std::unique_ptr<uint8_t[]> packed(new uint8_t[panels * panel_bytes]);
+  std::unique_ptr<int32_t[]> comp(new int32_t[M]);
+  ParallelFor(pool, panels + row_blocks, [&](int64_t c) {
+    if (c < panels) {
+      PackPanel(w, N, K, c, packed.get() + c * panel_bytes);
+    } else {
+      const int64_t mb = c - panels;
+      RowSums(x, K, mb * kRowBlockP, std::min(M, (mb + 1) * kRowBlockP), comp.get());
+    }
+  });
+  ParallelFor(pool, row_blocks * panels, [&](int64_t c) {
+    const int64_t mb = c % row_blocks, p = c / row_blocks;
+    PackedChunk(x, packed.get(), comp.get(), out, N, K, mb * kRowBlockP, std::min(M, (mb + 1) * kRowBlockP), p);
+  });
   return ffi::Error::Success();
 }
 

@@ -18,12 +18,14 @@ def _ints(rng, shape):
   return jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
 
 
-# M: 1..5-row micro-tiles and a second 240-row block; K: under, at and over one 64-byte
-# step, masked tails; N: ragged 4-column tiles and a second 64-row weight block.
+# M: 1..6-row micro-tiles, a second 240-row block, both paths (packed from 48 rows);
+# K: under, at and over one 64-byte step, masked tails, 1-3 byte groups; N: ragged
+# 4-column tiles, ragged 64-column panels, a second block.
 @needs_kernel
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (1, 64, 4), (2, 65, 5), (3, 127, 3), (4, 128, 8), (5, 200, 9),
                                    (6, 63, 2), (7, 130, 13), (241, 300, 70), (17, 384, 1541), (1, 4096, 4096),
-                                   (33, 1000, 129)])
+                                   (33, 1000, 129), (48, 5, 3), (53, 66, 65), (128, 301, 97),
+                                   (300, 130, 200), (487, 1027, 130)])
 def test_matches_xla_int8_dot(m, k, n, rng):
   x, w = _ints(rng, (m, k)), _ints(rng, (n, k))
   np.testing.assert_array_equal(np.asarray(gemm(x, w)), np.asarray(expect(x, w)))
