@@ -33,15 +33,18 @@ def print_table(headers, rows):
     print(line(r))
 
 
-def interleaved_medians(fns: dict, args: dict, rounds: int = 9, warmup: int = 1) -> dict:
+def interleaved_medians(fns: dict, args: dict, rounds: int = 9, warmup: int = 1, before=None) -> dict:
   """Median seconds of each fns[name](*args[name]), timed round-robin (one call of each per
-  round) so slow drifts of a shared 2-core machine hit every variant alike."""
+  round) so slow drifts of a shared 2-core machine hit every variant alike. `before()`, if
+  given, runs untimed before every timed call (e.g. to evict the caches)."""
   for name, f in fns.items():
     for _ in range(warmup):
       jax.block_until_ready(f(*args[name]))
   times = {name: [] for name in fns}
   for _ in range(rounds):
     for name, f in fns.items():
+      if before is not None:
+        before()
       t = time.perf_counter()
       jax.block_until_ready(f(*args[name]))
       times[name].append(time.perf_counter() - t)
