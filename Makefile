@@ -21,6 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=10
 
 bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_matmul.py
 
 clean:

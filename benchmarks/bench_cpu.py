@@ -21,6 +21,7 @@ XLA's own accounting of the compiled program (arguments + outputs + temporaries)
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -139,8 +140,7 @@ def main():
   ap.add_argument("--rounds", type=int, default=9)
   args = ap.parse_args()
   native = cpu_kernels.available()
-  print(f"jax {jax.__version__} on {cpu_name()} ({jax.device_count()} XLA CPU device, "
-        f"{len(jax.devices()[0].client.devices())} client devices); native int8 GEMM: "
+  print(f"jax {jax.__version__} on {cpu_name()}, {os.cpu_count()} cores; native int8 GEMM: "
         f"{'yes (AVX512-VNNI)' if native else 'no: ' + cpu_kernels.unavailable_reason()}")
   print("ratios vs jitted f32 x @ w + b\n")
   matmul_rows(SHAPES, args.rounds, native)

@@ -1,14 +1,13 @@
-"""8-bit GEMM throughput: the Pallas int8/fp8 kernels vs XLA's bf16 dot (GPU), or the XLA
-W8A8 path vs f32/bf16 dots (CPU). Prints a markdown table of achieved TOPS and ratios.
+"""8-bit GEMM throughput on a GPU: the Pallas int8/fp8 kernels vs XLA's bf16 dot. Prints a
+markdown table of achieved TOPS and ratios.
 
   python benchmarks/bench_matmul.py            # shapes M in 1,16,128,2048,8192 x (K,N) in
                                                # (4096,4096), (4096,11008)
-  python benchmarks/bench_matmul.py --quick    # a subset (CPU default)
+  python benchmarks/bench_matmul.py --quick    # a subset
 
 On a GPU: "int8 kernel" = pallas_kernels.int8_matmul on pre-quantized operands (the GEMM
 alone, epilogue included, bf16 out), likewise fp8; "bf16 XLA" = jnp.dot of bf16 operands.
-On CPU the GPU rows are not measured; instead w8a8_dot's XLA path (quantize + int8 dot +
-epilogue) is timed against jitted f32 and bf16 dots.
+Without a GPU it says so; the CPU path is benchmarks/bench_cpu.py.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import actquant_jax as aq  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from benchmarks.timing import median_seconds, print_table  # noqa: E402
 
@@ -52,37 +50,15 @@ def gpu_rows(shapes, backend):
                "int8 % of H100 peak"], rows)
 
 
-def cpu_rows(shapes):
-  rows = []
-  for m, k, n in shapes:
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
-    flops = 2.0 * m * n * k
-    t32 = median_seconds(jax.jit(jnp.dot), x, w)
-    t16 = median_seconds(jax.jit(jnp.dot), x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-    qk = aq.quantize_kernel(w)
-    t8 = median_seconds(jax.jit(functools.partial(aq.w8a8_dot, backend="xla")), x, qk)
-    xq, _ = pk.quantize_rows_ref(x)
-    bare = jax.jit(pk.reference.accumulate_ref)
-    t8bare = median_seconds(bare, xq, qk.values)
-    rows.append((f"{m}x{k}x{n}", f"{flops / t32 / 1e9:.0f}", f"{flops / t16 / 1e9:.0f}",
-                 f"{flops / t8 / 1e9:.0f}", f"{flops / t8bare / 1e9:.0f}", f"{t32 / t8:.2f}x",
-                 f"{t32 / t8bare:.2f}x"))
-  print_table(["M x K x N", "f32 GFLOP/s", "bf16 GFLOP/s", "w8a8_dot GOP/s", "bare int8 dot GOP/s",
-               "w8a8_dot / f32", "bare int8 / f32"], rows)
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="fewer shapes (the CPU default)")
-  ap.add_argument("--all", action="store_true", help="every shape, also on CPU (slow)")
+  ap.add_argument("--quick", action="store_true", help="fewer shapes")
   ap.add_argument("--backend", default="triton", choices=["triton", "mosaic"], help="GPU kernel backend")
   args = ap.parse_args()
   on_gpu = jax.default_backend() == "gpu"
   ms = [1, 16, 128, 2048, 8192]
   kns = [(4096, 4096), (4096, 11008)]
-  if args.quick or (not on_gpu and not args.all):
+  if args.quick:
     ms, kns = [1, 16, 128, 2048], [(4096, 4096)]
   shapes = [(m, k, n) for k, n in kns for m in ms]
   print(f"jax {jax.__version__}, device: {jax.devices()[0].device_kind}")
@@ -90,9 +66,8 @@ def main():
     print(f"Pallas {args.backend} kernels vs XLA bf16 (median of 15 runs each, same process)")
     gpu_rows(shapes, args.backend)
   else:
-    print("No GPU: the int8/fp8 kernel rows were not measured. XLA path on CPU instead "
-          "(median of up to 15 runs each, same process):")
-    cpu_rows(shapes)
+    print("No GPU: the int8/fp8 Pallas kernel rows were not measured. CPU numbers: "
+          "python benchmarks/bench_cpu.py")
 
 
 if __name__ == "__main__":
