@@ -127,3 +127,17 @@ def test_qkv_share_one_quantize_pass():
     passes = lambda qp: str(jax.make_jaxpr(f)(qp, x)).count("name=clip")
     assert (passes(qparams), passes(unshared)) == (8, 12)
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(qparams, x)), np.asarray(jax.jit(f)(unshared, x)))
+
+
+def test_native_cpu_gemm_matches_xla_path_end_to_end(setup):
+  # The whole model on the AVX512-VNNI GEMM equals it on XLA's int8 dot: same int32
+  # accumulators; only the f32 epilogue's fusion may differ (FMA contraction).
+  import cpu_kernels
+  if not cpu_kernels.available():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  m, params, cal, stats = setup
+  x = tm.batches(1, seed=5)[0]
+  for cfg in (aq.QuantConfig(alpha=0.5), aq.QuantConfig(act_mode="static", alpha="auto")):
+    qparams = aq.quantize_params(params, stats, cfg)
+    ys = [jax.jit(aq.quantized_apply(m, backend=b))(qparams, x) for b in ("cpu", "xla")]
+    np.testing.assert_allclose(np.asarray(ys[0]), np.asarray(ys[1]), rtol=1e-5, atol=1e-5)
