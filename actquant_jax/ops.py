@@ -135,7 +135,8 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   (default: x.dtype).
 
   backend: "auto" (Pallas Triton kernels on GPU; on CPU the native AVX512-VNNI int8 GEMM
-  where it runs, else XLA), "xla", "cpu", "triton" or "mosaic" (Hopper wgmma). interpret=True runs the Pallas kernels on the CPU (slow; tests).
+  where it runs, else XLA), "xla", "cpu", "triton" or "mosaic" (Hopper wgmma).
+  interpret=True runs the Pallas kernels on the CPU (slow; tests).
   NaN/Inf in x are not checked inside jit: they propagate as NaN (fp8) or garbage (int8).
   """
   x = jnp.asarray(x)
@@ -148,7 +149,7 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   if backend == "xla":
     y = _xla_w8a8(xq, sx, qk, bias, out_dtype)
   elif backend == "cpu":
-    y = ref.epilogue_ref(cpu_kernels.s8_gemm(xq, qk.values), sx, qk.scale, bias, out_dtype)
+    y = ref.epilogue_ref(accumulate(xq, qk.values, backend="cpu"), sx, qk.scale, bias, out_dtype)
   else:
     from pallas_kernels import scaled_matmul
     y = scaled_matmul(xq, qk.values, sx, qk.scale, bias, out_dtype=out_dtype, backend=backend,
