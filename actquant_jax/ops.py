@@ -9,6 +9,7 @@ f32 accumulation). All compute the numbers defined in pallas_kernels/reference.p
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 from typing import Literal
 
@@ -16,35 +17,22 @@ import jax
 import jax.numpy as jnp
 
 import cpu_kernels
+from actquant_jax import backends
 from actquant_jax.quant import QuantizedKernel, qtype_dtype
 from pallas_kernels import reference as ref
 
 Backend = Literal["auto", "xla", "cpu", "triton", "mosaic"]
-BACKENDS = ("auto", "xla", "cpu", "triton", "mosaic")
+BACKENDS = backends.NAMES
 
 
-def resolve_backend(backend: str, interpret: bool = False, qtype: str = "int8", in_features: int = 0) -> str:
-  """"auto": the Pallas Triton kernels on a GPU (or in interpret mode); on a CPU the
-  native int8 GEMM ("cpu") where it runs (int8, AVX512-VNNI, K <= 65536), else "xla"."""
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  if backend != "auto":
-    if interpret and backend in ("xla", "cpu"):
-      raise ValueError(f"interpret=True runs the Pallas kernels; it cannot be combined with backend={backend!r}")
-    if backend == "cpu":
-      if qtype != "int8":
-        raise ValueError(f"backend='cpu' is an int8 kernel; {qtype} runs on backend='xla'")
-      if in_features > cpu_kernels.MAX_K:
-        raise ValueError(f"backend='cpu' takes K <= {cpu_kernels.MAX_K}, got {in_features}")
-      if not cpu_kernels.available():
-        raise RuntimeError(f"backend='cpu' is not available here: {cpu_kernels.unavailable_reason()}")
-    return backend
-  if interpret or jax.default_backend() == "gpu":
-    return "triton"
-  if (jax.default_backend() == "cpu" and qtype == "int8" and in_features <= cpu_kernels.MAX_K
-      and cpu_kernels.available()):
-    return "cpu"
-  return "xla"
+def resolve_backend(backend: str, interpret: bool = False, qtype: str = "int8", in_features: int = 0, *,
+                    m: int | None = None, n: int | None = None, out_dtype=None) -> str:
+  """The backend name for a problem on this process's device: backends.choose (a registry
+  where each backend says whether it can run the problem and why not; "auto" picks by GPU
+  generation and shape, once per problem, logged)."""
+  problem = backends.problem_for(k=in_features, qtype=qtype, m=m, n=n, out_dtype=out_dtype,
+                                 interpret=interpret)
+  return backends.choose(backend, problem).backend
 
 
 def accumulate(xq: jax.Array, wq: jax.Array, *, backend: str, interpret: bool = False) -> jax.Array:
@@ -142,7 +130,8 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   x = jnp.asarray(x)
   _check_inputs(x, qk, bias, name)
   out_dtype = x.dtype if out_dtype is None else out_dtype
-  backend = resolve_backend(backend, interpret, qk.qtype, qk.in_features)
+  backend = resolve_backend(backend, interpret, qk.qtype, qk.in_features, m=math.prod(x.shape[:-1]),
+                            n=qk.out_features, out_dtype=out_dtype)
   lead = x.shape[:-1]
   x2d = x.reshape(-1, qk.in_features)
   xq, sx = _quantize_shared(x, x2d, qk, backend, interpret)

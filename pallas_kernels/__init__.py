@@ -3,20 +3,32 @@
 int8_matmul / fp8_matmul: 8-bit GEMM, outer-dimension scaling epilogue (Triton backend
 for Ampere+, backend="mosaic" for Hopper wgmma). quantize_rows: fused per-token (or
 static) activation quantize with the runtime smoothing vector.
+
+Names are resolved on first use (PEP 562): `import pallas_kernels` (and the reference)
+loads no Pallas GPU backend, so importing the library on a CPU stays light.
 """
 
-from pallas_kernels.matmul import DECODE_BLOCKS as DECODE_BLOCKS
-from pallas_kernels.matmul import MEDIUM_BLOCKS as MEDIUM_BLOCKS
-from pallas_kernels.matmul import PREFILL_BLOCKS as PREFILL_BLOCKS
-from pallas_kernels.matmul import MatmulBlocks as MatmulBlocks
-from pallas_kernels.matmul import default_blocks as default_blocks
-from pallas_kernels.matmul import fp8_matmul as fp8_matmul
-from pallas_kernels.matmul import int8_matmul as int8_matmul
-from pallas_kernels.matmul import scaled_matmul as scaled_matmul
-from pallas_kernels.matmul_mosaic import MosaicBlocks as MosaicBlocks
-from pallas_kernels.quantize import QuantizeBlocks as QuantizeBlocks
-from pallas_kernels.quantize import quantize_rows as quantize_rows
-from pallas_kernels.reference import fp8_matmul_ref as fp8_matmul_ref
-from pallas_kernels.reference import int8_matmul_ref as int8_matmul_ref
-from pallas_kernels.reference import quantize_rows_ref as quantize_rows_ref
-from pallas_kernels.reference import scaled_matmul_ref as scaled_matmul_ref
+import importlib
+
+_LAZY = {
+    "DECODE_BLOCKS": "matmul", "MEDIUM_BLOCKS": "matmul", "PREFILL_BLOCKS": "matmul",
+    "MatmulBlocks": "matmul", "default_blocks": "matmul", "fp8_matmul": "matmul",
+    "int8_matmul": "matmul", "scaled_matmul": "matmul",
+    "MosaicBlocks": "matmul_mosaic",
+    "QuantizeBlocks": "quantize", "quantize_rows": "quantize",
+    "fp8_matmul_ref": "reference", "int8_matmul_ref": "reference",
+    "quantize_rows_ref": "reference", "scaled_matmul_ref": "reference",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name not in _LAZY:
+    raise AttributeError(f"module 'pallas_kernels' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"pallas_kernels.{_LAZY[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._compat import mosaic as plgpu
+from pallas_kernels import _compat
 from pallas_kernels.reference import scaled_matmul_ref  # noqa: F401  (the reference, beside the kernel)
 
 _SWIZZLE_BYTES = 128
@@ -79,6 +79,7 @@ def default_mosaic_blocks(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> Mos
 
 
 def _mosaic_matmul_kernel(x_ref, w_ref, sx_ref, sw_ref, b_ref, o_ref, acc_ref, *, num_k_steps):
+  plgpu = _compat.mosaic()
   # x_ref (tile_m, tile_k), w_ref (tile_n, tile_k): both K-major in swizzled SMEM.
   plgpu.wgmma(acc_ref, x_ref, plgpu.transpose_ref(w_ref, (1, 0)))
 
@@ -87,11 +88,11 @@ def _mosaic_matmul_kernel(x_ref, w_ref, sx_ref, sw_ref, b_ref, o_ref, acc_ref, *
     plgpu.wgmma_wait(0)
     tile = acc_ref.shape
     acc = acc_ref[...].astype(jnp.float32)
-    sx = plgpu.load(sx_ref, (), layout=plgpu.Layout.WGMMA.reduce(1))  # one per row
-    sw = plgpu.load(sw_ref, (), layout=plgpu.Layout.WGMMA.reduce(0))  # one per column
+    sx = _compat.mosaic_load(sx_ref, layout=plgpu.Layout.WGMMA.reduce(1))  # one per row
+    sw = _compat.mosaic_load(sw_ref, layout=plgpu.Layout.WGMMA.reduce(0))  # one per column
     y = acc * lax.broadcast_in_dim(sx, tile, [0]) * lax.broadcast_in_dim(sw, tile, [1])
     if b_ref is not None:
-      b = plgpu.load(b_ref, (), layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+      b = _compat.mosaic_load(b_ref, layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
       y = y + lax.broadcast_in_dim(b, tile, [1])
     o_ref[...] = y.astype(o_ref.dtype)
 
@@ -109,6 +110,7 @@ def check_mosaic_shapes(m, n, k, out_dtype):
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "blocks", "interpret"))
 def _mosaic_scaled_matmul(xq, wq, sx, sw, bias, *, out_dtype, blocks, interpret):
+  plgpu = _compat.mosaic()
   (m, k), n = xq.shape, wq.shape[0]
   tm, tn, tk = blocks.tile_m, blocks.tile_n, blocks.tile_k
   acc_dtype = jnp.int32 if xq.dtype == jnp.int8 else jnp.float32
@@ -134,7 +136,7 @@ def _mosaic_scaled_matmul(xq, wq, sx, sw, bias, *, out_dtype, blocks, interpret)
       out_specs=plgpu.BlockSpec((tm, tn), lambda i, j, s: (i, j)),
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       scratch_shapes=[plgpu.ACC((tm, tn), acc_dtype)],
-      compiler_params=plgpu.CompilerParams(
+      compiler_params=_compat.mosaic_params(
           dimension_semantics=["parallel", "parallel", "sequential"],
           max_concurrent_steps=blocks.max_concurrent_steps),
       interpret=interpret, name=f"mosaic_scaled_matmul_{xq.dtype.name}")(*args)
