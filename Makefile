@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,28 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=10
 
+# Deviceless GPU compile check: every kernel the library can pick, compiled to a cubin by
+# XLA's GPU pipeline for sm_90a and sm_80 without a GPU; registers, spills, shared memory
+# and the tensor-core SASS checked (tools/gpu_check.py). Its own venv: the CUDA plugin
+# changes how jax starts. cuobjdump/nvdisasm go to a --target folder: installed into the
+# venv, their nvidia/cu13 folder makes jax pick the wrong CUDA root.
+GPUCHECK_VENV ?= .venv-gpucheck
+GPUCHECK_PY   := $(GPUCHECK_VENV)/bin/python
+
+$(GPUCHECK_VENV)/.installed: tools/gpu_check_requirements.txt
+	$(PYTHON) -m venv $(GPUCHECK_VENV)
+	$(GPUCHECK_PY) -m pip install -q --upgrade pip
+	$(GPUCHECK_PY) -m pip install -q -r tools/gpu_check_requirements.txt
+	$(GPUCHECK_PY) -m pip install -q --target $(GPUCHECK_VENV)/cuda-tools \
+	  nvidia-cuda-cuobjdump==13.5.37 nvidia-cuda-nvdisasm==13.5.37
+	touch $@
+
+gpu-check: $(GPUCHECK_VENV)/.installed
+	$(GPUCHECK_PY) tools/gpu_check.py --tools $(GPUCHECK_VENV)/cuda-tools
+
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_matmul.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(GPUCHECK_VENV) .pytest_cache .hypothesis

@@ -59,11 +59,14 @@ class MatmulBlocks:
 DECODE_BLOCKS = MatmulBlocks(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
 MEDIUM_BLOCKS = MatmulBlocks(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
 PREFILL_BLOCKS = MatmulBlocks(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
+# fp8 decode: 64 rows, the least Hopper's wgmma takes. With 16 rows Triton falls back to
+# mma.sync, which for e4m3 on sm_90 converts to f16 and runs HMMA (seen by make gpu-check).
+FP8_DECODE_BLOCKS = MatmulBlocks(block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=4)
 
 
-def default_blocks(m: int, n: int, k: int) -> MatmulBlocks:
+def default_blocks(m: int, n: int, k: int, dtype=jnp.int8) -> MatmulBlocks:
   if m <= 16:
-    return DECODE_BLOCKS
+    return DECODE_BLOCKS if jnp.dtype(dtype) == jnp.dtype(jnp.int8) else FP8_DECODE_BLOCKS
   if m <= 256:
     return MEDIUM_BLOCKS
   return PREFILL_BLOCKS
@@ -161,7 +164,7 @@ def _scaled_matmul(xq, wq, sx, sw, bias, *, dtype, out_dtype, backend, blocks, i
                    debug=False):
   _check(xq, wq, sx, sw, bias, dtype, name)
   if backend == "triton":
-    blocks = default_blocks(xq.shape[0], wq.shape[0], xq.shape[1]) if blocks is None else blocks
+    blocks = default_blocks(xq.shape[0], wq.shape[0], xq.shape[1], xq.dtype) if blocks is None else blocks
     blocks.check()
     return _triton_scaled_matmul(xq, wq, sx, sw, bias, out_dtype=jnp.dtype(out_dtype),
                                  blocks=blocks, interpret=interpret, debug=debug)

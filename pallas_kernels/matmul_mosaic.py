@@ -65,12 +65,19 @@ class MosaicBlocks:
 SMEM_LIMIT_BYTES = 227 * 1024  # Hopper's opt-in shared memory per block
 MOSAIC_DECODE_BLOCKS = MosaicBlocks(tile_m=64, tile_n=128, tile_k=256, max_concurrent_steps=3)
 MOSAIC_PREFILL_BLOCKS = MosaicBlocks(tile_m=128, tile_n=128, tile_k=128, max_concurrent_steps=3)
+# int8 keeps 64-row tiles at every M: one warpgroup holding a 128x128 int32 accumulator
+# plus its f32 epilogue (scales, bias) sits at 255 registers and spills (make gpu-check);
+# 64x128 needs ~167.
+MOSAIC_INT8_BLOCKS = MOSAIC_DECODE_BLOCKS
 
 
-def default_mosaic_blocks(m: int, n: int, k: int, out_dtype=jnp.bfloat16) -> MosaicBlocks:
-  """Decode (M <= 64): one 64-row wgmma tile, long K tiles. Prefill: 128x128. The
-  pipeline is as deep (<= 4) as shared memory allows for the output dtype."""
-  base = MOSAIC_DECODE_BLOCKS if m <= 64 else MOSAIC_PREFILL_BLOCKS
+def default_mosaic_blocks(m: int, n: int, k: int, out_dtype=jnp.bfloat16, dtype=jnp.int8) -> MosaicBlocks:
+  """int8: 64x128 tiles, long K. fp8: decode (M <= 64) one 64-row wgmma tile, long K
+  tiles; prefill 128x128. The pipeline is as deep (<= 4) as shared memory allows."""
+  if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
+    base = MOSAIC_INT8_BLOCKS
+  else:
+    base = MOSAIC_DECODE_BLOCKS if m <= 64 else MOSAIC_PREFILL_BLOCKS
   for steps in (4, 3, 2, 1):
     blocks = dataclasses.replace(base, max_concurrent_steps=steps)
     if blocks.smem_bytes(out_dtype) <= SMEM_LIMIT_BYTES - 8192:  # barriers, scales
@@ -150,7 +157,7 @@ def mosaic_scaled_matmul(xq, wq, sx, sw, bias=None, *, out_dtype=jnp.bfloat16,
   if interpret:
     raise NotImplementedError("mosaic backend: Pallas interpret mode cannot run wgmma on transposed "
                               "8-bit operands (jax 0.10.2); use backend='triton' with interpret=True")
-  blocks = default_mosaic_blocks(m, n, k, out_dtype) if blocks is None else blocks
+  blocks = default_mosaic_blocks(m, n, k, out_dtype, xq.dtype) if blocks is None else blocks
   if not isinstance(blocks, MosaicBlocks):
     raise TypeError(f"mosaic backend: blocks must be MosaicBlocks, got {type(blocks).__name__}")
   blocks.check()
