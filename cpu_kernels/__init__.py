@@ -5,11 +5,13 @@ XLA's own int8 dot on CPU reaches only about 1.3-1.7x its f32 GEMM rate; vpdpbus
 the multiply-adds of an f32 FMA per instruction. The kernel computes exactly what
 `pallas_kernels.reference.accumulate_ref` (XLA's int8 dot) computes.
 
-The shared library is compiled on first use with the system C++ compiler (`$CXX`, else
-c++ / g++) against the XLA FFI headers shipped in jaxlib, and cached under
-`$ACTQUANT_CACHE_DIR` (default ~/.cache/actquant_jax) keyed by the source and jaxlib
-version. Where there is no compiler, the CPU is not x86-64 or lacks AVX512-VNNI,
-`available()` is False and `unavailable_reason()` says why; w8a8_dot then uses XLA's dot.
+The shared library is built with the package (setup.py: `cpu_kernels/_s8_gemm*.so`,
+against the build env's jaxlib FFI headers, whose version is compiled in). Where that
+library is missing or was built against another jaxlib, it is compiled on first use with
+the system C++ compiler (`$CXX`, else c++ / g++) and cached under `$ACTQUANT_CACHE_DIR`
+(default ~/.cache/actquant_jax) keyed by the source, jaxlib and compiler. Where neither
+works, the CPU is not x86-64 or lacks AVX512-VNNI, `available()` is False and
+`unavailable_reason()` says why; w8a8_dot then uses XLA's dot and warns once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import os
 import platform
 import shutil
@@ -43,13 +46,33 @@ def _compiler() -> str | None:
   return None
 
 
+def _jaxlib_version() -> str:
+  return importlib.metadata.version("jaxlib")
+
+
+def _prebuilt() -> Path | None:
+  """The library built with the package (setup.py), if there is one."""
+  found = sorted(Path(__file__).parent.glob("_s8_gemm*.so"))
+  return found[0] if found else None
+
+
+def _built_against(lib) -> str:
+  try:
+    fn = lib.actquant_built_against_jaxlib
+  except AttributeError:
+    return "unknown"
+  fn.restype = ctypes.c_char_p
+  return fn().decode()
+
+
 def _build() -> Path:
   """The compiled library, compiling it if this source/jaxlib pair has not been built."""
   cxx = _compiler()
   if cxx is None:
     raise RuntimeError("no C++ compiler found (set $CXX)")
   src = _SOURCE.read_bytes()
-  key = hashlib.sha256(src + jax.__version__.encode() + cxx.encode()).hexdigest()[:16]
+  jaxlib_version = _jaxlib_version()
+  key = hashlib.sha256(src + jax.__version__.encode() + jaxlib_version.encode() + cxx.encode()).hexdigest()[:16]
   lib = _cache_dir() / f"s8_gemm-{key}.so"
   if lib.exists():
     return lib
@@ -58,7 +81,8 @@ def _build() -> Path:
   # half-written library.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
   os.close(fd)
-  cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+  cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}",
+         f'-DACTQUANT_JAXLIB_VERSION="{jaxlib_version}"', str(_SOURCE), "-o", tmp]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
@@ -67,18 +91,52 @@ def _build() -> Path:
   return lib
 
 
+def _open_library() -> tuple[ctypes.CDLL, str]:
+  """(library, how it was obtained): the install-time build when it matches this jaxlib,
+  else a first-use build; a mismatched install-time build only as the last resort."""
+  prebuilt = _prebuilt()
+  stale = None
+  if prebuilt is not None:
+    lib = ctypes.cdll.LoadLibrary(str(prebuilt))
+    built = _built_against(lib)
+    if built == _jaxlib_version():
+      return lib, f"built at install time ({prebuilt.name}, jaxlib {built})"
+    stale = (lib, built)
+  try:
+    path = _build()
+  except RuntimeError as e:
+    if stale is None:
+      raise
+    import warnings
+    warnings.warn(f"cpu_kernels: using {prebuilt.name}, built against jaxlib {stale[1]} while jaxlib "
+                  f"{_jaxlib_version()} runs (rebuilding failed: {str(e).splitlines()[0]})", RuntimeWarning)
+    return stale[0], f"built at install time against jaxlib {stale[1]} (mismatch)"
+  return ctypes.cdll.LoadLibrary(str(path)), f"built on first use ({path})"
+
+
 @functools.cache
 def _load() -> tuple[bool, str]:
   if platform.machine().lower() not in ("x86_64", "amd64"):
     return False, f"not an x86-64 CPU ({platform.machine()})"
+  global _how
   try:
-    lib = ctypes.cdll.LoadLibrary(str(_build()))
+    lib, _how = _open_library()
   except (OSError, RuntimeError) as e:
     return False, str(e)
   if not lib.actquant_cpu_has_vnni():
     return False, "the CPU lacks AVX512-VNNI (avx512f/bw/vl/vnni)"
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ActquantS8Gemm), platform="cpu")
   return True, ""
+
+
+_how = ""
+
+
+def library_origin() -> str:
+  """How the native library was obtained ("built at install time (...)" or "built on
+  first use (...)"); "" when it is not available."""
+  _load()
+  return _how
 
 
 def available() -> bool:
