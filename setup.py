@@ -5,11 +5,13 @@ writable cache at run time. Everything else is in pyproject.toml.
 The extension is optional: where it cannot be built (no C++ compiler, not x86-64) the
 install still succeeds and cpu_kernels falls back to a first-use build, then to XLA's
 dot (with a warning). The jaxlib version it was built against is compiled into the
-library; cpu_kernels rebuilds on first use when the runtime jaxlib differs. With pip's
+library with the source's sha256; cpu_kernels rebuilds on first use when the runtime
+jaxlib (or, in an editable install, the source) differs. With pip's
 build isolation the build env gets the newest jaxlib in the build-system range; for an
 exact match install with `pip install --no-build-isolation .` next to jaxlib.
 """
 
+import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -33,8 +35,10 @@ class BuildS8Gemm(build_ext):
   def build_extensions(self):
     include, version = _jaxlib_include_and_version()
     for ext in self.extensions:
+      with open(ext.sources[0], "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
       ext.include_dirs.append(include)
-      ext.define_macros.append(("ACTQUANT_JAXLIB_VERSION", f'"{version}"'))
+      ext.define_macros += [("ACTQUANT_JAXLIB_VERSION", f'"{version}"'), ("ACTQUANT_SOURCE_SHA256", f'"{digest}"')]
     super().build_extensions()
 
 

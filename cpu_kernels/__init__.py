@@ -51,14 +51,17 @@ def _jaxlib_version() -> str:
 
 
 def _prebuilt() -> Path | None:
-  """The library built with the package (setup.py), if there is one."""
+  """The library built with the package (setup.py), if there is one.
+  ACTQUANT_IGNORE_PREBUILT=1 acts as if there were none (tests of the fallbacks)."""
+  if os.environ.get("ACTQUANT_IGNORE_PREBUILT") == "1":
+    return None
   found = sorted(Path(__file__).parent.glob("_s8_gemm*.so"))
   return found[0] if found else None
 
 
-def _built_against(lib) -> str:
+def _stamp(lib, symbol: str) -> str:
   try:
-    fn = lib.actquant_built_against_jaxlib
+    fn = getattr(lib, symbol)
   except AttributeError:
     return "unknown"
   fn.restype = ctypes.c_char_p
@@ -98,8 +101,9 @@ def _open_library() -> tuple[ctypes.CDLL, str]:
   stale = None
   if prebuilt is not None:
     lib = ctypes.cdll.LoadLibrary(str(prebuilt))
-    built = _built_against(lib)
-    if built == _jaxlib_version():
+    built = _stamp(lib, "actquant_built_against_jaxlib")
+    same_source = _stamp(lib, "actquant_source_sha256") == hashlib.sha256(_SOURCE.read_bytes()).hexdigest()
+    if built == _jaxlib_version() and same_source:
       return lib, f"built at install time ({prebuilt.name}, jaxlib {built})"
     stale = (lib, built)
   try:

@@ -38,12 +38,17 @@ namespace ffi = xla::ffi;
 #define UNROLL _Pragma("GCC unroll 16")
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
-// The jaxlib whose FFI headers this library was compiled against (setup.py and the
-// first-use build pass it); cpu_kernels compares it with the jaxlib it runs with.
+// The jaxlib whose FFI headers this library was compiled against (setup.py passes it);
+// cpu_kernels compares it with the jaxlib it runs with.
 #ifndef ACTQUANT_JAXLIB_VERSION
 #define ACTQUANT_JAXLIB_VERSION "unknown"
 #endif
 extern "C" const char* actquant_built_against_jaxlib() { return ACTQUANT_JAXLIB_VERSION; }
+// sha256 of this file as built (a stale in-place build of an editable install is rebuilt).
+#ifndef ACTQUANT_SOURCE_SHA256
+#define ACTQUANT_SOURCE_SHA256 "unknown"
+#endif
+extern "C" const char* actquant_source_sha256() { return ACTQUANT_SOURCE_SHA256; }
 
 extern "C" int actquant_cpu_has_vnni() {
   __builtin_cpu_init();

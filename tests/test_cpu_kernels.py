@@ -71,8 +71,34 @@ def test_without_a_compiler_w8a8_dot_falls_back_to_xla(tmp_path):
           "print(cpu_kernels.unavailable_reason().splitlines()[0])\n"
           "assert ops.resolve_backend('auto', in_features=8) == 'xla'\n"
           "print(aq.w8a8_dot(jnp.ones((2, 8)), aq.quantize_kernel(jnp.ones((8, 3)))).tolist())\n")
-  env = {**os.environ, "CXX": "/bin/false", "ACTQUANT_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "CXX": "/bin/false", "ACTQUANT_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
+         "ACTQUANT_IGNORE_PREBUILT": "1"}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "compiling s8_gemm.cc failed" in out.stdout
   assert "[[8.0, 8.0, 8.0], [8.0, 8.0, 8.0]]" in out.stdout
+
+
+def test_built_at_install_time_needs_no_compiler(tmp_path):
+  # `pip install` (make install's editable install too) builds the library with the
+  # package: no compiler, no writable cache at run time, and it is the one used.
+  import os
+  import subprocess
+  import sys
+
+  import cpu_kernels
+  if cpu_kernels._prebuilt() is None:
+    pytest.skip("the package was installed without building cpu_kernels/_s8_gemm (no compiler?)")
+  code = ("import warnings; warnings.simplefilter('error')\n"
+          "import cpu_kernels\n"
+          "assert cpu_kernels.available(), cpu_kernels.unavailable_reason()\n"
+          "print(cpu_kernels.library_origin())\n")
+  env = {**os.environ, "CXX": "/bin/false", "ACTQUANT_CACHE_DIR": str(tmp_path / "ro"), "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+  if out.returncode != 0 and "lacks AVX512-VNNI" in out.stderr:
+    pytest.skip("the CPU lacks AVX512-VNNI")
+  assert out.returncode == 0, out.stderr[-2000:]
+  import importlib.metadata
+  assert out.stdout.startswith("built at install time"), out.stdout
+  assert f"jaxlib {importlib.metadata.version('jaxlib')}" in out.stdout
+  assert not (tmp_path / "ro").exists()  # nothing compiled, nothing cached
