@@ -14,7 +14,7 @@ _LAZY = {
     "DECODE_BLOCKS": "matmul", "MEDIUM_BLOCKS": "matmul", "PREFILL_BLOCKS": "matmul",
     "MatmulBlocks": "matmul", "default_blocks": "matmul", "fp8_matmul": "matmul",
     "int8_matmul": "matmul", "scaled_matmul": "matmul",
-    "MosaicBlocks": "matmul_mosaic",
+    "MosaicBlocks": "matmul_mosaic", "WsBlocks": "matmul_mosaic_ws", "WS_BLOCKS": "matmul_mosaic_ws",
     "QuantizeBlocks": "quantize", "quantize_rows": "quantize",
     "fp8_matmul_ref": "reference", "int8_matmul_ref": "reference",
     "quantize_rows_ref": "reference", "scaled_matmul_ref": "reference",

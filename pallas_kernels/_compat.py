@@ -103,12 +103,14 @@ def enable_triton_fp8_wgmma() -> bool:
 
 
 # Mosaic GPU backend (Hopper wgmma)
-def mosaic_load(ref, *, layout):
-  """plgpu.load of a whole ref: 0.10 takes the index positionally, 0.11 on the ref."""
+def mosaic_load(ref, *, layout, optimized=True):
+  """plgpu.load of a whole ref: 0.10 takes the index positionally, 0.11 on the ref.
+  optimized=False for a GMEM ref under Warpgroup semantics ("Only optimized transfers to
+  SMEM supported")."""
   plgpu = mosaic()
   if JAX_VERSION >= (0, 11, 0):
-    return plgpu.load(ref, layout=layout)
-  return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
+  return plgpu.load(ref, (), layout=layout, optimized=optimized)
 
 
 def mosaic_params(*, dimension_semantics, max_concurrent_steps):

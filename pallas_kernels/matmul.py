@@ -169,9 +169,12 @@ def _scaled_matmul(xq, wq, sx, sw, bias, *, dtype, out_dtype, backend, blocks, i
     return _triton_scaled_matmul(xq, wq, sx, sw, bias, out_dtype=jnp.dtype(out_dtype),
                                  blocks=blocks, interpret=interpret, debug=debug)
   if backend == "mosaic":
-    from pallas_kernels import matmul_mosaic
+    from pallas_kernels import matmul_mosaic, matmul_mosaic_ws
     if sx is None:
       raise ValueError(f"{name}: the Mosaic GPU kernel always applies the epilogue; pass sx and sw")
+    if isinstance(blocks, matmul_mosaic_ws.WsBlocks):  # the warp-specialized persistent kernel
+      return matmul_mosaic_ws.ws_scaled_matmul(xq, wq, sx, sw, bias, out_dtype=jnp.dtype(out_dtype),
+                                               blocks=blocks)
     return matmul_mosaic.mosaic_scaled_matmul(xq, wq, sx, sw, bias, out_dtype=jnp.dtype(out_dtype),
                                               blocks=blocks, interpret=interpret)
   raise ValueError(f"{name}: backend must be 'triton' or 'mosaic', got {backend!r}")

@@ -66,7 +66,7 @@ QTYPES = {"int8": "int8", "fp8": "float8_e4m3fn"}
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  kernel: str  # "triton" | "mosaic" | "quantize"
+  kernel: str  # "triton" | "mosaic" | "mosaic_ws" (warp-specialized, persistent) | "quantize"
   qtype: str  # "int8" | "fp8"
   shape: str  # a SHAPES key
   target: str  # a TARGETS key
@@ -103,6 +103,8 @@ def all_configs() -> list[Config]:
         out.append(Config("triton", qtype, shape, target))
         if target == "sm_90a":
           out.append(Config("mosaic", qtype, shape, target))
+          if SHAPES[shape] >= 128:  # the warp-specialized kernel's CTA tile is 128 rows
+            out.append(Config("mosaic_ws", qtype, shape, target))
       out.append(Config("quantize", qtype, "prefill", target))
   return out
 
@@ -175,6 +177,14 @@ def check_result(cfg: Config, r: dict, smem_limit: int) -> list[str]:
     fails.append(f"{r['registers']} registers > 255")
   if r["smem"] > smem_limit:
     fails.append(f"shared memory {r['smem']} B > {smem_limit} B")
+  if cfg.kernel == "mosaic_ws":
+    # Warp specialization: the producer gives registers back and the consumers take
+    # them (setmaxnreg); the producer loads by TMA.
+    structure = r.get("structure", {})
+    if not structure.get("setmaxnreg"):
+      fails.append("no setmaxnreg in the PTX: not warp-specialized")
+    if not structure.get("tma"):
+      fails.append("no TMA (cp.async.bulk.tensor) in the PTX")
   want = expected_mma(cfg)
   mma = r.get("mma", {})
   if want is None:
@@ -214,6 +224,10 @@ def _compile_child(cfg: Config, dump: Path) -> dict:
   if cfg.kernel == "quantize":
     f = lambda x, inv: pk.quantize_rows(x, inv, dtype=dt)
     args = (s((m, K), jnp.bfloat16), s((K,), jnp.float32))
+  elif cfg.kernel == "mosaic_ws":  # opt-in: backend="mosaic", blocks=pk.WsBlocks()
+    f = lambda x, w, sx, sw, b: pk.scaled_matmul(x, w, sx, sw, b, out_dtype=jnp.bfloat16, backend="mosaic",
+                                                 blocks=pk.WS_BLOCKS)
+    args = (s((m, K), dt), s((N, K), dt), s((m,), jnp.float32), s((N,), jnp.float32), s((N,), jnp.float32))
   else:
     blocks = tmm.default_blocks(m, N, K, dt) if cfg.kernel == "triton" else None
     f = lambda x, w, sx, sw, b: pk.scaled_matmul(x, w, sx, sw, b, out_dtype=jnp.bfloat16,
@@ -222,7 +236,7 @@ def _compile_child(cfg: Config, dump: Path) -> dict:
   jax.jit(f).trace(*args).lower().compile(compiler_options={"xla_dump_to": str(dump / "xla")})
 
   info = {}
-  if cfg.kernel == "mosaic":
+  if cfg.kernel.startswith("mosaic"):
     ptx = sorted((dump / "mosaic").glob("*.ptx"))
     logs = sorted((dump / "mosaic").glob("*.mlir-passes.log"))
     info["smem"] = parse_mosaic_smem(logs[0].read_text(errors="replace")) if logs else -1
@@ -290,6 +304,8 @@ def run_one(cfg: Config, work: Path, tools_dir: Path, timeout: float = 300) -> d
     result["error"] = f"expected one kernel in the PTX, ptxas reports {sorted(funcs)}"
     return result
   (name, stats), = funcs.items()
+  ptx_text = ptx.read_text()
+  structure = {"setmaxnreg": "setmaxnreg." in ptx_text, "tma": "cp.async.bulk.tensor" in ptx_text}
   cuobjdump = _tool("cuobjdump", [tools_dir])
   sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True,
                         env={**os.environ, "PATH": f"{Path(cuobjdump).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
@@ -300,7 +316,7 @@ def run_one(cfg: Config, work: Path, tools_dir: Path, timeout: float = 300) -> d
   if smem is None:
     by_kernel = info.get("smem_by_kernel", {})
     smem = by_kernel.get(name, max(by_kernel.values(), default=0))
-  result.update(kernel_name=name, smem=max(int(smem), stats["smem"]), mma=dict(parse_sass_mma(sass.stdout)),
+  result.update(kernel_name=name, structure=structure, smem=max(int(smem), stats["smem"]), mma=dict(parse_sass_mma(sass.stdout)),
                 seconds=time.time() - t0, **{k: v for k, v in stats.items() if k != "smem"})
   return result
 
