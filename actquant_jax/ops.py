@@ -122,8 +122,9 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   f32) and is scaled as (acc * sx[m]) * sw[n] + bias in f32, then cast to `out_dtype`
   (default: x.dtype).
 
-  backend: "auto" (Pallas Triton kernels on GPU; on CPU the native AVX512-VNNI int8 GEMM
-  where it runs, else XLA), "xla", "cpu", "triton" or "mosaic" (Hopper wgmma).
+  backend: "auto" (by GPU generation and shape, see actquant_jax/backends.py; on CPU the
+  native AVX512-VNNI int8 GEMM where it runs, else XLA), "xla", "cpu", "triton" or
+  "mosaic" (Hopper wgmma).
   interpret=True runs the Pallas kernels on the CPU (slow; tests).
   NaN/Inf in x are not checked inside jit: they propagate as NaN (fp8) or garbage (int8).
   """
