@@ -175,4 +175,6 @@ def ws_scaled_matmul(xq, wq, sx, sw, bias=None, *, out_dtype=jnp.bfloat16, block
     raise ValueError(err)
   if bias is not None:
     bias = bias.astype(jnp.float32)
+  if jax.default_backend() == "gpu":  # persistent: one CTA per SM of this GPU
+    blocks = dataclasses.replace(blocks, num_sms=getattr(jax.devices()[0], "core_count", blocks.num_sms))
   return _ws_scaled_matmul(xq, wq, sx, sw, bias, out_dtype=jnp.dtype(out_dtype), blocks=blocks)
