@@ -22,8 +22,12 @@ import importlib
 
 import jax
 
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3])
+JAX_VERSION = tuple(int(''.join(c for c in p if c.isdigit()) or 0) for p in jax.__version__.split(".")[:3])
 SUPPORTED_JAX = ((0, 10, 2), (0, 12, 0))  # [lower, upper)
+if not SUPPORTED_JAX[0] <= JAX_VERSION < SUPPORTED_JAX[1]:
+  import warnings
+  warnings.warn(f"pallas_kernels supports jax >= 0.10.2, < 0.12; this is jax {jax.__version__}: "
+                "the Pallas GPU calls in pallas_kernels/_compat.py may not match", RuntimeWarning)
 
 
 def _module(name):
