@@ -86,11 +86,30 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
     if qk.kept is None and _read_by_other_ops(graph, p):
       raise ValueError(f"{where}: weight {p} is quantized without its float copy, but this model also reads it "
                        "outside a matmul (qparams from another model's stats?)")
+  _check_folds(graph, qks, routed, where)
   inputs = _capture.program_inputs(floats, (args, kwargs))
   flat = _capture.evaluate(program, inputs,
                            lambda site, x, w, run: _matmul(site, qks[site.param], x, w, run, backend, interpret),
                            routed)
   return _capture.unflatten_output(program, flat)
+
+
+def _check_folds(graph, qks, routed, where):
+  """A layer whose 1/s was folded into its producers must, here too, read only their
+  output (else the model computes X / s where X was meant: stats of another model)."""
+  if not any(qks[s.param].folded_into for s in routed.values()):
+    return
+  from actquant_jax.calibrate import dataflow_facts
+  facts = dataflow_facts(graph)
+  for s in routed.values():
+    qk = qks[s.param]
+    f = facts.get(s.layer)
+    if qk.folded_into and (f is None or not f.exclusive or set(f.producers) != set(qk.folded_into)):
+      seen = "nothing" if f is None else f"{', '.join(p or 'a plain op' for p in f.producers)}" + (
+          "" if f.exclusive else " (whose output other ops read too)")
+      raise ValueError(f"{where}: layer {s.layer}: its smoothing was folded into {', '.join(qk.folded_into)} when "
+                       f"quantized, but in this model its input comes from {seen}. The qparams were made with "
+                       "stats of a different model structure: calibrate this model and quantize again")
 
 
 def _read_by_other_ops(graph, param) -> bool:

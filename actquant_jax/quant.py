@@ -205,6 +205,9 @@ class QuantizedKernel:
               (N, K) is (1,), (0,).
   param_shape, param_dtype: static; the float weight's shape and dtype (what the model
               code sees; () means (K, N)).
+  folded_into: static; the producer modules whose params absorbed 1/s. Running the
+              model checks that its input still comes from them alone (else the fold
+              would be wrong: qparams from another model's stats).
   """
 
   values: jax.Array
@@ -218,6 +221,7 @@ class QuantizedKernel:
   out: tuple = dataclasses.field(default=(1,), metadata=dict(static=True))
   param_shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))
   param_dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
+  folded_into: tuple = dataclasses.field(default=(), metadata=dict(static=True))
 
   @property
   def in_features(self) -> int:

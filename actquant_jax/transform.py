@@ -247,12 +247,12 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
     qt, mode = plan.settings.qtype, plan.settings.act_mode
     act_scale = smooth.static_act_scale(plan.x_absmax, plan.s, qt) if mode == "static" else None
     inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
-    if st.keep_float and plan.s is not None:
-      raise ValueError(f"quantize_params: layer {p}: its weight {wp} is also read by other ops (a tied "
-                       "embedding?), so it cannot be smoothed; keep smoothing off for it with "
-                       f"LayerRule({p!r}, alpha=None)")
     qk = quantize_kernel(_get(root, wp), qt, act_scale=act_scale, inv_smooth=inv, name=p, contract=st.contract,
-                         out=st.out, keep_float=st.keep_float)
+                         out=st.out)
+    # Other readers (a tied embedding's lookup) keep the original float weight: the int8
+    # copy alone carries the smoothing.
+    qk = dataclasses.replace(qk, kept=jax.numpy.asarray(_get(orig_root, wp)) if st.keep_float else None,
+                             folded_into=tuple(sorted(set(st.producers or (st.producer,)))) if plan.folded else ())
     root = _set(root, wp, qk)
     if return_report:
       report[p] = _layer_report(p, _matrix(orig_root, p, st), qk, plan)
