@@ -16,6 +16,7 @@ from actquant_jax.checkpoint import save_checkpoint as save_checkpoint
 from actquant_jax.config import LayerRule as LayerRule
 from actquant_jax.config import QuantConfig as QuantConfig
 from actquant_jax.intercept import quantize_model as quantize_model
+from actquant_jax.intercept import quantized as quantized
 from actquant_jax.intercept import quantized_apply as quantized_apply
 from actquant_jax.layers import QuantizedDense as QuantizedDense
 from actquant_jax.layers import QuantizedLinear as QuantizedLinear

@@ -10,13 +10,15 @@ which XLA drops, or the kept float weight of a tied embedding) and the traced pr
 is run again with the matmuls replaced. Works under jax.jit (the tracing is trace-time
 only), with any apply arguments (`mutable=["cache"]` for KV-cache decoding, methods).
 
-linen: `quantized_apply(model)` gives apply(qparams, ...) like model.apply.
+linen: `quantized_apply(model)` gives apply(qparams, ...) like model.apply;
+`with quantized(model):` makes model.apply itself take qparams (HF `generate`).
 nnx: `quantize_model(model, stats, config)` puts the QuantizedKernels into the model's
 Params and makes the model's calls run this way.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import flax.linen as nn
@@ -135,6 +137,35 @@ def quantized_apply(model: nn.Module, *, method: str | Callable | None = None, b
                          where="quantized_apply")
 
   return apply
+
+
+@contextlib.contextmanager
+def quantized(model: nn.Module, *, backend: str = "auto", interpret: bool = False):
+  """Within the block, `model.apply(variables, ...)` accepts qparams (every apply path:
+  any method, `mutable=["cache"]`, rngs) and runs its weight matmuls in 8 bits -- for
+  code that calls `model.apply` itself, e.g. HF generation:
+
+    with aq.quantized(hf_model.module):
+      hf_model.generate(ids, params=qparams["params"])
+
+  Only this module object is affected, and only until the block ends.
+  """
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"quantized: expected a linen Module, got {type(model).__name__}")
+  if "apply" in vars(model):
+    raise ValueError("quantized: this module is already inside an aq.quantized block")
+  float_apply = model.apply
+
+  def apply(variables, *args, method=None, **kwargs):
+    return run_quantized(lambda v, *a, **k: float_apply(v, *a, method=method, **k), variables,
+                         _capture.linen_param_paths, args, kwargs, backend=backend, interpret=interpret,
+                         where="quantized")
+
+  object.__setattr__(model, "apply", apply)  # an instance attribute: the class is untouched
+  try:
+    yield model
+  finally:
+    object.__delattr__(model, "apply")
 
 
 # ---------------------------------------------------------------- nnx

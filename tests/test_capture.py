@@ -271,7 +271,7 @@ class NNXBlock(nnx.Module):
 
 
 class NNXNet(nnx.Module):
-  def __init__(self, rngs, container="list"):
+  def __init__(self, rngs, container="list", remat=False):
     blocks = [NNXBlock(rngs) for _ in range(2)]
     if container == "list":
       self.layers = nnx.List(blocks)
@@ -279,7 +279,7 @@ class NNXNet(nnx.Module):
       self.layers = nnx.Sequential(*blocks)
     else:
       self.layers = nnx.Dict({f"b{i}": b for i, b in enumerate(blocks)})
-    self.container = container
+    self.container, self.remat = container, remat
     self.head = nnx.Linear(D, 96, rngs=rngs)
     self.alias = self.head  # one module referenced from two attributes (a tie)
 
@@ -288,14 +288,15 @@ class NNXNet(nnx.Module):
       x = self.layers(x)
     else:
       for b in (self.layers if self.container == "list" else self.layers.values()):
-        x = b(x)
+        x = nnx.remat(lambda blk, v: blk(v))(b, x) if self.remat else b(x)
     return self.alias(x) + self.head(x)
 
 
-@pytest.mark.parametrize("container", ["list", "sequential", "dict"])
+@pytest.mark.parametrize("container", ["list", "sequential", "dict", "list+remat"])
 def test_nnx_containers_and_aliases(container):
   cal, x = tm.batches(2, d=D), tm.batches(1, d=D, seed=4)[0]
-  m = NNXNet(nnx.Rngs(0), container)
+  container, _, remat = container.partition("+")
+  m = NNXNet(nnx.Rngs(0), container, remat=bool(remat))
   y_float = m(x)
   stats = aq.calibrate(m, None, cal, progress=False)
   assert len([s for s in stats.values() if not s.reason]) == 5  # 2 x (up, down) + the aliased head once

@@ -85,3 +85,21 @@ def test_gpt2_kv_cache_decoding_runs_int8():
     logits.append(out.logits)
   full = aq.quantized_apply(model.module, method=_forward, backend="xla")(q, ids[2])
   np.testing.assert_allclose(jnp.concatenate(logits, 1), full, rtol=2e-3, atol=2e-3)
+
+
+def test_gpt2_generate_with_qparams():
+  model = _make("gpt2")
+  params = {"params": _plant_outliers(model.params)}
+  ids = [jax.random.randint(jax.random.key(i), (2, 8), 0, V) for i in range(3)]
+  fwd = lambda v, b: model.module.apply(v, b, method=_forward)
+  q = aq.quantize_params(params, aq.calibrate(model.module, params, ids[:2], forward=fwd, progress=False))
+  with aq.quantized(model.module):
+    assert tm.int8_matmuls(lambda v, b: model.module.apply(v, b, method=_forward), q, ids[2]) == 9
+    out = model.generate(ids[2], params=q["params"], max_new_tokens=4, do_sample=False).sequences
+  assert "apply" not in vars(model.module)  # restored
+  # the same greedy tokens as a hand-written int8 greedy loop over full sequences
+  f = jax.jit(aq.quantized_apply(model.module, method=_forward))
+  seq = ids[2]
+  for _ in range(4):
+    seq = jnp.concatenate([seq, jnp.argmax(f(q, seq)[:, -1], -1)[:, None]], 1)
+  np.testing.assert_array_equal(out, seq)
