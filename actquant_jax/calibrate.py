@@ -233,6 +233,12 @@ def dataflow_facts(graph: _capture.Graph) -> dict[str, DataflowFacts]:
   return facts
 
 
+def layer_dataflow(facts: DataflowFacts, contract, out) -> str:
+  """Digest of one layer's dataflow: what quantizing it relied on."""
+  key = (tuple(facts.producers), facts.producer_kind, facts.exclusive, tuple(contract), tuple(out))
+  return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+
+
 def fingerprint(graph: _capture.Graph, facts: dict) -> str:
   """Digest of the model structure: every weight matmul's weight, shape and layout, and
   the dataflow facts folding relies on."""

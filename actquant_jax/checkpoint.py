@@ -31,7 +31,7 @@ from actquant_jax.quant import QuantizedKernel
 
 FORMAT = "actquant-jax-checkpoint/1"
 _QK_FIELDS = ("values", "scale", "act_scale", "inv_smooth", "kept")
-_QK_LAYOUT = ("contract", "out", "param_shape", "param_dtype", "folded_into")  # static, JSON
+_QK_LAYOUT = ("contract", "out", "param_shape", "param_dtype", "folded_into", "dataflow")  # static, JSON
 
 
 def _sha256(a) -> str:

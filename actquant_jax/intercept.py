@@ -98,10 +98,12 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
 
 def _check_folds(graph, qks, routed, where):
   """A layer whose 1/s was folded into its producers must, here too, read only their
-  output (else the model computes X / s where X was meant: stats of another model)."""
-  if not any(qks[s.param].folded_into for s in routed.values()):
+  output (else the model computes X / s where X was meant: stats of another model); and
+  every layer's dataflow must be the calibrated one (static scales, runtime vectors and
+  groups were chosen for it)."""
+  if not any(qks[s.param].folded_into or qks[s.param].dataflow for s in routed.values()):
     return
-  from actquant_jax.calibrate import dataflow_facts
+  from actquant_jax.calibrate import dataflow_facts, layer_dataflow
   facts = dataflow_facts(graph)
   for s in routed.values():
     qk = qks[s.param]
@@ -112,6 +114,11 @@ def _check_folds(graph, qks, routed, where):
       raise ValueError(f"{where}: layer {s.layer}: its smoothing was folded into {', '.join(qk.folded_into)} when "
                        f"quantized, but in this model its input comes from {seen}. The qparams were made with "
                        "stats of a different model structure: calibrate this model and quantize again")
+    if qk.dataflow and f is not None and layer_dataflow(f, s.contract, s.out) != qk.dataflow:
+      raise ValueError(f"{where}: layer {s.layer}: its input here (from {', '.join(p or 'a plain op' for p in f.producers)}"
+                       f"{'' if f.exclusive else ', also read by other ops'}) is not what its stats were calibrated "
+                       "on. The qparams were made with stats of a different model structure: calibrate this model "
+                       "and quantize again")
 
 
 def _read_by_other_ops(graph, param) -> bool:

@@ -208,6 +208,8 @@ class QuantizedKernel:
   folded_into: static; the producer modules whose params absorbed 1/s. Running the
               model checks that its input still comes from them alone (else the fold
               would be wrong: qparams from another model's stats).
+  dataflow:   static; a digest of the layer's calibrated dataflow (producers, whether
+              its input is read elsewhere, contraction); running the model checks it.
   """
 
   values: jax.Array
@@ -222,6 +224,7 @@ class QuantizedKernel:
   param_shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))
   param_dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
   folded_into: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  dataflow: str = dataclasses.field(default="", metadata=dict(static=True))
 
   @property
   def in_features(self) -> int:

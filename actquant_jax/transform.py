@@ -18,7 +18,7 @@ import numpy as np
 
 from actquant_jax import smooth
 from actquant_jax._capture import layer_name
-from actquant_jax.calibrate import LayerStats, check_stats
+from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, layer_dataflow
 from actquant_jax.config import QuantConfig
 from actquant_jax.quant import (QuantizedKernel, check_finite, quantize_kernel, weight_from_matrix,
                                 weight_matrix)
@@ -252,7 +252,10 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
     # Other readers (a tied embedding's lookup) keep the original float weight: the int8
     # copy alone carries the smoothing.
     qk = dataclasses.replace(qk, kept=jax.numpy.asarray(_get(orig_root, wp)) if st.keep_float else None,
-                             folded_into=tuple(sorted(set(st.producers or (st.producer,)))) if plan.folded else ())
+                             folded_into=tuple(sorted(set(st.producers or (st.producer,)))) if plan.folded else (),
+                             dataflow=layer_dataflow(DataflowFacts(st.group, st.producer, st.producer_kind,
+                                                                   st.exclusive, st.producers, st.fold_params),
+                                                     st.contract, st.out) if st.producers else "")
     root = _set(root, wp, qk)
     if return_report:
       report[p] = _layer_report(p, _matrix(orig_root, p, st), qk, plan)

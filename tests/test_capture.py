@@ -384,6 +384,11 @@ def test_stats_of_another_structure_raise():
   with pytest.raises(ValueError, match=r"layer fc_\d: its smoothing was folded into ln_\d.*different model"):
     aq.quantized_apply(post)(q, cal[0])
   aq.quantized_apply(pre)(q, cal[0])  # its own model runs
+  # post-LN stats (run-time vectors, calibrated where LN outputs are also the residual)
+  # on the pre-LN model of the same sizes and param tree
+  with pytest.raises(ValueError, match=r"layer fc_\d: its input here .* is not what its stats were calibrated on"):
+    aq.quantized_apply(pre)(aq.quantize_params(params, post_stats), cal[0])
+  aq.quantized_apply(post)(aq.quantize_params(params, post_stats), cal[0])
 
 
 # ---------------------------------------------------------------- stats files and batches
