@@ -415,3 +415,23 @@ def test_zero_row_batch_is_named():
   params = m.init(jax.random.key(0), x)
   with pytest.raises(ValueError, match=r"batch 2 has 0 rows"):
     aq.calibrate(m, params, [x, x[:0]], progress=False)
+
+
+def test_unsupported_layout_is_float_with_a_reason():
+  class PerHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x (H, T, D): a weight per head (batch axis 0)
+      y = nn.DenseGeneral(D, axis=-1, batch_dims=(0,), name="per_head")(x)
+      return nn.Dense(D, name="fc")(y)
+  x = jax.random.normal(jax.random.key(0), (H, 16, D))
+  m = PerHead()
+  params = m.init(jax.random.key(0), x)
+  stats = aq.calibrate(m, params, [x], progress=False)
+  assert "batch axes" in stats["per_head"].reason
+  q, report = aq.quantize_params(params, stats, return_report=True)
+  assert not isinstance(q["params"]["per_head"]["kernel"], aq.QuantizedKernel)
+  line = aq.report_summary(report)
+  assert line.startswith("quantized 1 of 2 weight matmuls") and "per_head" in line and "batch axes" in line
+  f = aq.quantized_apply(m, backend="xla")
+  assert tm.int8_matmuls(f, q, x) == 1
+  assert _rel(f(q, x), m.apply(params, x)) < 0.05
