@@ -294,10 +294,18 @@ def _site(idx, eqn, ins) -> Contraction | None:
 
 # ---------------------------------------------------------------- concrete run
 
+class Absent:
+  """Stands for a weight that is not materialized (only its quantized copy exists): layout
+  ops pass it on, and only the matmul sites given to `evaluate` may read it."""
+
+  def __init__(self, aval):
+    self.aval = aval
+
+
 def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: dict):
   """Run the program on flat `inputs`; at each site in `sites` call
-  on_contraction(site, x, w, run) -> y (run(x, w) is the original float matmul).
-  Returns the flat outputs."""
+  on_contraction(site, x, w, run) -> y (run(x, w) is the original float matmul; w may
+  be an Absent). Returns the flat outputs."""
   counter = [0]
 
   def bind(eqn, ins):
@@ -310,6 +318,10 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
       if site is not None and site.reason is None:
         x, w = (ins[1], ins[0]) if site.weight_lhs else (ins[0], ins[1])
         return [on_contraction(site, x, w, run)]
+    if any(isinstance(a, Absent) for a in ins):
+      if eqn.primitive.name in _LAYOUT:
+        return [Absent(v.aval) for v in eqn.outvars]
+      raise ValueError(f"a quantized weight without its float copy is read by `{eqn.primitive.name}`")
     out = run(*ins)
     return out if eqn.primitive.multiple_results else [out]
 

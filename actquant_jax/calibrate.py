@@ -234,8 +234,11 @@ def dataflow_facts(graph: _capture.Graph) -> dict[str, DataflowFacts]:
 
 
 def layer_dataflow(facts: DataflowFacts, contract, out) -> str:
-  """Digest of one layer's dataflow: what quantizing it relied on."""
-  key = (tuple(facts.producers), facts.producer_kind, facts.exclusive, tuple(contract), tuple(out))
+  """Digest of where one layer's input comes from (its producers at every call) and its
+  contraction: what its calibrated scales and smoothing were chosen for. (Whether other
+  ops also read the input matters only to a fold, checked on its own: a method that
+  returns intermediates changes it legitimately.)"""
+  key = (tuple(facts.producers), facts.producer_kind, tuple(contract), tuple(out))
   return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
 
 

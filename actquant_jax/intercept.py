@@ -36,8 +36,14 @@ from actquant_jax.transform import quantize_params
 _is_qk = lambda x: isinstance(x, QuantizedKernel)
 
 
+def _stand_in_spec(qk: QuantizedKernel):
+  return jax.ShapeDtypeStruct(qk.float_shape, jnp.dtype(qk.param_dtype))
+
+
 def _stand_in(qk: QuantizedKernel):
-  return qk.kept if qk.kept is not None else jnp.zeros(qk.float_shape, qk.param_dtype)
+  """What the model's code is traced with: the kept float weight, or just its shape (the
+  program then runs with the weight absent: never materialized)."""
+  return qk.kept if qk.kept is not None else _stand_in_spec(qk)
 
 
 def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret):
@@ -48,7 +54,9 @@ def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend,
     raise ValueError(f"quantized_apply: layer {site.layer}: the model contracts weight {site.param} over axes "
                      f"{site.contract} -> {site.out}, but its QuantizedKernel was made for {qk.contract} -> "
                      f"{qk.out} (qparams from another model?)")
-  out_dtype = jax.eval_shape(run, x, w).dtype
+  w_spec = jax.ShapeDtypeStruct(w.aval.shape, w.aval.dtype) if isinstance(w, _capture.Absent) else w
+  # (An Absent weight is never read: the quantized copy replaces it.)
+  out_dtype = jax.eval_shape(run, x, w_spec).dtype
   rest = [a for a in range(x.ndim) if a not in site.x_contract]
   # A Dense-like x (..., K) goes in as is: w8a8_dot shares one quantize pass among the
   # layers reading the same x (q, k, v).
@@ -89,7 +97,12 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
       raise ValueError(f"{where}: weight {p} is quantized without its float copy, but this model also reads it "
                        "outside a matmul (qparams from another model's stats?)")
   _check_folds(graph, qks, routed, where)
-  inputs = _capture.program_inputs(floats, (args, kwargs))
+  # The stand-ins were for tracing only: a weight with no float copy is not materialized.
+  absent = jax.tree_util.tree_map(lambda x: _capture.Absent(_stand_in_spec(x))
+                                  if _is_qk(x) and x.kept is None else x, qvariables, is_leaf=_is_qk)
+  absent = jax.tree_util.tree_map(lambda x: x.kept if _is_qk(x) else x, absent, is_leaf=_is_qk)
+  inputs = (jax.tree_util.tree_leaves(absent, is_leaf=lambda x: isinstance(x, _capture.Absent))
+            + _capture.program_inputs({}, (args, kwargs)))
   flat = _capture.evaluate(program, inputs,
                            lambda site, x, w, run: _matmul(site, qks[site.param], x, w, run, backend, interpret),
                            routed)
@@ -115,8 +128,8 @@ def _check_folds(graph, qks, routed, where):
                        f"quantized, but in this model its input comes from {seen}. The qparams were made with "
                        "stats of a different model structure: calibrate this model and quantize again")
     if qk.dataflow and f is not None and layer_dataflow(f, s.contract, s.out) != qk.dataflow:
-      raise ValueError(f"{where}: layer {s.layer}: its input here (from {', '.join(p or 'a plain op' for p in f.producers)}"
-                       f"{'' if f.exclusive else ', also read by other ops'}) is not what its stats were calibrated "
+      raise ValueError(f"{where}: layer {s.layer}: its input here (from "
+                       f"{', '.join(p or 'a plain op' for p in f.producers)}) is not what its stats were calibrated "
                        "on. The qparams were made with stats of a different model structure: calibrate this model "
                        "and quantize again")
 
