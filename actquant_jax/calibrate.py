@@ -1,13 +1,14 @@
-"""Calibration: run the float model over batches and record, for every Dense layer, its
-per-input-channel absmax (max over all batches), the tokens seen, a sample of input rows
-(for choosing alpha), and the dataflow facts folding needs: which op produced the layer's
-input and whether anything else reads that tensor.
+"""Calibration: run the float model over batches and record, for every weight matmul
+(a layer: one weight and every contraction that reads it, see _capture), its
+per-input-channel absmax (max over all batches and calls), the tokens seen, a sample of
+input rows (for choosing alpha), and the dataflow facts folding needs: which op produced
+the layer's input at each call and whether anything else reads that tensor.
 
-The dataflow comes from the traced jaxpr, not from names: LayerNorm / RMSNorm / Dense
-output and every Dense input passes through a named identity `jit` (a tag), so in the
-jaxpr the producer of a Dense input is either such a tag or a plain op (gelu, a residual
-add, ...), and the consumers of that tensor
-are exactly the equations that read its variable.
+The dataflow comes from the traced program, not from names or classes: a producer is
+foldable when its output is `h * g (+ b)` for parameter vectors g, b along the channel
+axis (any norm, whatever library wrote it) or a weight matmul (+ bias), and its params
+serve nothing else. Statistics are outputs of the one jitted program per batch shape
+(remat and jit inside the model are inlined), so no tracer leaves a transform.
 """
 
 from __future__ import annotations

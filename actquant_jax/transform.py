@@ -1,10 +1,10 @@
 """quantize_params(params, stats, config): a float param pytree in, a quantized one out.
 
-Same tree structure and paths: each quantized Dense `kernel` leaf becomes one
-QuantizedKernel node (int8/fp8 (N, K) values, per-output-channel scales, the static
-activation scale or None, the runtime inverse-smoothing vector or None). Producers that
-absorbed 1/s (LayerNorm/RMSNorm scale and bias, a Dense's output columns) are rewritten
-in place in the copy. Nothing else changes, so sharding rules and checkpoint tools that
+Same tree structure and paths: each quantized weight leaf (a Dense `kernel`, an Einsum
+or raw param, a tied embedding) becomes one QuantizedKernel node (int8/fp8 (N, K) values
+with the contraction it serves, per-output-channel scales, the static activation scale or
+None, the runtime inverse-smoothing vector or None). Producers that absorbed 1/s (a
+norm's scale and bias, a Dense's output columns) are rewritten in place in the copy. Nothing else changes, so sharding rules and checkpoint tools that
 key on paths keep working.
 """
 
