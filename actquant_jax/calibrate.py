@@ -361,10 +361,10 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       program, _ = model_program(model, variables, forward, batch)
       graph = _capture.analyze(program)
       if graph.seen_inside:
-        p, prim = next(iter(graph.seen_inside.items()))
-        raise ValueError(f"calibrate: layer {_capture.layer_name(p)}: its weight {p} is contracted inside a "
-                         f"`{prim}` (nn.scan / nnx.scan / lax.scan / a loop): not supported yet. Unroll the "
-                         "layers (a Python loop over modules) to calibrate and quantize them")
+        prim = next(iter(graph.seen_inside.values()))
+        raise ValueError(f"calibrate: params {', '.join(sorted(graph.seen_inside))} go into a `{prim}` "
+                         "(nn.scan / nnx.scan / lax.scan / a loop) that runs matmuls: weights inside a scan are not "
+                         "supported yet. Unroll the layers (a Python loop over modules) to calibrate and quantize them")
       if not any(s.reason is None for s in graph.sites.values()):
         raise ValueError("calibrate: the model has no weight matmul to quantize (no Dense or other contraction "
                          f"of an activation with a parameter). Saw: {describe_sites(graph)}")

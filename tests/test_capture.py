@@ -236,8 +236,26 @@ def test_scan_is_a_clear_error():
   x = tm.batches(1, d=D)[0]
   m = ScanNet()
   params = m.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"layer layers/.*inside a `scan`.*Unroll"):
+  with pytest.raises(ValueError, match=r"params .*layers/block/up/m/kernel.* go into a `scan`.*Unroll"):
     aq.calibrate(m, params, [x], progress=False)
+
+
+def test_nnx_scan_is_a_clear_error():
+  class ScanNNX(nnx.Module):
+    def __init__(self, rngs):
+      @nnx.split_rngs(splits=2)
+      @nnx.vmap(in_axes=(0,), out_axes=0)
+      def make(rngs):
+        return nnx.Linear(D, D, rngs=rngs)
+      self.layers = make(rngs)
+
+    def __call__(self, x):
+      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+      def body(layer, x):
+        return layer(x)
+      return body(self.layers, x)
+  with pytest.raises(ValueError, match=r"params .*layers/kernel.* go into a `scan`.*Unroll"):
+    aq.calibrate(ScanNNX(nnx.Rngs(0)), None, [jnp.ones((2, D))], progress=False)
 
 
 class _ScanBody(nn.Module):
