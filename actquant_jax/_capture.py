@@ -23,7 +23,6 @@ Two passes over one traced program, in the same order:
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import jax
@@ -330,15 +329,3 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
 
 def unflatten_output(program: Program, flat):
   return jax.tree_util.tree_unflatten(program.out_tree, flat)
-
-
-def weight_matrix_axes(site: Contraction):
-  """(contract axes, out axes) of the weight as a (K, N) matrix: K = contracted axes
-  flattened in the activation's pairing order, N = free axes in output order."""
-  return site.contract, site.out
-
-
-def kn_size(site: Contraction) -> tuple[int, int]:
-  k = math.prod(site.param_shape[a] for a in site.contract)
-  n = math.prod(site.param_shape[a] for a in site.out)
-  return k, n

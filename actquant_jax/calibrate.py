@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.extend
