@@ -134,8 +134,9 @@ def _check_like(saved, like, path=""):
   """Every module of the expected model (`like`: float params or qparams) must be in the
   checkpoint with matching shapes, and nothing else."""
   if isinstance(saved, QuantizedKernel) or isinstance(like, QuantizedKernel):
-    s = saved.shape if isinstance(saved, QuantizedKernel) else tuple(saved.shape)
-    l_ = like.shape if isinstance(like, QuantizedKernel) else tuple(np.shape(like))
+    # A QuantizedKernel is compared as the float weight it stands for (any layout).
+    s = saved.float_shape if isinstance(saved, QuantizedKernel) else tuple(saved.shape)
+    l_ = like.float_shape if isinstance(like, QuantizedKernel) else tuple(np.shape(like))
     if tuple(s) != tuple(l_):
       raise ValueError(f"restore_checkpoint: {path}: checkpoint has a ({', '.join(map(str, s))}) kernel, the model "
                        f"expects ({', '.join(map(str, l_))}): a checkpoint of another model?")

@@ -453,3 +453,28 @@ def test_unsupported_layout_is_float_with_a_reason():
   f = aq.quantized_apply(m, backend="xla")
   assert tm.int8_matmuls(f, q, x) == 1
   assert _rel(f(q, x), m.apply(params, x)) < 0.05
+
+
+def test_checkpoint_keeps_any_layout(tmp_path):
+  # DenseGeneral head axes (kernel (K, H, F/H)) and a tied head (the float table kept)
+  # round-trip with their contraction fields, against the float params as `like`.
+  ids = [jax.random.randint(jax.random.key(i), (4, 16), 0, 96) for i in range(2)]
+
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      embed = nn.Embed(96, D, name="embed")
+      x = Net("dense_general", name="net")(embed(ids))
+      return embed.attend(nn.LayerNorm(name="ln_f")(x))
+  m = Mixed()
+  params = m.init(jax.random.key(0), ids[0])
+  stats = aq.calibrate(m, params, ids, progress=False)
+  q = aq.quantize_params(params, stats)
+  aq.save_checkpoint(tmp_path / "ck", q, stats=stats)
+  back, back_stats = aq.restore_checkpoint(tmp_path / "ck", like=params)
+  up = back["params"]["net"]["block_0"]["up"]["m"]["kernel"]
+  assert (up.contract, up.out, up.float_shape) == ((0,), (1, 2), (D, H, F // H))
+  assert back["params"]["embed"]["embedding"].kept is not None
+  assert back_stats["embed/embedding"].keep_float
+  f = aq.quantized_apply(m, backend="xla")
+  np.testing.assert_array_equal(f(back, ids[1]), f(q, ids[1]))
