@@ -6,6 +6,7 @@
 """
 
 from actquant_jax.calibrate import LayerStats as LayerStats
+from actquant_jax.calibrate import StatsFileError as StatsFileError
 from actquant_jax.calibrate import calibrate as calibrate
 from actquant_jax.calibrate import load_stats as load_stats
 from actquant_jax.calibrate import merge_stats as merge_stats
@@ -15,6 +16,7 @@ from actquant_jax.checkpoint import save_checkpoint as save_checkpoint
 from actquant_jax.config import LayerRule as LayerRule
 from actquant_jax.config import QuantConfig as QuantConfig
 from actquant_jax.intercept import quantize_model as quantize_model
+from actquant_jax.intercept import quantized as quantized
 from actquant_jax.intercept import quantized_apply as quantized_apply
 from actquant_jax.layers import QuantizedDense as QuantizedDense
 from actquant_jax.layers import QuantizedLinear as QuantizedLinear
@@ -34,6 +36,7 @@ from actquant_jax.sharding import sharded_w8a8_dot as sharded_w8a8_dot
 from actquant_jax.transform import LayerReport as LayerReport
 from actquant_jax.transform import format_report as format_report
 from actquant_jax.transform import quantize_params as quantize_params
+from actquant_jax.transform import report_summary as report_summary
 from actquant_jax.transform import smooth_params as smooth_params
 
 __version__ = "0.1.0"

@@ -1,30 +1,35 @@
-"""Calibration: run the float model over batches and record, for every Dense layer, its
-per-input-channel absmax (max over all batches), the tokens seen, a sample of input rows
-(for choosing alpha), and the dataflow facts folding needs: which op produced the layer's
-input and whether anything else reads that tensor.
+"""Calibration: run the float model over batches and record, for every weight matmul
+(a layer: one weight and every contraction that reads it, see _capture), its
+per-input-channel absmax (max over all batches and calls), the tokens seen, a sample of
+input rows (for choosing alpha), and the dataflow facts folding needs: which op produced
+the layer's input at each call and whether anything else reads that tensor.
 
-The dataflow comes from the traced jaxpr, not from names: LayerNorm / RMSNorm / Dense
-output and every Dense input passes through a named identity `jit` (a tag), so in the
-jaxpr the producer of a Dense input is either such a tag or a plain op (gelu, a residual
-add, ...), and the consumers of that tensor
-are exactly the equations that read its variable.
+The dataflow comes from the traced program, not from names or classes: a producer is
+foldable when its output is `h * g (+ b)` for parameter vectors g, b along the channel
+axis (any norm, whatever library wrote it) or a weight matmul (+ bias), and its params
+serve nothing else. Statistics are outputs of the one jitted program per batch shape
+(remat and jit inside the model are inlined), so no tracer leaves a transform.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from actquant_jax import _hooks
+from flax import nnx
+
+from actquant_jax import _capture, _hooks
 
 FOLDABLE_KINDS = ("layernorm", "rmsnorm", "dense")
 
@@ -32,17 +37,30 @@ FOLDABLE_KINDS = ("layernorm", "rmsnorm", "dense")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
-  """Calibration facts of one Dense layer (a pytree: arrays are leaves, the rest static).
+  """Calibration facts of one layer: one weight and every matmul that reads it (a pytree:
+  arrays are leaves, the rest static).
 
-  absmax:   (K,) f32, max |x_j| over every token of every batch.
-  tokens:   () int64, tokens (rows of x) seen.
+  absmax:   (K,) f32, max |x_j| over every token of every batch and every call; K is
+            the contraction size (contracted axes flattened, in the weight's pairing order).
+  tokens:   () int, rows of x seen.
   samples:  (S, K) f32, a uniform sample of input rows (S <= num_samples).
-  group:    path of the first Dense reading the same input tensor; layers with the same
-            group share one smoothing vector.
-  producer: module path of the op that made the input, or "" for a plain op.
-  producer_kind: "layernorm", "rmsnorm", "dense" or "op" (anything else).
-  exclusive: True when the input tensor is read by Dense layers of `group` only (no
-            residual add, no other op, not a model output) -- the condition for folding.
+  group:    name of the first layer (in call order) reading the same input tensor;
+            layers with the same group share one smoothing vector.
+  producer: module path of the op that made the input (the first call's), or "" for a
+            plain op.
+  producer_kind: "layernorm" (h * g + b), "rmsnorm" (h * g), "dense" (a weight matmul,
+            + bias) or "op" (anything else) -- from the traced dataflow, whatever the class.
+  exclusive: True when, at every call, the input tensor is read by layers of `group`
+            only (no residual add, no other op, not a model output) -- needed to fold.
+  param:    the weight's param path; contract / out: its contracted and output axes.
+  producers: every call's producer module path (a shared layer has several).
+  fold_params: the producer's param names that absorb 1/s (("scale", "bias"), ...).
+  fingerprint: digest of the traced model structure (shapes + dataflow), the same for
+            every layer of one calibration; quantize_params checks it.
+  keep_float: the weight is also read by ops other than its matmuls (a tied embedding's
+            lookup): the float weight is kept beside the quantized one.
+  reason:   non-empty for a weight matmul that stays float (its layout is not supported
+            yet); such entries have empty arrays.
   """
 
   absmax: jax.Array
@@ -52,13 +70,53 @@ class LayerStats:
   producer: str = dataclasses.field(default="", metadata=dict(static=True))
   producer_kind: str = dataclasses.field(default="op", metadata=dict(static=True))
   exclusive: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  param: str = dataclasses.field(default="", metadata=dict(static=True))
+  contract: tuple = dataclasses.field(default=(0,), metadata=dict(static=True))
+  out: tuple = dataclasses.field(default=(1,), metadata=dict(static=True))
+  producers: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  fold_params: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  fingerprint: str = dataclasses.field(default="", metadata=dict(static=True))
+  keep_float: bool = dataclasses.field(default=False, metadata=dict(static=True))
+  reason: str = dataclasses.field(default="", metadata=dict(static=True))
 
   @property
   def foldable(self) -> bool:
     return self.exclusive and self.producer_kind in FOLDABLE_KINDS
 
 
-Stats = dict  # {module path: LayerStats}
+Stats = dict  # {layer name: LayerStats}
+_FACT_FIELDS = ("group", "producer", "producer_kind", "exclusive", "param", "contract", "out", "producers",
+                "fold_params", "fingerprint", "keep_float", "reason")
+
+
+def facts_of(s: LayerStats) -> dict:
+  return {f: getattr(s, f) for f in _FACT_FIELDS}
+
+
+# ---------------------------------------------------------------- tracing the model
+
+def _is_array(x) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")
+
+
+def model_program(model, variables, forward, batch) -> tuple[_capture.Program, list]:
+  """The model's forward on `batch`, traced: (program, its flat inputs)."""
+  if _hooks.is_nnx(model):
+    graphdef = nnx.graphdef(model)
+    paths = _capture.nnx_param_paths(variables)
+
+    def fn(state, b):
+      m = nnx.merge(graphdef, state)
+      return _hooks.call_model(m, b) if forward is None else forward(m, b)
+  else:
+    paths = _capture.linen_param_paths(variables)
+
+    def fn(v, b):
+      if forward is None:
+        return _hooks.call_model(lambda *a, **k: model.apply(v, *a, **k), b)
+      return forward(v, b)
+  program = _capture.trace(fn, variables, paths, batch)
+  return program, _capture.program_inputs(variables, (batch,))
 
 
 # ---------------------------------------------------------------- dataflow
@@ -69,119 +127,189 @@ class DataflowFacts:
   producer: str
   producer_kind: str
   exclusive: bool
+  producers: tuple = ()
+  fold_params: tuple = ()
 
 
-def _tag(x, name: str):
-  def ident(v):
-    return v
-  ident.__name__ = name
-  return jax.jit(ident)(x)
+_BROADCAST = ("reshape", "broadcast_in_dim", "convert_element_type", "expand_dims", "squeeze")
 
 
-def trace_dataflow(run: Callable, variables, batch) -> dict[str, DataflowFacts]:
-  """Trace run(variables, batch) once and read each Dense input's producer and consumers
-  from the jaxpr."""
-  calls: list[tuple[str, str]] = []  # index -> (path, kind)
-  dense_inputs: dict[str, list[str]] = {}  # dense path -> tag names of its inputs
+def _param_vector(node, k: int):
+  """The param path of a (K,) vector broadcast along the last axis to make `node`, or None."""
+  while node.param is None:
+    if node.prim not in _BROADCAST or not node.inputs or len(node.readers) > 1:
+      return None
+    if not node.shape or node.shape[-1] != k or math.prod(node.shape[:-1]) != 1 and node.prim != "broadcast_in_dim":
+      return None
+    if node.prim == "broadcast_in_dim" and tuple(node.params["broadcast_dimensions"])[-1:] != (len(node.shape) - 1,):
+      return None
+    node = node.inputs[0]
+  if node.shape != (k,):
+    return None
+  return node.param
 
-  def on_dense(path, module, x, call):
-    name = f"aq_in_{len(calls)}"
-    calls.append((path, "dense-input"))
-    dense_inputs.setdefault(path, []).append(name)
-    return call(_tag(x, name))
 
-  def on_output(path, kind, out):
-    # Only the ops folding understands are tagged; a container module's output is left
-    # alone so the op inside that made it (a LayerNorm, an add) stays visible.
-    if kind not in FOLDABLE_KINDS or not isinstance(out, jax.Array):
-      return out
-    name = f"aq_out_{len(calls)}"
-    calls.append((path, kind))
-    return _tag(out, name)
+def _norm_scale(node, k: int, top: bool = False):
+  """The param g if node = (... * g) through a chain of single-reader muls, else None."""
+  if node.prim != "mul" or (len(node.readers) > 1 and not top) or len(node.inputs) != 2:
+    return None
+  for a, b in (node.inputs, node.inputs[::-1]):
+    g = _param_vector(a, k)
+    if g is not None:
+      return g
+  for a in node.inputs:
+    g = _norm_scale(a, k)
+    if g is not None:
+      return g
+  return None
 
-  hooked = _hooks.hooked_forward(*run, _hooks.Hooks(on_dense, on_output))
-  jaxpr = jax.make_jaxpr(hooked)(variables, batch).jaxpr
 
-  producer_of: dict[Any, Any] = {}
-  consumers: dict[Any, list] = {}
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      producer_of[v] = eqn
-    for v in eqn.invars:
-      if not isinstance(v, jax.extend.core.Literal):
-        consumers.setdefault(v, []).append(eqn)
-  outvars = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
-  tag_eqn = {eqn.params.get("name"): eqn for eqn in jaxpr.eqns if eqn.primitive.name in ("jit", "pjit")}
-  kind_of = {f"aq_out_{i}": (path, kind) for i, (path, kind) in enumerate(calls) if kind != "dense-input"}
-  dense_of_tag = {t: p for p, ts in dense_inputs.items() for t in ts}
+def _producer(x, graph, k: int):
+  """(module path, kind, param names that absorb 1/s, param nodes) of what made x."""
+  node, bias = x, None
+  if node.prim == "add" and len(node.inputs) == 2:
+    for a, b in (node.inputs, node.inputs[::-1]):
+      pb = _param_vector(b, k)
+      if pb is not None:
+        node, bias = a, pb
+        break
+  if node.site is not None:  # a weight matmul (+ bias): fold into its output columns
+    site = graph.sites[node.site]
+    if (site.reason is None and len(site.param_shape) == 2 and site.contract == (0,) and site.out == (1,)
+        and (bias is None or len(node.readers) == 1)):
+      names = (site.param.rpartition("/")[2],) + (() if bias is None else (bias.rpartition("/")[2],))
+      module = site.param.rpartition("/")[0]
+      if bias is None or bias.rpartition("/")[0] == module:
+        return module, "dense", names, [site.param] + ([bias] if bias else [])
+    return "", "op", (), []
+  g = _norm_scale(node, k, top=bias is None) if (bias is None or len(node.readers) == 1) else None
+  if g is not None:
+    module = g.rpartition("/")[0]
+    if bias is None or bias.rpartition("/")[0] == module:
+      names = (g.rpartition("/")[2],) + (() if bias is None else (bias.rpartition("/")[2],))
+      return module, "rmsnorm" if bias is None else "layernorm", names, [g] + ([bias] if bias else [])
+  return "", "op", (), []
 
-  facts: dict[str, DataflowFacts] = {}
-  for path, tags in dense_inputs.items():
-    per_call = []
-    for t in tags:
-      eqn = tag_eqn.get(t)
-      if eqn is None:  # inside a nested jaxpr (scan, remat, ...): no facts, never folded
-        per_call.append(None)
-        continue
-      v = eqn.invars[0]
-      prod = producer_of.get(v)
-      pname = prod.params.get("name") if prod is not None and prod.primitive.name in ("jit", "pjit") else None
-      ppath, pkind = kind_of.get(pname, ("", "op"))
-      readers = consumers.get(v, [])
-      reader_dense = [dense_of_tag.get(r.params.get("name")) if r.primitive.name in ("jit", "pjit") else None
-                      for r in readers]
-      exclusive = v not in outvars and all(d is not None for d in reader_dense)
-      group = min((d for d in reader_dense if d is not None), key=lambda d: _first_call(calls, d))
-      per_call.append(DataflowFacts(group, ppath, pkind, exclusive))
-    first = per_call[0]
-    if first is None or any(f != first for f in per_call):
-      # Called from several places with different inputs (or untraceable): no shared
-      # smoothing, no folding.
-      facts[path] = DataflowFacts(path, "", "op", False)
-    else:
-      facts[path] = first
-  # A producer module called more than once cannot be folded (its params serve every call).
-  call_count: dict[str, int] = {}
-  for p, k in calls:
-    if k != "dense-input":
-      call_count[p] = call_count.get(p, 0) + 1
-  for path, f in facts.items():
-    if f.producer and call_count.get(f.producer, 0) > 1:
-      facts[path] = dataclasses.replace(f, exclusive=False)
+
+def dataflow_facts(graph: _capture.Graph) -> dict[str, DataflowFacts]:
+  """Per layer: its group, the producers of its inputs and whether folding is exact."""
+  sites = {i: s for i, s in sorted(graph.sites.items()) if s.reason is None}
+  outputs = set(map(id, graph.outputs))
+  order = {}
+  for s in sites.values():
+    order.setdefault(s.layer, len(order))
+  parent = {layer: layer for layer in order}
+
+  def find(a):
+    while parent[a] != a:
+      a = parent[a]
+    return a
+  per_call = {}
+  for i, s in sites.items():
+    x = graph.x_node[i]
+    readers = [r for r in x.readers]
+    reader_layers = [sites[r.site].layer if (r is not None and r.site in sites
+                                             and graph.x_node[r.site] is x) else None for r in readers]
+    for other in reader_layers:
+      if other is not None:
+        a, b = find(s.layer), find(other)
+        if a != b:
+          parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
+    exclusive = id(x) not in outputs and all(r is not None for r in reader_layers)
+    k = math.prod(x.shape[a] for a in s.x_contract)
+    folds_last_axis = s.x_contract == (len(x.shape) - 1,)
+    prod, kind, names, pnodes = _producer(x, graph, k) if folds_last_axis else ("", "op", (), [])
+    # The producer's params may serve nothing else (a norm called twice cannot fold).
+    if any(len(graph.params[p].readers) > 1 for p in pnodes):
+      exclusive = False
+    per_call.setdefault(s.layer, []).append((prod, kind, names, exclusive))
+  facts = {}
+  for layer, calls in per_call.items():
+    prods = tuple(c[0] for c in calls)
+    kinds, names = {c[1] for c in calls}, {c[2] for c in calls}
+    same = len(kinds) == 1 and len(names) == 1
+    exclusive = same and all(c[3] for c in calls) and len(set(prods)) == len(prods)
+    facts[layer] = DataflowFacts(find(layer), prods[0], calls[0][1] if same else "op", exclusive, prods,
+                                 calls[0][2] if same else ())
   return facts
 
 
-def _first_call(calls, path):
-  return next(i for i, (p, k) in enumerate(calls) if p == path and k == "dense-input")
+def layer_dataflow(facts: DataflowFacts, contract, out) -> str:
+  """Digest of where one layer's input comes from (its producers at every call) and its
+  contraction: what its calibrated scales and smoothing were chosen for. (Whether other
+  ops also read the input matters only to a fold, checked on its own: a method that
+  returns intermediates changes it legitimately.)"""
+  key = (tuple(facts.producers), facts.producer_kind, tuple(contract), tuple(out))
+  return hashlib.sha256(repr(key).encode()).hexdigest()[:12]
+
+
+def fingerprint(graph: _capture.Graph, facts: dict) -> str:
+  """Digest of the model structure: every weight matmul's weight, shape and layout, and
+  the dataflow facts folding relies on."""
+  h = hashlib.sha256()
+  for i, s in sorted(graph.sites.items()):
+    f = facts.get(s.layer)
+    h.update(repr((s.param, s.param_shape, s.contract, s.out, s.reason,
+                   None if f is None else dataclasses.astuple(f))).encode())
+  return h.hexdigest()[:16]
+
+
+def read_elsewhere(graph: _capture.Graph, param: str) -> bool:
+  """True when the weight feeds anything but weight matmuls (through layout ops)."""
+  todo = list(graph.params[param].readers)
+  while todo:
+    r = todo.pop()
+    if r is None:
+      return True
+    if r.site is not None:
+      continue
+    if r.prim in _capture._LAYOUT:
+      todo += r.readers
+      continue
+    return True
+  return False
+
+
+def describe_sites(graph: _capture.Graph) -> str:
+  if not graph.sites and not graph.seen_inside:
+    return "no matmul with a parameter operand at all"
+  parts = [f"{s.param} ({s.reason or 'ok'})" for s in graph.sites.values()]
+  parts += [f"{p} (inside {prim})" for p, prim in graph.seen_inside.items()]
+  return "; ".join(parts)
 
 
 # ---------------------------------------------------------------- statistics
 
-def _batch_stats_fn(run, num_samples: int):
-  collected_paths: list[str] = []
+def _batch_stats_fn(program: _capture.Program, graph: _capture.Graph, num_samples: int):
+  sites = {i: s for i, s in graph.sites.items() if s.reason is None}
 
-  def stats(variables, batch):
+  def stats(inputs):
     out: dict[str, dict] = {}
 
-    def on_dense(path, module, x, call):
-      x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    def on_contraction(site, x, w, run):
+      k = math.prod(x.shape[a] for a in site.x_contract)
+      rest = [a for a in range(x.ndim) if a not in site.x_contract]
+      x2 = jnp.transpose(x, rest + list(site.x_contract)).reshape(-1, k).astype(jnp.float32)
       finite = jnp.isfinite(x2)
-      absmax = jnp.max(jnp.where(finite, jnp.abs(x2), 0.0), axis=0)
+      absmax = jnp.max(jnp.where(finite, jnp.abs(x2), 0.0), axis=0, initial=0.0)
       rows = x2.shape[0]
       idx = np.linspace(0, rows - 1, min(rows, num_samples)).round().astype(np.int32)
       entry = dict(absmax=absmax, nonfinite=jnp.sum(~finite), tokens=jnp.int32(rows), samples=x2[idx])
-      if path in out:  # a layer called more than once per forward
-        prev = out[path]
+      if site.layer in out:  # a layer called more than once per forward
+        prev = out[site.layer]
         entry = dict(absmax=jnp.maximum(prev["absmax"], absmax), nonfinite=prev["nonfinite"] + entry["nonfinite"],
                      tokens=prev["tokens"] + rows, samples=jnp.concatenate([prev["samples"], entry["samples"]]))
-      out[path] = entry
-      return call(x)
+      out[site.layer] = entry
+      return run(x, w) if not site.weight_lhs else run(w, x)
 
-    _hooks.hooked_forward(*run, _hooks.Hooks(on_dense=on_dense))(variables, batch)
-    collected_paths[:] = list(out)  # call order (the jitted dict comes back key-sorted)
+    _capture.evaluate(program, inputs, on_contraction, sites)
     return out
 
-  return jax.jit(stats), collected_paths
+  order = []
+  for i, s in sorted(sites.items()):
+    if s.layer not in order:
+      order.append(s.layer)
+  return jax.jit(stats), order
 
 
 def _merge_samples(a, ta, b, tb, cap, rng):
@@ -197,19 +325,21 @@ def _merge_samples(a, ta, b, tb, cap, rng):
 
 def calibrate(model, params, batches: Iterable, *, forward: Callable | None = None,
               num_samples: int = 512, progress: bool | None = None, seed: int = 0) -> Stats:
-  """Run the float model over `batches` and return {Dense module path: LayerStats}.
+  """Run the float model over `batches` and return {layer name: LayerStats} for every
+  weight matmul (see _capture: any contraction of an activation with a parameter).
 
   model: a linen Module (params: its variables from init) or an nnx Module (params
   ignored, pass None). batches: an iterable of arrays, tuples or dicts of arrays (called
   as model(x), model(*b), model(**b)); forward(variables, batch) (linen) or
   forward(module, batch) (nnx) overrides how a batch is fed. Each batch runs jitted;
-  batches of one shape compile once. progress: print a line per batch to stderr (default:
-  when there are more than 4 batches).
+  batches of one shape compile once. jit and remat (nn.remat, nnx.remat,
+  jax.checkpoint) inside the model are fine. progress: print a line per batch to stderr
+  (default: when there are more than 4 batches).
 
-  Raises ValueError on an empty iterable, NaN/Inf in any Dense input (naming the layer
-  and batch), and a model with no Dense layer.
+  Raises ValueError on an empty iterable, a batch with 0 rows, NaN/Inf in any layer
+  input (naming the layer and batch), weights contracted inside a scan (not supported
+  yet), and a model with no weight matmul (listing what it saw).
   """
-  run = (model, forward)
   variables = _hooks.model_variables(model, params)
   try:
     total = len(batches)  # type: ignore[arg-type]
@@ -217,17 +347,34 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
     total = None
   show = progress if progress is not None else (total is None or total > 4)
   rng = np.random.default_rng(seed)
-  stats_fn, call_order = _batch_stats_fn(run, num_samples)
   acc: dict[str, dict] = {}
-  facts = None
+  compiled: dict = {}  # batch shapes -> (program, graph, stats fn, call order)
+  facts, fp = None, None
   t0 = time.perf_counter()
   n = 0
   for n, batch in enumerate(batches, start=1):
-    if facts is None:
-      facts = trace_dataflow(run, variables, batch)
-      if not facts:
-        raise ValueError("calibrate: the model called no Dense (nn.Dense / nnx.Linear) layer")
-    out = jax.device_get(stats_fn(variables, batch))
+    _check_batch(batch, n)
+    key = jax.tree_util.tree_structure(batch), tuple(
+        (np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype))
+        for x in jax.tree_util.tree_leaves(batch))
+    if key not in compiled:
+      program, _ = model_program(model, variables, forward, batch)
+      graph = _capture.analyze(program)
+      if graph.seen_inside:
+        prim = next(iter(graph.seen_inside.values()))
+        raise ValueError(f"calibrate: params {', '.join(sorted(graph.seen_inside))} go into a `{prim}` "
+                         "(nn.scan / nnx.scan / lax.scan / a loop) that runs matmuls: weights inside a scan are not "
+                         "supported yet. Unroll the layers (a Python loop over modules) to calibrate and quantize them")
+      if not any(s.reason is None for s in graph.sites.values()):
+        raise ValueError("calibrate: the model has no weight matmul to quantize (no Dense or other contraction "
+                         f"of an activation with a parameter). Saw: {describe_sites(graph)}")
+      if facts is None:
+        facts = dataflow_facts(graph)
+        fp = fingerprint(graph, facts)
+      compiled[key] = (program, graph) + _batch_stats_fn(program, graph, num_samples)
+    program, graph, stats_fn, call_order = compiled[key]
+    inputs = _capture.program_inputs(variables, (batch,))
+    out = jax.device_get(stats_fn(inputs))
     for path in call_order:  # in call order, so a NaN is reported where it first appears
       e = out[path]
       if int(e["nonfinite"]):
@@ -248,11 +395,31 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       print(f"calibrate: batch {n}{of}, {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
   if n == 0:
     raise ValueError("calibrate: got no batches (empty iterable)")
-  return {
-      path: LayerStats(jnp.asarray(a["absmax"], jnp.float32), jnp.asarray(a["tokens"], jnp.int64)
-                       if jax.config.jax_enable_x64 else jnp.asarray(a["tokens"], jnp.int32),
-                       jnp.asarray(a["samples"], jnp.float32), **dataclasses.asdict(facts[path]))
-      for path, a in sorted(acc.items())}
+  first_graph = next(iter(compiled.values()))[1]
+  site_of = {}
+  for s in first_graph.sites.values():
+    site_of.setdefault(s.layer, s)
+  int_t = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+  out = {}
+  for path, s in site_of.items():
+    common = dict(param=s.param, contract=s.contract, out=s.out, fingerprint=fp)
+    if path in acc:
+      a = acc[path]
+      out[path] = LayerStats(jnp.asarray(a["absmax"], jnp.float32), jnp.asarray(a["tokens"], int_t),
+                             jnp.asarray(a["samples"], jnp.float32), **dataclasses.asdict(facts[path]),
+                             keep_float=read_elsewhere(first_graph, s.param), **common)
+    else:  # seen, but its layout stays float: accounted for, with the reason
+      out[path] = LayerStats(jnp.zeros((0,), jnp.float32), jnp.asarray(0, int_t), jnp.zeros((0, 0), jnp.float32),
+                             group=path, reason=s.reason or "not supported", **common)
+  return dict(sorted(out.items()))
+
+
+def _check_batch(batch, n: int) -> None:
+  leaves = jax.tree_util.tree_leaves(batch)
+  for x in leaves:
+    if _is_array(x) and np.ndim(x) >= 1 and np.shape(x)[0] == 0:
+      raise ValueError(f"calibrate: batch {n} has 0 rows (an input of shape {tuple(np.shape(x))}); "
+                       "every calibration batch needs at least one example")
 
 
 # ---------------------------------------------------------------- merge, save, load
@@ -266,7 +433,7 @@ def merge_stats(a: Stats, b: Stats, *, num_samples: int = 512, seed: int = 0) ->
   out = {}
   for path in a:
     x, y = a[path], b[path]
-    if (x.group, x.producer, x.producer_kind, x.exclusive) != (y.group, y.producer, y.producer_kind, y.exclusive):
+    if facts_of(x) != facts_of(y):
       raise ValueError(f"merge_stats: layer {path}: dataflow facts differ (different models?)")
     if x.absmax.shape != y.absmax.shape:
       raise ValueError(f"merge_stats: layer {path}: absmax shapes differ {x.absmax.shape} vs {y.absmax.shape}")
@@ -277,27 +444,55 @@ def merge_stats(a: Stats, b: Stats, *, num_samples: int = 512, seed: int = 0) ->
   return out
 
 
+class StatsFileError(ValueError):
+  """A stats file that cannot be read back (damaged, or not written by save_stats)."""
+
+
+def _stats_file(file):
+  """np.savez appends ".npz" to a name without it; load the same name back."""
+  if isinstance(file, (str, os.PathLike)):
+    f = os.fspath(file)
+    if not f.endswith(".npz") and not os.path.exists(f) and os.path.exists(f + ".npz"):
+      return f + ".npz"
+    return f
+  return file
+
+
 def save_stats(stats: Stats, file) -> None:
-  """Save to a .npz file (arrays) with the dataflow facts as JSON inside."""
+  """Save to a .npz file (arrays) with the dataflow facts as JSON inside. A name without
+  ".npz" gets it (numpy's rule); load_stats takes either name."""
   arrays, meta = {}, {}
   for i, (path, s) in enumerate(stats.items()):
     arrays[f"{i}_absmax"], arrays[f"{i}_tokens"], arrays[f"{i}_samples"] = (
         np.asarray(s.absmax), np.asarray(s.tokens), np.asarray(s.samples))
-    meta[path] = dict(index=i, group=s.group, producer=s.producer, producer_kind=s.producer_kind,
-                      exclusive=s.exclusive)
+    meta[path] = dict(index=i, **facts_of(s))
   np.savez(file, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
 
 
 def load_stats(file) -> Stats:
-  with np.load(file) as z:
-    if "__meta__" not in z:
-      raise ValueError(f"load_stats: {file} is not a calibration stats file (no metadata)")
-    meta = json.loads(bytes(z["__meta__"]).decode())
-    out = {}
-    for path, m in meta.items():
-      i = m.pop("index")
-      out[path] = LayerStats(jnp.asarray(z[f"{i}_absmax"]), jnp.asarray(z[f"{i}_tokens"]),
-                             jnp.asarray(z[f"{i}_samples"]), **m)
+  """Read a save_stats file. Raises StatsFileError (a ValueError) on anything else."""
+  file = _stats_file(file)
+  try:
+    with np.load(file, allow_pickle=False) as z:
+      if not hasattr(z, "files") or "__meta__" not in z.files:
+        raise StatsFileError(f"load_stats: {file} is not a calibration stats file (no metadata)")
+      meta = json.loads(bytes(z["__meta__"]).decode())
+      out = {}
+      for path, m in meta.items():
+        i = m.pop("index")
+        for f in ("contract", "out", "producers", "fold_params"):
+          if f in m:
+            m[f] = tuple(m[f])
+        out[path] = LayerStats(jnp.asarray(z[f"{i}_absmax"]), jnp.asarray(z[f"{i}_tokens"]),
+                               jnp.asarray(z[f"{i}_samples"]), **m)
+  except StatsFileError:
+    raise
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # zip, JSON, key and type errors of a damaged file
+    raise StatsFileError(f"load_stats: {file} is not a readable calibration stats file "
+                         f"({type(e).__name__}: {e}); save it again with aq.save_stats") from e
+  check_stats(out, "load_stats")
   return out
 
 
@@ -305,6 +500,8 @@ def check_stats(stats: Stats, where: str = "stats") -> None:
   for path, s in stats.items():
     if not isinstance(s, LayerStats):
       raise TypeError(f"{where}: layer {path}: expected LayerStats, got {type(s).__name__}")
+    if s.reason:
+      continue
     a = np.asarray(s.absmax)
     if not np.all(np.isfinite(a)):
       raise ValueError(f"{where}: layer {path}: absmax contains NaN/Inf")

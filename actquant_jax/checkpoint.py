@@ -30,7 +30,8 @@ from actquant_jax.config import LayerRule, QuantConfig
 from actquant_jax.quant import QuantizedKernel
 
 FORMAT = "actquant-jax-checkpoint/1"
-_QK_FIELDS = ("values", "scale", "act_scale", "inv_smooth")
+_QK_FIELDS = ("values", "scale", "act_scale", "inv_smooth", "kept")
+_QK_LAYOUT = ("contract", "out", "param_shape", "param_dtype", "folded_into", "dataflow")  # static, JSON
 
 
 def _sha256(a) -> str:
@@ -41,7 +42,9 @@ def _sha256(a) -> str:
 def _skeleton(node, path: str, leaves: list):
   """JSON-able description of the tree; appends arrays to `leaves` in order."""
   if isinstance(node, QuantizedKernel):
-    return {"__quantized_kernel__": {"qtype": node.qtype, "act_key": node.act_key, **{
+    layout = {f: list(getattr(node, f)) if isinstance(getattr(node, f), tuple) else getattr(node, f)
+              for f in _QK_LAYOUT}
+    return {"__quantized_kernel__": {"qtype": node.qtype, "act_key": node.act_key, "layout": layout, **{
         f: None if getattr(node, f) is None else _skeleton(getattr(node, f), f"{path}/{f}", leaves)
         for f in _QK_FIELDS}}}
   if isinstance(node, dict):
@@ -70,8 +73,9 @@ def _abstract(skel, shardings, path: str):
                      shardings[key] if isinstance(shardings, dict) else shardings)
   if "__quantized_kernel__" in skel:
     q = skel["__quantized_kernel__"]
-    return QuantizedKernel(**{f: _abstract(q[f], sub(f), f"{path}/{f}") for f in _QK_FIELDS}, qtype=q["qtype"],
-                           act_key=q.get("act_key", ""))
+    layout = {f: tuple(v) if isinstance(v, list) else v for f, v in q.get("layout", {}).items() if f in _QK_LAYOUT}
+    return QuantizedKernel(**{f: _abstract(q.get(f), sub(f), f"{path}/{f}") for f in _QK_FIELDS}, qtype=q["qtype"],
+                           act_key=q.get("act_key", ""), **layout)
   if isinstance(shardings, dict) and set(shardings) != set(skel):
     raise ValueError(f"restore_checkpoint: {path or '/'}: the shardings tree does not match the checkpoint")
   return {k: _abstract(v, sub(k), f"{path}/{k}") for k, v in skel.items()}
@@ -130,8 +134,9 @@ def _check_like(saved, like, path=""):
   """Every module of the expected model (`like`: float params or qparams) must be in the
   checkpoint with matching shapes, and nothing else."""
   if isinstance(saved, QuantizedKernel) or isinstance(like, QuantizedKernel):
-    s = saved.shape if isinstance(saved, QuantizedKernel) else tuple(saved.shape)
-    l_ = like.shape if isinstance(like, QuantizedKernel) else tuple(np.shape(like))
+    # A QuantizedKernel is compared as the float weight it stands for (any layout).
+    s = saved.float_shape if isinstance(saved, QuantizedKernel) else tuple(saved.shape)
+    l_ = like.float_shape if isinstance(like, QuantizedKernel) else tuple(np.shape(like))
     if tuple(s) != tuple(l_):
       raise ValueError(f"restore_checkpoint: {path}: checkpoint has a ({', '.join(map(str, s))}) kernel, the model "
                        f"expects ({', '.join(map(str, l_))}): a checkpoint of another model?")

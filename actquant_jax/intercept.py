@@ -1,71 +1,228 @@
 """Run an unmodified Flax model with quantized params.
 
-linen: `quantized_apply(model)` returns apply(qparams, *args, **kwargs) that runs
-model.apply under method interception: every nn.Dense whose `kernel` is a
-QuantizedKernel runs w8a8_dot instead of its float matmul; every other module (float-
-kept Dense layers included) runs its own code. Works under jax.jit; the interception
-is trace-time only.
+The model's own code runs as written; every weight matmul (see _capture: a contraction of
+an activation with a parameter, whatever module or jnp function wrote it) whose weight
+is a QuantizedKernel runs w8a8_dot instead. Everything else, including weight matmuls
+kept in float, is the model's own math.
 
-nnx: `quantize_model(model, stats, config)` swaps each calibrated nnx.Linear for a
-QuantizedLinear holding its quantized kernel (in place, or on a copy).
+How: the call is traced once with float stand-ins for the quantized weights (zeros,
+which XLA drops, or the kept float weight of a tied embedding) and the traced program
+is run again with the matmuls replaced. Works under jax.jit (the tracing is trace-time
+only), with any apply arguments (`mutable=["cache"]` for KV-cache decoding, methods).
+
+linen: `quantized_apply(model)` gives apply(qparams, ...) like model.apply;
+`with quantized(model):` makes model.apply itself take qparams (HF `generate`).
+nnx: `quantize_model(model, stats, config)` puts the QuantizedKernels into the model's
+Params and makes the model's calls run this way.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
-from actquant_jax import _hooks
+from actquant_jax import _capture
 from actquant_jax.config import QuantConfig
-from actquant_jax.layers import QuantizedLinear, quantized_dense_call
+from actquant_jax.ops import w8a8_dot
 from actquant_jax.quant import QuantizedKernel
 from actquant_jax.transform import quantize_params
 
+_is_qk = lambda x: isinstance(x, QuantizedKernel)
 
-def _dense_interceptor(backend: str, interpret: bool):
-  def interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name != "__call__" or type(mod) is not nn.Dense:
-      return next_fun(*args, **kwargs)
-    if not mod.has_variable("params", "kernel"):  # init, or params missing: Flax's own errors
-      return next_fun(*args, **kwargs)
-    kernel = mod.get_variable("params", "kernel")
-    if not isinstance(kernel, QuantizedKernel):
-      return next_fun(*args, **kwargs)
-    bias = mod.get_variable("params", "bias") if mod.use_bias else None
-    path = "/".join(mod.path)
-    return quantized_dense_call(args[0], kernel, bias, dtype=mod.dtype, param_dtype=mod.param_dtype,
-                                backend=backend, interpret=interpret, name=path)
-  return interceptor
+
+def _stand_in_spec(qk: QuantizedKernel):
+  return jax.ShapeDtypeStruct(qk.float_shape, jnp.dtype(qk.param_dtype))
+
+
+def _stand_in(qk: QuantizedKernel):
+  """What the model's code is traced with: the kept float weight, or just its shape (the
+  program then runs with the weight absent: never materialized)."""
+  return qk.kept if qk.kept is not None else _stand_in_spec(qk)
+
+
+def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret):
+  """The float contraction run(x, w) as one 2-D w8a8_dot: contracted axes of x moved last
+  and flattened to K (in the weight's pairing order), the output (x's free axes, then the
+  weight's output axes) as the dot would lay it out."""
+  if (tuple(site.contract), tuple(site.out)) != (tuple(qk.contract), tuple(qk.out)):
+    raise ValueError(f"quantized_apply: layer {site.layer}: the model contracts weight {site.param} over axes "
+                     f"{site.contract} -> {site.out}, but its QuantizedKernel was made for {qk.contract} -> "
+                     f"{qk.out} (qparams from another model?)")
+  w_spec = jax.ShapeDtypeStruct(w.aval.shape, w.aval.dtype) if isinstance(w, _capture.Absent) else w
+  # (An Absent weight is never read: the quantized copy replaces it.)
+  out_dtype = jax.eval_shape(run, x, w_spec).dtype
+  rest = [a for a in range(x.ndim) if a not in site.x_contract]
+  # A Dense-like x (..., K) goes in as is: w8a8_dot shares one quantize pass among the
+  # layers reading the same x (q, k, v).
+  x2 = x if tuple(site.x_contract) == (x.ndim - 1,) else jnp.transpose(x, rest + list(site.x_contract))
+  y = w8a8_dot(x2.reshape(x2.shape[:len(rest)] + (qk.in_features,)), qk, out_dtype=out_dtype, backend=backend,
+               interpret=interpret, name=site.layer)
+  return y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
+
+
+def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwargs, *, backend: str,
+                  interpret: bool, where: str):
+  """fn(float_variables, *args, **kwargs) with its weight matmuls on the QuantizedKernels
+  found in `qvariables`. param_paths_of(float_variables) -> per-leaf param path."""
+  floats = jax.tree_util.tree_map(lambda x: _stand_in(x) if _is_qk(x) else x, qvariables, is_leaf=_is_qk)
+  qks = {}
+  flat_q = jax.tree_util.tree_leaves(qvariables, is_leaf=_is_qk)
+  for path, leaf in zip(param_paths_of(floats), flat_q):
+    if _is_qk(leaf):
+      if path is None:
+        raise ValueError(f"{where}: a QuantizedKernel outside the params collection")
+      qks[path] = leaf
+  program = _capture.trace(lambda v, a, k: fn(v, *a, **k), floats, param_paths_of(floats), args, kwargs)
+  graph = _capture.analyze(program)
+  routed = {}
+  for i, site in graph.sites.items():
+    if site.param in qks:
+      if site.reason is not None:
+        raise ValueError(f"{where}: layer {site.layer}: weight {site.param} is quantized but this model uses it "
+                         f"in a matmul that cannot run quantized ({site.reason})")
+      routed[i] = site
+  for p, qk in qks.items():
+    if p not in graph.params:
+      continue
+    if p in graph.seen_inside:
+      raise ValueError(f"{where}: weight {p} is quantized but contracted inside a `{graph.seen_inside[p]}` "
+                       "(scan / loop): not supported yet")
+    if qk.kept is None and _read_by_other_ops(graph, p):
+      raise ValueError(f"{where}: weight {p} is quantized without its float copy, but this model also reads it "
+                       "outside a matmul (qparams from another model's stats?)")
+  _check_folds(graph, qks, routed, where)
+  # The stand-ins were for tracing only: a weight with no float copy is not materialized.
+  absent = jax.tree_util.tree_map(lambda x: _capture.Absent(_stand_in_spec(x))
+                                  if _is_qk(x) and x.kept is None else x, qvariables, is_leaf=_is_qk)
+  absent = jax.tree_util.tree_map(lambda x: x.kept if _is_qk(x) else x, absent, is_leaf=_is_qk)
+  inputs = (jax.tree_util.tree_leaves(absent, is_leaf=lambda x: isinstance(x, _capture.Absent))
+            + _capture.program_inputs({}, (args, kwargs)))
+  flat = _capture.evaluate(program, inputs,
+                           lambda site, x, w, run: _matmul(site, qks[site.param], x, w, run, backend, interpret),
+                           routed)
+  return _capture.unflatten_output(program, flat)
+
+
+def _check_folds(graph, qks, routed, where):
+  """A layer whose 1/s was folded into its producers must, here too, read only their
+  output (else the model computes X / s where X was meant: stats of another model); and
+  every layer's dataflow must be the calibrated one (static scales, runtime vectors and
+  groups were chosen for it)."""
+  if not any(qks[s.param].folded_into or qks[s.param].dataflow for s in routed.values()):
+    return
+  from actquant_jax.calibrate import dataflow_facts, layer_dataflow
+  facts = dataflow_facts(graph)
+  for s in routed.values():
+    qk = qks[s.param]
+    f = facts.get(s.layer)
+    if qk.folded_into and (f is None or not f.exclusive or set(f.producers) != set(qk.folded_into)):
+      seen = "nothing" if f is None else f"{', '.join(p or 'a plain op' for p in f.producers)}" + (
+          "" if f.exclusive else " (whose output other ops read too)")
+      raise ValueError(f"{where}: layer {s.layer}: its smoothing was folded into {', '.join(qk.folded_into)} when "
+                       f"quantized, but in this model its input comes from {seen}. The qparams were made with "
+                       "stats of a different model structure: calibrate this model and quantize again")
+    if qk.dataflow and f is not None and layer_dataflow(f, s.contract, s.out) != qk.dataflow:
+      raise ValueError(f"{where}: layer {s.layer}: its input here (from "
+                       f"{', '.join(p or 'a plain op' for p in f.producers)}) is not what its stats were calibrated "
+                       "on. The qparams were made with stats of a different model structure: calibrate this model "
+                       "and quantize again")
+
+
+def _read_by_other_ops(graph, param) -> bool:
+  from actquant_jax.calibrate import read_elsewhere
+  return read_elsewhere(graph, param)
 
 
 def quantized_apply(model: nn.Module, *, method: str | Callable | None = None, backend: str = "auto",
                     interpret: bool = False) -> Callable:
   """apply(qparams, *args, **kwargs) -> model.apply(qparams, *args, method=method, **kwargs)
-  with each quantized nn.Dense routed to w8a8_dot. backend / interpret: as w8a8_dot."""
+  with every weight matmul whose weight is a QuantizedKernel run by w8a8_dot.
+
+  Any apply keyword works: `mutable=["cache"]` (KV-cache decoding returns (y, updated
+  variables) as model.apply does), `rngs`, flags. backend / interpret: as w8a8_dot.
+  """
   if not isinstance(model, nn.Module):
     raise TypeError(f"quantized_apply: expected a linen Module, got {type(model).__name__} "
                     "(for nnx use aq.quantize_model)")
-  interceptor = _dense_interceptor(backend, interpret)
 
   def apply(qparams, *args, **kwargs):
-    with nn.intercept_methods(interceptor):
-      return model.apply(qparams, *args, method=method, **kwargs)
+    return run_quantized(lambda v, *a, **k: model.apply(v, *a, method=method, **k), qparams,
+                         _capture.linen_param_paths, args, kwargs, backend=backend, interpret=interpret,
+                         where="quantized_apply")
 
   return apply
 
 
+@contextlib.contextmanager
+def quantized(model: nn.Module, *, backend: str = "auto", interpret: bool = False):
+  """Within the block, `model.apply(variables, ...)` accepts qparams (every apply path:
+  any method, `mutable=["cache"]`, rngs) and runs its weight matmuls in 8 bits -- for
+  code that calls `model.apply` itself, e.g. HF generation:
+
+    with aq.quantized(hf_model.module):
+      hf_model.generate(ids, params=qparams["params"])
+
+  Only this module object is affected, and only until the block ends.
+  """
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"quantized: expected a linen Module, got {type(model).__name__}")
+  if "apply" in vars(model):
+    raise ValueError("quantized: this module is already inside an aq.quantized block")
+  float_apply = model.apply
+
+  def apply(variables, *args, method=None, **kwargs):
+    return run_quantized(lambda v, *a, **k: float_apply(v, *a, method=method, **k), variables,
+                         _capture.linen_param_paths, args, kwargs, backend=backend, interpret=interpret,
+                         where="quantized")
+
+  object.__setattr__(model, "apply", apply)  # an instance attribute: the class is untouched
+  try:
+    yield model
+  finally:
+    object.__delattr__(model, "apply")
+
+
+# ---------------------------------------------------------------- nnx
+
+def _quantized_call(self, *args, **kwargs):
+  """__call__ of a quantized nnx model: the original call, weight matmuls in 8 bits;
+  non-param state the call updates (caches, RNG counters) is written back."""
+  base = type(self).__aq_float_class__
+  graphdef, state = nnx.split(self)
+  settings = type(self).__aq_settings__
+
+  def fn(st, *a, **k):
+    m = nnx.merge(graphdef, st)
+    object.__setattr__(m, "__class__", base)  # the float class: its own __call__
+    out = base.__call__(m, *a, **k)
+    return out, nnx.state(m, nnx.Not(nnx.Param))
+
+  out, rest = run_quantized(fn, state, _capture.nnx_param_paths, args, kwargs, where="quantize_model", **settings)
+  nnx.update(self, rest)
+  return out
+
+
+def _quantized_class(cls, backend: str, interpret: bool):
+  return type(cls.__name__, (cls,), {"__call__": _quantized_call, "__aq_float_class__": cls,
+                                     "__aq_settings__": dict(backend=backend, interpret=interpret),
+                                     "__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
 def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig(), *, copy: bool = False,
                    backend: str = "auto", interpret: bool = False, return_report: bool = False):
-  """Quantize an nnx model: each calibrated nnx.Linear becomes a QuantizedLinear holding
-  its QuantizedKernel, and producers that absorbed 1/s get their new params. In place
-  unless copy=True (which clones first).
+  """Quantize an nnx model: each calibrated weight's nnx.Param gets its QuantizedKernel,
+  producers that absorbed 1/s get their new params, and calling the model runs its weight
+  matmuls in 8 bits (any module kind, layers in nnx.List / nnx.Sequential / dicts). A
+  module referenced from two attributes (a tie) is one set of Params: quantized once, the
+  tie kept. In place unless copy=True (which clones first).
 
   Memory: the quantized tree is built from the model's own param arrays (no float copy
-  of the model), so the peak is the float params plus the int8 kernels (~1.25x for f32),
-  and the float kernels are released when the Linear modules are swapped out.
+  of the model), so the peak is the float params plus the int8 kernels (~1.25x for f32).
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f"quantize_model: expected an nnx Module, got {type(model).__name__}")
@@ -75,45 +232,26 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
   result = quantize_params(pure, stats, config, return_report=return_report)
   qpure, report = result if return_report else (result, None)
   del pure
-
-  for path, m in _module_index(model).items():
-    node = _lookup(qpure, path)
-    if not isinstance(node, dict):
-      continue
-    if isinstance(node.get("kernel"), QuantizedKernel):
-      parent_path, _, name = path.rpartition("/")
-      parent = _module_index(model)[parent_path] if parent_path else model
-      _set_child(parent, name, QuantizedLinear.from_linear(m, node["kernel"], node.get("bias"),
-                                                           backend=backend, interpret=interpret))
-      continue
-    for pname, value in node.items():  # folded producers (norm scale/bias, Dense columns)
-      var = getattr(m, pname, None)
-      if isinstance(var, nnx.Param) and not isinstance(value, dict):
-        var.set_value(value)
+  # Write every param back through its Variable (shared Variables are one object: a tie
+  # stays a tie).
+  params = nnx.state(model, nnx.Param)
+  flat_vars = dict(nnx.to_flat_state(params))
+  for path, value in _flatten_pure(qpure):
+    var = flat_vars.get(path)
+    if var is None:
+      raise ValueError(f"quantize_model: no Param at {'/'.join(map(str, path))}")
+    if value is not var.get_value():
+      var.set_value(value)
+  nnx.update(model, params)
+  cls = type(model)
+  if not hasattr(cls, "__aq_float_class__"):
+    object.__setattr__(model, "__class__", _quantized_class(cls, backend, interpret))
   return (model, report) if return_report else model
 
 
-def _module_index(model) -> dict[str, nnx.Module]:
-  return {"/".join(str(p) for p in path): m for path, m in nnx.iter_graph(model)
-          if isinstance(m, nnx.Module) and path}
-
-
-def _lookup(tree, path: str):
-  node = tree
-  for part in path.split("/"):
-    if not isinstance(node, dict):
-      return None
-    key = part if part in node else (int(part) if part.isdigit() and int(part) in node else None)
-    if key is None:
-      return None
-    node = node[key]
-  return node
-
-
-def _set_child(parent, name: str, child):
-  if isinstance(parent, (list, nnx.List)) and name.isdigit():
-    parent[int(name)] = child
-  elif isinstance(parent, dict):
-    parent[name] = child
+def _flatten_pure(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _flatten_pure(v, prefix + (k,))
   else:
-    setattr(parent, name, child)
+    yield prefix, tree

@@ -197,6 +197,19 @@ class QuantizedKernel:
               layers whose kernels have the same act_key quantize the same input
               identically, so w8a8_dot quantizes an input read by several of them (q, k,
               v) once per trace. Replacing act_scale or inv_smooth by hand must reset it.
+  kept:       the float weight, kept only when other ops read it too (a tied embedding:
+              the lookup reads it, the head's matmul runs in int8), else None.
+  contract, out: static; the weight's contracted axes (flattened, in order, to K) and
+              output axes (flattened to N) -- a Dense kernel (K, N) is (0,), (1,); an
+              (H, D, N) DenseGeneral kernel over (H, D) is (0, 1), (2,); `x @ W.T` with W
+              (N, K) is (1,), (0,).
+  param_shape, param_dtype: static; the float weight's shape and dtype (what the model
+              code sees; () means (K, N)).
+  folded_into: static; the producer modules whose params absorbed 1/s. Running the
+              model checks that its input still comes from them alone (else the fold
+              would be wrong: qparams from another model's stats).
+  dataflow:   static; a digest of the layer's calibrated dataflow (producers, whether
+              its input is read elsewhere, contraction); running the model checks it.
   """
 
   values: jax.Array
@@ -205,6 +218,13 @@ class QuantizedKernel:
   inv_smooth: jax.Array | None = None
   qtype: str = dataclasses.field(default="int8", metadata=dict(static=True))
   act_key: str = dataclasses.field(default="", metadata=dict(static=True))
+  kept: jax.Array | None = None
+  contract: tuple = dataclasses.field(default=(0,), metadata=dict(static=True))
+  out: tuple = dataclasses.field(default=(1,), metadata=dict(static=True))
+  param_shape: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  param_dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
+  folded_into: tuple = dataclasses.field(default=(), metadata=dict(static=True))
+  dataflow: str = dataclasses.field(default="", metadata=dict(static=True))
 
   @property
   def in_features(self) -> int:
@@ -220,6 +240,11 @@ class QuantizedKernel:
     return (self.in_features, self.out_features)
 
   @property
+  def float_shape(self) -> tuple:
+    """The shape of the float weight this replaces, as the model's code sees it."""
+    return tuple(self.param_shape) or self.shape
+
+  @property
   def act_mode(self) -> str:
     return "dynamic" if self.act_scale is None else "static"
 
@@ -231,23 +256,55 @@ class QuantizedKernel:
     return w.astype(dtype)
 
 
+def weight_matrix(w, contract=(0,), out=(1,)):
+  """A weight of any rank as the (K, N) matrix of its contraction: contracted axes
+  flattened to K (in order), output axes to N."""
+  shape = np.shape(w)
+  k = int(np.prod([shape[a] for a in contract]))
+  n = int(np.prod([shape[a] for a in out]))
+  if tuple(contract) == (0,) and tuple(out) == (1,) and len(shape) == 2:
+    return w
+  xp = np if isinstance(w, np.ndarray) else jnp
+  return xp.transpose(w, tuple(contract) + tuple(out)).reshape(k, n)
+
+
+def weight_from_matrix(m, shape, contract=(0,), out=(1,)):
+  """Inverse of weight_matrix: the (K, N) matrix back in the weight's own layout."""
+  if tuple(contract) == (0,) and tuple(out) == (1,) and len(shape) == 2:
+    return m
+  xp = np if isinstance(m, np.ndarray) else jnp
+  order = tuple(contract) + tuple(out)
+  t = xp.reshape(m, [shape[a] for a in order])
+  return xp.transpose(t, tuple(int(i) for i in np.argsort(order)))
+
+
 def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
                     act_scale: jax.Array | float | None = None,
                     inv_smooth: jax.Array | None = None,
-                    name: str = "kernel") -> QuantizedKernel:
-  """Quantize a float Dense kernel (K, N) per output channel into a QuantizedKernel.
+                    name: str = "kernel", contract: tuple = (0,), out: tuple = (1,),
+                    keep_float: bool = False) -> QuantizedKernel:
+  """Quantize a float weight per output channel into a QuantizedKernel.
+
+  A Dense kernel (K, N) by default; any weight with `contract` / `out` naming its
+  contracted and output axes (see QuantizedKernel). keep_float: also keep the float
+  weight (for other ops that read it).
 
   `kernel` is the already-smoothed weight (diag(s) W) when smoothing is used; `inv_smooth`
   is 1/s when it is applied at run time. Raises on wrong rank, non-float dtypes, NaN/Inf,
   or side inputs of the wrong shape; `name` (the layer path) is in every message.
   """
   check_qtype(qtype)
-  kernel = jnp.asarray(kernel)
-  if kernel.ndim != 2:
-    raise ValueError(f"{name}: expected a 2-D (in, out) Dense kernel, got shape {kernel.shape}")
-  if not jnp.issubdtype(kernel.dtype, jnp.floating):
-    raise TypeError(f"{name}: expected a floating-point kernel, got {kernel.dtype}")
-  check_finite(kernel, f"{name}: kernel")
+  original = jnp.asarray(kernel)
+  contract, out = tuple(contract), tuple(out)
+  if sorted(contract + out) != list(range(original.ndim)) or not contract or not out:
+    if (contract, out) == ((0,), (1,)):
+      raise ValueError(f"{name}: expected a 2-D (in, out) Dense kernel, got shape {original.shape}")
+    raise ValueError(f"{name}: contract {contract} and out {out} must split the axes of a weight of shape "
+                     f"{original.shape}")
+  if not jnp.issubdtype(original.dtype, jnp.floating):
+    raise TypeError(f"{name}: expected a floating-point kernel, got {original.dtype}")
+  check_finite(original, f"{name}: kernel")
+  kernel = weight_matrix(original, contract, out)
   k, n = kernel.shape
   w = kernel.astype(jnp.float32).T  # (N, K)
   q = quantize(w, qtype, granularity="channel", axis=0)
@@ -264,7 +321,8 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
       raise ValueError(f"{name}: inv_smooth must have shape ({k},) (the kernel's input dim), got {inv_smooth.shape}")
     check_finite(inv_smooth, f"{name}: inv_smooth")
   return QuantizedKernel(q.values, q.scale[:, 0], act_scale, inv_smooth, qtype,
-                         activation_key(qtype, act_scale, inv_smooth))
+                         activation_key(qtype, act_scale, inv_smooth), original if keep_float else None,
+                         contract, out, tuple(original.shape), jnp.dtype(original.dtype).name)
 
 
 def activation_key(qtype: str, act_scale, inv_smooth) -> str:

@@ -5,6 +5,8 @@ kernel's spec onto its QuantizedKernel's fields (the weight is stored transposed
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -22,10 +24,16 @@ def quantized_partition_specs(qparams, float_specs):
   """
   def go(q, s, path):
     if isinstance(q, QuantizedKernel):
-      spec = tuple(s) + (None,) * (2 - len(tuple(s)))
-      k_axis, n_axis = spec
-      return QuantizedKernel(P(n_axis, k_axis), P(n_axis), None if q.act_scale is None else P(),
-                             None if q.inv_smooth is None else P(k_axis), q.qtype, q.act_key)
+      # The float weight's spec per axis; K (N) takes the spec of a single contracted
+      # (output) axis -- a flattened group of axes is left unsharded.
+      rank = len(q.float_shape)
+      spec = tuple(s) + (None,) * (rank - len(tuple(s)))
+      k_axis = spec[q.contract[0]] if len(q.contract) == 1 else None
+      n_axis = spec[q.out[0]] if len(q.out) == 1 else None
+      return dataclasses.replace(q, values=P(n_axis, k_axis), scale=P(n_axis),
+                                 act_scale=None if q.act_scale is None else P(),
+                                 inv_smooth=None if q.inv_smooth is None else P(k_axis),
+                                 kept=None if q.kept is None else P(*spec))
     if isinstance(q, dict):
       if not isinstance(s, dict) or set(s) != set(q):
         raise ValueError(f"quantized_partition_specs: {path or '/'}: float_specs does not match the params tree")
@@ -63,8 +71,9 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   dtype = qtype_dtype(qk.qtype)
   resolved = ops.resolve_backend(backend, interpret, qk.qtype, qk.in_features)
   x_spec, v_spec = P(batch_axis, k_axis), P(n_axis, k_axis)
-  qk_spec = QuantizedKernel(v_spec, P(n_axis), None if qk.act_scale is None else P(),
-                            None if qk.inv_smooth is None else P(k_axis), qk.qtype, qk.act_key)
+  qk_spec = dataclasses.replace(qk, values=v_spec, scale=P(n_axis), act_scale=None if qk.act_scale is None else P(),
+                                inv_smooth=None if qk.inv_smooth is None else P(k_axis),
+                                kept=None if qk.kept is None else P())
   b_spec = None if bias is None else P(n_axis)
 
   def per_shard(xb, q, b):

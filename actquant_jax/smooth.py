@@ -101,20 +101,24 @@ def outlier_ratio(x_absmax, s=None) -> float:
 FOLD_PARAMS = {"layernorm": ("scale", "bias"), "rmsnorm": ("scale",), "dense": ("kernel", "bias")}
 
 
-def can_fold(kind: str, producer_params: dict) -> bool:
+def can_fold(kind: str, producer_params: dict, names: tuple | None = None) -> bool:
+  """names: the producer's params that absorb 1/s, as the traced dataflow found them
+  (default: FOLD_PARAMS[kind])."""
   if kind not in FOLD_PARAMS or not isinstance(producer_params, dict):
     return False
+  if names:
+    return all(n in producer_params for n in names)
   # A norm without a scale has nothing to fold 1/s into (its bias alone would not do).
   required = {"layernorm": "scale", "rmsnorm": "scale", "dense": "kernel"}[kind]
   return required in producer_params
 
 
-def fold_inverse(kind: str, producer_params: dict, s) -> dict:
+def fold_inverse(kind: str, producer_params: dict, s, names: tuple | None = None) -> dict:
   """Producer params whose output is the old output / s (exact): a norm's scale and bias
   divided by s; a Dense's output columns and bias divided by s."""
   inv = 1.0 / np.asarray(s, np.float32)
   out = dict(producer_params)
-  for name in FOLD_PARAMS[kind]:
+  for name in names or FOLD_PARAMS[kind]:
     if name in out:
       v = out[name]
       out[name] = (jnp.asarray(v, jnp.float32) * inv).astype(jnp.asarray(v).dtype)  # last axis = channels

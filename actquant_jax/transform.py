@@ -1,10 +1,10 @@
 """quantize_params(params, stats, config): a float param pytree in, a quantized one out.
 
-Same tree structure and paths: each quantized Dense `kernel` leaf becomes one
-QuantizedKernel node (int8/fp8 (N, K) values, per-output-channel scales, the static
-activation scale or None, the runtime inverse-smoothing vector or None). Producers that
-absorbed 1/s (LayerNorm/RMSNorm scale and bias, a Dense's output columns) are rewritten
-in place in the copy. Nothing else changes, so sharding rules and checkpoint tools that
+Same tree structure and paths: each quantized weight leaf (a Dense `kernel`, an Einsum
+or raw param, a tied embedding) becomes one QuantizedKernel node (int8/fp8 (N, K) values
+with the contraction it serves, per-output-channel scales, the static activation scale or
+None, the runtime inverse-smoothing vector or None). Producers that absorbed 1/s (a
+norm's scale and bias, a Dense's output columns) are rewritten in place in the copy. Nothing else changes, so sharding rules and checkpoint tools that
 key on paths keep working.
 """
 
@@ -17,9 +17,11 @@ import jax
 import numpy as np
 
 from actquant_jax import smooth
-from actquant_jax.calibrate import LayerStats, check_stats
+from actquant_jax._capture import layer_name
+from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, layer_dataflow
 from actquant_jax.config import QuantConfig
-from actquant_jax.quant import QuantizedKernel, check_finite, quantize_kernel
+from actquant_jax.quant import (QuantizedKernel, check_finite, quantize_kernel, weight_from_matrix,
+                                weight_matrix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class LayerReport:
   weight_error: float = 0.0      # ||dq(W') - W'|| / ||W'||
   output_error: float = 0.0      # ||y_q - y|| / ||y|| on calibration rows (this layer alone)
   alpha_errors: dict | None = None  # "auto": error of each grid value (group total)
+  reason: str = ""               # why a layer stays float ("rule", or an unsupported layout)
 
 
 def _split_root(params):
@@ -108,50 +111,74 @@ class LayerPlan:
   stats: LayerStats
 
 
+def weight_path(layer: str, st: LayerStats) -> str:
+  """The param path of a layer's weight (stats from before the capture layer: `kernel`)."""
+  return st.param or f"{layer}/kernel"
+
+
 def _check_inputs(params, stats, config):
   if not isinstance(config, QuantConfig):
     raise TypeError(f"quantize_params: config must be a QuantConfig, got {type(config).__name__}")
   if not isinstance(stats, dict) or not stats:
     raise ValueError("quantize_params: stats is empty; run aq.calibrate(model, params, batches) first")
   check_stats(stats, "quantize_params")
+  fps = {s.fingerprint for s in stats.values()}
+  if len(fps) > 1:
+    raise ValueError("quantize_params: stats mix calibrations of different model structures (their fingerprints "
+                     "differ); calibrate the model once and use those stats")
   root, rebuild = _split_root(params)
+  weights = {weight_path(p, s) for p, s in stats.items()}
   # Every Dense-like kernel must have stats unless a rule keeps it in float.
   for p in dense_kernel_paths(root):
-    if p not in stats and config.settings_for(p).quantize and not isinstance(_get(root, p)["kernel"], QuantizedKernel):
-      raise ValueError(f"quantize_params: layer {p}: no calibration stats (was it called during "
-                       f"calibration?). Calibrate it, or keep it in float with LayerRule({p!r}, skip=True)")
+    if (f"{p}/kernel" not in weights and config.settings_for(p).quantize
+        and not isinstance(_get(root, p)["kernel"], QuantizedKernel)):
+      raise ValueError(f"quantize_params: layer {p}: no calibration stats (its kernel was not used by any matmul "
+                       f"during calibration). Calibrate it, or keep it in float with LayerRule({p!r}, skip=True)")
   for p, s in stats.items():
-    node = _get(root, p)
-    if node is None or "kernel" not in node:
-      raise ValueError(f"quantize_params: layer {p}: in stats but has no kernel in params (stats from another model?)")
-    k = node["kernel"]
+    wp = weight_path(p, s)
+    k = _get(root, wp)
+    if k is None or isinstance(k, dict) or (s.param and layer_name(s.param) != p):
+      raise ValueError(f"quantize_params: layer {p}: in stats but has no kernel (weight {wp}) in params "
+                       "(stats from another model?)")
     if isinstance(k, QuantizedKernel):
       raise ValueError(f"quantize_params: layer {p}: kernel is already quantized")
-    if getattr(k, "ndim", 0) != 2:
-      raise ValueError(f"quantize_params: layer {p}: kernel must be 2-D (in, out), got shape {np.shape(k)}")
-    if k.shape[0] != s.absmax.shape[0]:
-      raise ValueError(f"quantize_params: layer {p}: kernel {tuple(k.shape)} has {k.shape[0]} inputs but stats "
+    if s.reason:
+      continue
+    shape = tuple(np.shape(k))
+    if not s.param and len(shape) != 2:
+      raise ValueError(f"quantize_params: layer {p}: kernel must be 2-D (in, out), got shape {shape}")
+    if max(s.contract + s.out) >= len(shape):
+      raise ValueError(f"quantize_params: layer {p}: weight {wp} has shape {shape}, but the stats contract axes "
+                       f"{s.contract} / output axes {s.out} (stats from another model?)")
+    kdim = int(np.prod([shape[a] for a in s.contract]))
+    if kdim != s.absmax.shape[0]:
+      raise ValueError(f"quantize_params: layer {p}: kernel {shape} has {kdim} inputs but stats "
                        f"have {s.absmax.shape[0]} channels (stats from another model?)")
     check_finite(k, f"quantize_params: layer {p}: kernel")
   return root, rebuild
 
 
+def _matrix(root, p, st):
+  """The layer's weight as its (K, N) matrix, float32 numpy."""
+  return weight_matrix(np.asarray(_get(root, weight_path(p, st)), np.float32), st.contract, st.out)
+
+
 def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig()):
   """The smoothing half of quantize_params, in float: returns (smoothed params, plans).
 
-  For each group of Dense layers reading one input: s from the calibration absmax and
-  the group's weights (alpha fixed or searched), each kernel's rows multiplied by s, and
-  1/s folded into the producer when exact (plans[path].folded) -- else the layer must
-  apply 1/s to its input at run time. plans: {path: LayerPlan} for every layer to be
-  quantized. With every plan folded, the smoothed params compute the same function.
+  For each group of layers reading one input: s from the calibration absmax and the
+  group's weights (alpha fixed or searched), each weight's contracted (input) channels
+  multiplied by s, and 1/s folded into the producer of every call when exact
+  (plans[path].folded) -- else the layer must apply 1/s to its input at run time.
+  plans: {path: LayerPlan} for every layer to be quantized. With every plan folded, the
+  smoothed params compute the same function.
   """
   root, rebuild = _check_inputs(params, stats, config)
-  settings = {p: config.settings_for(p) for p in stats}
-  # Kernels are read on use (not cached) so no second float copy of the model is held.
-  kernel_of = lambda p: np.asarray(_get(root, p)["kernel"], np.float32)
+  live = {p: s for p, s in stats.items() if not s.reason}
+  settings = {p: config.settings_for(p) for p in live}
   groups: dict[str, list[str]] = {}
-  for p in stats:
-    groups.setdefault(stats[p].group, []).append(p)
+  for p in live:
+    groups.setdefault(live[p].group, []).append(p)
 
   new_root = root
   plans: dict[str, LayerPlan] = {}
@@ -164,9 +191,10 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
       if (settings[p].alpha, settings[p].act_mode, settings[p].qtype) != (first.alpha, first.act_mode, first.qtype):
         raise ValueError(f"quantize_params: layers {quantized[0]} and {p} read the same input but their "
                          "rules give them different alpha/act_mode/qtype; they must share one smoothing")
-    st = stats[quantized[0]]
-    x_absmax = np.max(np.stack([np.asarray(stats[p].absmax) for p in quantized]), axis=0)
-    group_kernels = [kernel_of(p) for p in quantized]
+    st = live[quantized[0]]
+    x_absmax = np.max(np.stack([np.asarray(live[p].absmax) for p in quantized]), axis=0)
+    # Kernels are read on use (not cached) so no second float copy of the model is held.
+    group_kernels = [_matrix(new_root, p, live[p]) for p in quantized]
     alpha, alpha_errors = first.alpha, None
     if alpha == "auto":
       if np.asarray(st.samples).shape[0] == 0:
@@ -175,29 +203,35 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
                                                 first.qtype, first.act_mode)
     s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(group_kernels), alpha)
     del group_kernels
-    producer_node = _get(new_root, st.producer) if st.producer else None
-    # Exact only if every reader of the producer's output is a quantized layer of this
-    # group (a float-kept reader would see X / s).
-    fold = (s is not None and st.foldable and len(quantized) == len(members)
-            and smooth.can_fold(st.producer_kind, producer_node))
+    # Exact only if, at every call, every reader of the producer's output is a quantized
+    # layer of this group (a float-kept reader would see X / s), and every producer can take it.
+    producers = sorted({q for p in quantized for q in (live[p].producers or (live[p].producer,))})
+    names = st.fold_params or smooth.FOLD_PARAMS.get(st.producer_kind, ())
+    fold = (s is not None and len(quantized) == len(members) and all(live[p].foldable for p in quantized)
+            and all(q and smooth.can_fold(st.producer_kind, _get(new_root, q), names) for q in producers))
     if fold:
-      new_root = _set(new_root, st.producer, smooth.fold_inverse(st.producer_kind, producer_node, s))
+      for q in producers:
+        new_root = _set(new_root, q, smooth.fold_inverse(st.producer_kind, _get(new_root, q), s, names))
     for p in quantized:
-      if s is not None:  # rows of W times s (the current kernel: a producer's fold may have hit its columns)
-        node = _get(new_root, p)
-        k = node["kernel"]
-        new_root = _set(new_root, p, {**node, "kernel": (np.asarray(k, np.float32) * s[:, None]).astype(k.dtype)})
-      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, stats[p])
+      if s is not None:  # input channels of W times s (the current weight: a producer's fold may have hit it)
+        wp = weight_path(p, live[p])
+        w = _get(new_root, wp)
+        m = weight_matrix(np.asarray(w, np.float32), live[p].contract, live[p].out) * s[:, None]
+        new_root = _set(new_root, wp, weight_from_matrix(m, np.shape(w), live[p].contract, live[p].out
+                                                         ).astype(np.asarray(w).dtype))
+      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p])
   return rebuild(new_root), plans
 
 
 def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig(), *,
                     return_report: bool = False):
-  """Quantize every calibrated Dense layer of `params` per `config`.
+  """Quantize every calibrated weight matmul of `params` per `config`.
 
-  Returns qparams (and a {path: LayerReport} dict with return_report=True). Pure: the
-  input tree is not modified. Raises on missing or mismatched stats, non-finite weights,
-  and rules that give layers sharing one input different smoothing.
+  Returns qparams (and a {layer: LayerReport} dict with return_report=True; every layer
+  the calibration saw is in it, quantized or float with a reason; report_summary(report)
+  is the one-line account). Pure: the input tree is not modified. Raises on missing or
+  mismatched stats, non-finite weights, and rules that give layers sharing one input
+  different smoothing.
   """
   smoothed, plans = smooth_params(params, stats, config)
   root, rebuild = _split_root(smoothed)
@@ -205,18 +239,44 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
   report: dict[str, LayerReport] = {}
   for p, st in stats.items():
     if p not in plans:
-      report[p] = LayerReport(p, quantized=False, producer=st.producer, producer_kind=st.producer_kind)
+      report[p] = LayerReport(p, quantized=False, producer=st.producer, producer_kind=st.producer_kind,
+                              reason=st.reason or "rule")
   for p, plan in plans.items():
-    node = _get(root, p)
+    st = plan.stats
+    wp = weight_path(p, st)
     qt, mode = plan.settings.qtype, plan.settings.act_mode
     act_scale = smooth.static_act_scale(plan.x_absmax, plan.s, qt) if mode == "static" else None
     inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
-    qk = quantize_kernel(node["kernel"], qt, act_scale=act_scale, inv_smooth=inv, name=p)
-    root = _set(root, p, {**node, "kernel": qk})
+    qk = quantize_kernel(_get(root, wp), qt, act_scale=act_scale, inv_smooth=inv, name=p, contract=st.contract,
+                         out=st.out)
+    # Other readers (a tied embedding's lookup) keep the original float weight: the int8
+    # copy alone carries the smoothing.
+    qk = dataclasses.replace(qk, kept=jax.numpy.asarray(_get(orig_root, wp)) if st.keep_float else None,
+                             folded_into=tuple(sorted(set(st.producers or (st.producer,)))) if plan.folded else (),
+                             dataflow=layer_dataflow(DataflowFacts(st.group, st.producer, st.producer_kind,
+                                                                   st.exclusive, st.producers, st.fold_params),
+                                                     st.contract, st.out) if st.producers else "")
+    root = _set(root, wp, qk)
     if return_report:
-      report[p] = _layer_report(p, np.asarray(_get(orig_root, p)["kernel"], np.float32), qk, plan)
+      report[p] = _layer_report(p, _matrix(orig_root, p, st), qk, plan)
   qparams = rebuild(root)
   return (qparams, report) if return_report else qparams
+
+
+def report_summary(report: dict[str, LayerReport]) -> str:
+  """One line: "quantized 15 of 15 weight matmuls; 11 smoothing vectors folded, 4 at run time"."""
+  q = [r for r in report.values() if r.quantized]
+  folded = {r.path for r in q if r.smoothing == "folded"}
+  runtime = {r.path for r in q if r.smoothing == "runtime"}
+  line = (f"quantized {len(q)} of {len(report)} weight matmuls; {len(folded)} smoothing vectors folded, "
+          f"{len(runtime)} at run time")
+  reasons = {}
+  for r in report.values():
+    if not r.quantized:
+      reasons.setdefault(r.reason or "rule", []).append(r.path)
+  for why, paths in reasons.items():
+    line += f"; float ({why}): {', '.join(paths)}"
+  return line
 
 
 def _layer_report(p, kernel, qk, plan: LayerPlan) -> LayerReport:
@@ -244,10 +304,10 @@ def _layer_report(p, kernel, qk, plan: LayerPlan) -> LayerReport:
 def format_report(report: dict[str, LayerReport]) -> str:
   """A fixed-width table of the report, one line per layer."""
   head = f"{'layer':40s} {'mode':22s} {'alpha':>5s} {'smoothing':9s} {'outlier x':>15s} {'w err':>8s} {'y err':>8s}"
-  lines = [head, "-" * len(head)]
+  lines = [report_summary(report), head, "-" * len(head)]
   for p, r in report.items():
     if not r.quantized:
-      lines.append(f"{p:40s} {'float (rule)':22s}")
+      lines.append(f"{p:40s} {'float (' + (r.reason or 'rule') + ')':22s}")
       continue
     a = "-" if r.alpha is None else f"{r.alpha:.2f}"
     lines.append(f"{p:40s} {r.qtype + ' ' + r.act_mode:22s} {a:>5s} {r.smoothing:9s} "

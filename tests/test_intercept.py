@@ -20,33 +20,32 @@ def setup():
 def test_quantized_apply_routes_every_quantized_dense(setup):
   m, params, cal, stats = setup
   qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)))
-  seen = []
-
-  def spy(next_fun, args, kwargs, ctx):
-    if ctx.method_name == "__call__" and type(ctx.module) is nn.Dense:
-      seen.append("/".join(ctx.module.path))
-    return next_fun(*args, **kwargs)
-
   x = tm.batches(1, seed=2)[0]
-  f = aq.quantized_apply(m)
-  with nn.intercept_methods(spy):
-    y = f(qparams, x)
-  assert len(seen) == 13  # every Dense is still called, by the model's own code
+  for backend in ("xla", "auto"):
+    f = aq.quantized_apply(m, backend=backend)
+    assert tm.int8_matmuls(f, qparams, x) == 12  # every Dense but the float-kept head
+  assert tm.int8_matmuls(aq.quantized_apply(m), params, x) == 0  # float params: the model's own math
   # Check one layer by hand: block_1/fc2's output equals w8a8_dot on its input.
-  captured = {}
+  f = aq.quantized_apply(m, backend="xla")
+  y = f(qparams, x)
+  fc2_in, fc2_out = aq.quantized_apply(m, backend="xla", method=_fc2_in_out)(qparams, x)
+  node = qparams["params"]["block_1"]["fc2"]
+  expect = aq.w8a8_dot(fc2_in, node["kernel"], node["bias"], backend="xla")
+  np.testing.assert_allclose(np.asarray(fc2_out), np.asarray(expect), rtol=1e-6, atol=1e-6)
+  # jit gives the same numbers
+  np.testing.assert_allclose(np.asarray(jax.jit(f)(qparams, x)), np.asarray(y), rtol=1e-6, atol=1e-6)
 
+
+def _fc2_in_out(mod, v):
+  captured = []
   def grab(next_fun, args, kwargs, ctx):
     out = next_fun(*args, **kwargs)
     if ctx.method_name == "__call__" and "/".join(ctx.module.path) == "block_1/fc2":
-      captured["x"], captured["y"] = args[0], out
+      captured.extend([args[0], out])
     return out
   with nn.intercept_methods(grab):
-    f(qparams, x)
-  node = qparams["params"]["block_1"]["fc2"]
-  expect = aq.w8a8_dot(captured["x"], node["kernel"], node["bias"])
-  np.testing.assert_array_equal(np.asarray(captured["y"]), np.asarray(expect))
-  # jit gives the same numbers
-  np.testing.assert_allclose(np.asarray(jax.jit(f)(qparams, x)), np.asarray(y), rtol=1e-6, atol=1e-6)
+    mod(v)
+  return tuple(captured)
 
 
 def test_float_params_run_unchanged(setup):
@@ -93,8 +92,9 @@ def test_nnx_in_place_and_report(setup):
   out, report = aq.quantize_model(nm, nstats, aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)),
                                   return_report=True)
   assert out is nm
-  assert isinstance(nm.block_0.q, aq.QuantizedLinear) and isinstance(nm.block_0.q.kernel.get_value(), aq.QuantizedKernel)
-  assert type(nm.head) is nnx.Linear  # kept in float by the rule
+  assert isinstance(nm.block_0.q.kernel.get_value(), aq.QuantizedKernel)
+  assert not isinstance(nm.head.kernel.get_value(), aq.QuantizedKernel)  # kept in float by the rule
+  assert tm.int8_matmuls(lambda v: nm(v), cal[0]) == 12
   assert not np.allclose(np.asarray(nm.block_0.ln_1.scale.get_value()), ln_scale_before)  # 1/s folded
   assert report["block_0/q"].smoothing == "folded" and not report["head"].quantized
 

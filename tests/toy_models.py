@@ -142,3 +142,22 @@ def with_outlier_channels(params, readers, channels=(3, 17, 40), factor=100.0):
 def batches(n, b=4, t=16, d=D, seed=0):
   rng = np.random.default_rng(seed)
   return [jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32) for _ in range(n)]
+
+
+def int8_matmuls(fn, *args) -> int:
+  """How many 8-bit GEMMs the traced program runs: dot_generals with int8/fp8 operands
+  and the native CPU GEMM's custom calls, nested jaxprs included."""
+  def count(jaxpr):
+    n = 0
+    for e in jaxpr.eqns:
+      if e.primitive.name in ("dot_general", "ffi_call") and e.invars and all(
+          str(v.aval.dtype) in ("int8", "float8_e4m3fn") for v in e.invars):
+        n += 1
+      for p in e.params.values():
+        for s in (p if isinstance(p, (tuple, list)) else (p,)):
+          if hasattr(s, "eqns"):
+            n += count(s)
+          elif hasattr(s, "jaxpr") and hasattr(s.jaxpr, "eqns"):
+            n += count(s.jaxpr)
+    return n
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)

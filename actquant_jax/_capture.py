@@ -1,0 +1,331 @@
+"""The one notion of a quantizable matmul, shared by calibration and inference.
+
+A *weight contraction* is a `dot_general` in the traced program one of whose operands
+is a parameter (reached from the param leaf through layout-only ops: transpose, dtype
+casts) and the other is not. Every way to write a matmul -- `lax.dot_general`,
+`jnp.einsum`, `jnp.dot`, `jnp.matmul`, `@`, nn.Dense / DenseGeneral / Einsum, nnx
+Linear / LinearGeneral / Einsum, HF's `FlaxConv1D`, `x @ E.T` -- becomes such an
+equation, so the parameter is found by dataflow identity, never by class or name.
+Contractions of two activations (attention) are not weight contractions.
+
+Why the jaxpr and not patched jax functions (qwix's way): one definition reached by
+every spelling (aliases bound at import time included), no global patching, thread
+safe, and lifted transforms are plain nested jaxprs (jit and remat are inlined here),
+so statistics leave through the program's outputs, never through Python state.
+
+Two passes over one traced program, in the same order:
+- `analyze`: a symbolic run giving the flat dataflow graph -- the contraction sites and,
+  for folding, which op produced each activation and who else reads it.
+- `evaluate`: a concrete run (under the caller's jit) that hands each weight
+  contraction to a handler (record statistics / run w8a8_dot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.extend
+import numpy as np
+from flax import nnx
+
+Literal = jax.extend.core.Literal
+# Sub-programs run inline (their boundary has no meaning for a forward pass).
+_INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
+           "remat2": "jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr"}
+# Inlined only when they contain a matmul (else kept, with their custom derivatives).
+_INLINE_IF_DOT = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+                  "custom_vjp_call_jaxpr": "fun_jaxpr"}
+# Ops between a param and a matmul operand that keep the weight's values.
+_LAYOUT = ("transpose", "convert_element_type", "copy", "copy_p")
+
+
+def _jaxpr_of(sub):
+  """(jaxpr, consts) of a ClosedJaxpr or an open Jaxpr."""
+  if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
+    return sub.jaxpr, list(sub.consts)
+  return sub, []
+
+
+def _sub_jaxprs(eqn):
+  for v in eqn.params.values():
+    for s in (v if isinstance(v, (tuple, list)) else (v,)):
+      if hasattr(s, "eqns") or (hasattr(s, "jaxpr") and hasattr(s, "consts")):
+        yield _jaxpr_of(s)[0]
+
+
+def _has_dot(jaxpr) -> bool:
+  return any(e.primitive.name == "dot_general" or any(_has_dot(j) for j in _sub_jaxprs(e)) for e in jaxpr.eqns)
+
+
+def _inlined(eqn):
+  name = eqn.primitive.name
+  if name in _INLINE and _INLINE[name] in eqn.params:
+    return _jaxpr_of(eqn.params[_INLINE[name]])
+  if name in _INLINE_IF_DOT and _INLINE_IF_DOT[name] in eqn.params:
+    j, c = _jaxpr_of(eqn.params[_INLINE_IF_DOT[name]])
+    if _has_dot(j):
+      return j, c
+  return None
+
+
+def _interpret(jaxpr, consts, args, bind, lift_const):
+  env: dict = {}
+  read = lambda v: v.val if isinstance(v, Literal) else env[v]
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+  for v, a in zip(jaxpr.invars, args):
+    env[v] = a
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    sub = _inlined(eqn)
+    if sub is not None:
+      j, c = sub
+      outs = _interpret(j, [lift_const(x) for x in c], ins, bind, lift_const)
+    else:
+      outs = bind(eqn, ins)
+    for v, o in zip(eqn.outvars, outs):
+      env[v] = o
+  return [read(v) for v in jaxpr.outvars]
+
+
+# ---------------------------------------------------------------- the traced program
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """A model call traced once: the jaxpr, which flat inputs are params (their paths),
+  and how to rebuild the output pytree."""
+
+  closed: Any
+  param_paths: tuple      # per flat input: "module/path/name" for a param leaf, else None
+  out_tree: Any
+
+
+def _key_str(k) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def linen_param_paths(variables) -> list:
+  """Per flat leaf of linen `variables`: its path inside the "params" collection, or None."""
+  leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+  out = []
+  for path, _ in leaves:
+    keys = [_key_str(k) for k in path]
+    out.append("/".join(keys[1:]) if keys and keys[0] == "params" else None)
+  return out
+
+
+def nnx_param_paths(state) -> list:
+  """Per flat leaf of an nnx State: the path of its nnx.Param variable, or None."""
+  out = []
+  for path, var in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    n = len(jax.tree_util.tree_leaves(var))
+    name = "/".join(_key_str(k) for k in path) if isinstance(var, nnx.Param) else None
+    out += [name] * n
+  return out
+
+
+def trace(fn: Callable, variables, param_paths: list, *rest) -> Program:
+  """Trace fn(variables, *rest). Leaves of `rest` that are not arrays are closed over
+  (static: flags, `mutable=[...]`), so any apply signature can be traced."""
+  leaves, tree = jax.tree_util.tree_flatten(rest)
+  dyn = [isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval") for x in leaves]
+
+  def flat_fn(variables, dyn_leaves):
+    it = iter(dyn_leaves)
+    full = [next(it) if d else x for x, d in zip(leaves, dyn)]
+    return fn(variables, *jax.tree_util.tree_unflatten(tree, full))
+
+  dyn_leaves = [x for x, d in zip(leaves, dyn) if d]
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(variables, dyn_leaves)
+  n_dyn = len(jax.tree_util.tree_leaves(dyn_leaves))
+  return Program(closed, tuple(param_paths) + (None,) * n_dyn, jax.tree_util.tree_structure(out_shape))
+
+
+def program_inputs(variables, rest) -> list:
+  leaves = jax.tree_util.tree_leaves(rest)
+  dyn = [x for x in leaves if isinstance(x, (jax.Array, np.ndarray, np.generic)) or hasattr(x, "aval")]
+  return jax.tree_util.tree_leaves(variables) + jax.tree_util.tree_leaves(dyn)
+
+
+# ---------------------------------------------------------------- symbolic run: the graph
+
+class Node:
+  """A value of the flattened program: made by `prim` from `inputs`."""
+
+  __slots__ = ("prim", "params", "inputs", "shape", "param", "out_index", "readers", "site")
+
+  def __init__(self, prim, params=None, inputs=(), shape=(), param=None, out_index=0):
+    self.prim, self.params, self.inputs, self.shape = prim, params or {}, list(inputs), tuple(shape)
+    self.param, self.out_index, self.readers, self.site = param, out_index, [], None
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+  """One weight contraction site.
+
+  index:      call index: its order among the program's matmuls.
+  param:      the weight's param path ("block_0/attn/query/kernel").
+  layer:      the layer name (see `layer_name`).
+  param_shape: the weight's shape.
+  contract:   weight axes contracted with the activation, paired with x_contract.
+  x_contract: the activation's contracted axes (in the dot as the model wrote it).
+  out:        the weight's free axes, in the order they appear in the output.
+  batch:      weight batch axes (per-head weights); float for now when non-empty.
+  weight_lhs: the weight was the left operand.
+  perm:       operand axis i is weight axis perm[i] (layout ops between them).
+  reason:     None when quantizable, else why it stays float.
+  """
+
+  index: int
+  param: str
+  layer: str
+  param_shape: tuple
+  contract: tuple
+  x_contract: tuple
+  out: tuple
+  batch: tuple
+  weight_lhs: bool
+  perm: tuple
+  reason: str | None = None
+
+
+def layer_name(param: str) -> str:
+  """A layer is named by the path of the module holding its weight when the weight is
+  called `kernel` (Flax's Dense-like modules: the names rules and reports used so far),
+  else by the weight's own path (raw params, tied embeddings)."""
+  module, _, name = param.rpartition("/")
+  return module if name == "kernel" and module else param
+
+
+def weight_source(node: Node):
+  """(param node, perm) if `node` is a param seen through layout-only ops, else None."""
+  perm = None
+  while True:
+    if node.param is not None:
+      p = tuple(range(len(node.shape))) if perm is None else perm
+      return node, p
+    if node.prim not in _LAYOUT or not node.inputs:
+      return None
+    if node.prim == "transpose":
+      t = tuple(node.params["permutation"])
+      perm = t if perm is None else tuple(t[i] for i in perm)
+    node = node.inputs[0]
+
+
+@dataclasses.dataclass
+class Graph:
+  sites: dict           # index -> Contraction
+  x_node: dict          # index -> the activation Node
+  out_node: dict        # index -> the output Node
+  params: dict          # param path -> Node
+  outputs: list         # the program's output Nodes
+  seen_inside: dict     # param path -> primitive (scan, while, cond) it is contracted in
+
+
+def analyze(program: Program) -> Graph:
+  jaxpr, consts = program.closed.jaxpr, program.closed.consts
+  params: dict[str, Node] = {}
+  args = []
+  for v, p in zip(jaxpr.invars, program.param_paths):
+    n = Node("param" if p else "input", shape=getattr(v.aval, "shape", ()), param=p)
+    if p:
+      params[p] = n
+    args.append(n)
+  sites, x_node, out_node, seen_inside = {}, {}, {}, {}
+  counter = [0]
+
+  def lift_const(c):
+    return Node("const", shape=np.shape(c))
+
+  def bind(eqn, ins):
+    ins_n = [x if isinstance(x, Node) else Node("literal") for x in ins]
+    outs = [Node(eqn.primitive.name, eqn.params, ins_n, getattr(v.aval, "shape", ()), out_index=i)
+            for i, v in enumerate(eqn.outvars)]
+    for x in ins_n:
+      x.readers.append(outs[0] if outs else None)
+    if eqn.primitive.name == "dot_general":
+      idx = counter[0]
+      counter[0] += 1
+      site = _site(idx, eqn, ins_n)
+      if site is not None:
+        sites[idx] = site
+        x_node[idx] = ins_n[1] if site.weight_lhs else ins_n[0]
+        out_node[idx] = outs[0]
+        outs[0].site = idx
+    elif any(True for _ in _sub_jaxprs(eqn)) and any(_has_dot(j) for j in _sub_jaxprs(eqn)):
+      for x in ins_n:
+        src = weight_source(x)
+        if src is not None:
+          seen_inside.setdefault(src[0].param, eqn.primitive.name)
+    return outs
+
+  outputs = _interpret(jaxpr, [lift_const(c) for c in consts], args, bind, lift_const)
+  return Graph(sites, x_node, out_node, params, outputs, seen_inside)
+
+
+def _site(idx, eqn, ins) -> Contraction | None:
+  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+  srcs = [weight_source(x) for x in ins]
+  if (srcs[0] is None) == (srcs[1] is None):
+    return None  # activation x activation (attention), or weight x weight
+  w_lhs = srcs[0] is not None
+  pnode, perm = srcs[0] if w_lhs else srcs[1]
+  wc, xc, wb = (lc, rc, lb) if w_lhs else (rc, lc, rb)
+  contract = tuple(perm[a] for a in wc)
+  batch = tuple(perm[a] for a in wb)
+  free_operand = [a for a in range(len(perm)) if a not in wc and a not in wb]
+  out = tuple(perm[a] for a in free_operand)
+  reason = None
+  if batch:
+    reason = "weight has batch axes (per-head weights): not supported yet"
+  elif w_lhs:
+    reason = "weight is the left operand (W @ x): not supported yet"
+  elif not out:
+    reason = "weight has no output axis (a matrix-vector reduction)"
+  return Contraction(idx, pnode.param, layer_name(pnode.param), pnode.shape, contract, tuple(xc), out, batch,
+                     w_lhs, perm, reason)
+
+
+# ---------------------------------------------------------------- concrete run
+
+class Absent:
+  """Stands for a weight that is not materialized (only its quantized copy exists): layout
+  ops pass it on, and only the matmul sites given to `evaluate` may read it."""
+
+  def __init__(self, aval):
+    self.aval = aval
+
+
+def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: dict):
+  """Run the program on flat `inputs`; at each site in `sites` call
+  on_contraction(site, x, w, run) -> y (run(x, w) is the original float matmul; w may
+  be an Absent). Returns the flat outputs."""
+  counter = [0]
+
+  def bind(eqn, ins):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    run = lambda *a: eqn.primitive.bind(*a, **params)
+    if eqn.primitive.name == "dot_general":
+      idx = counter[0]
+      counter[0] += 1
+      site = sites.get(idx)
+      if site is not None and site.reason is None:
+        x, w = (ins[1], ins[0]) if site.weight_lhs else (ins[0], ins[1])
+        return [on_contraction(site, x, w, run)]
+    if any(isinstance(a, Absent) for a in ins):
+      if eqn.primitive.name in _LAYOUT:
+        return [Absent(v.aval) for v in eqn.outvars]
+      raise ValueError(f"a quantized weight without its float copy is read by `{eqn.primitive.name}`")
+    out = run(*ins)
+    return out if eqn.primitive.multiple_results else [out]
+
+  return _interpret(program.closed.jaxpr, list(program.closed.consts), inputs, bind, lambda c: c)
+
+
+def unflatten_output(program: Program, flat):
+  return jax.tree_util.tree_unflatten(program.out_tree, flat)
