@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench install clean
+.PHONY: demo llm test bench bench-llm install clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,21 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/minilm/run.py
 
+# The decoder LLM shipped in examples/llm/model (offline): every quantization mode's
+# perplexity, KL, agreement, weight bytes and prefill/decode speed vs f32 and bf16.
+llm: $(VENV)/.installed
+	$(PY) examples/llm/run.py
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=10
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_matmul.py
+
+# A random-init ~1B Llama: KV-cache decode and prefill, W8A8 vs f32 / bf16 (several minutes).
+bench-llm: $(VENV)/.installed
+	$(PY) benchmarks/bench_llm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
