@@ -2,7 +2,8 @@
 2048, 16 layers, 32 heads on 8 KV heads, SwiGLU 8192, tied embeddings; vocab 32000) in
 W8A8 (dynamic and static) against f32 and bf16, in one process.
 
-  python benchmarks/bench_llm.py                       # the README numbers
+  python benchmarks/bench_llm.py --layers 8 --prefill 512   # the README numbers (make bench-llm)
+  python benchmarks/bench_llm.py                       # 1.04B, prefill 2048 (needs ~16 GB free)
   python benchmarks/bench_llm.py --layers 4 --prefill 256 --batches 1 8   # quick
 
 decode: tokens/s of `--steps` greedy steps through the KV cache (one jitted scan) after a
