@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test bench install clean gpu-check
+.PHONY: demo llm test bench bench-llm install clean gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py cpu_kernels/s8_gemm.cc
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) examples/minilm/run.py
+
+# The decoder LLM shipped in examples/llm/model (offline): every quantization mode's
+# perplexity, KL, agreement, weight bytes and prefill/decode speed vs f32 and bf16.
+llm: $(VENV)/.installed
+	$(PY) examples/llm/run.py
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=10
@@ -42,6 +47,11 @@ gpu-check: $(GPUCHECK_VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_cpu.py
 	$(PY) benchmarks/bench_matmul.py
+
+# A random-init Llama (1B layer shapes, 8 layers: 16 do not fit this shared VM): KV-cache
+# decode and prefill, W8A8 vs f32 / bf16 (~10 min).
+bench-llm: $(VENV)/.installed
+	$(PY) benchmarks/bench_llm.py --layers 8 --prefill 512
 
 clean:
 	rm -rf $(VENV) $(GPUCHECK_VENV) .pytest_cache .hypothesis

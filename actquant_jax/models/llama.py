@@ -1,0 +1,532 @@
+"""A compact Flax linen causal LM for the Llama family (Llama 2/3, Mistral, Qwen2), written
+with plain nn.Dense and nn.RMSNorm so actquant-jax calibrates, smooths (folding 1/s into
+the RMSNorm scales in front of q/k/v and gate/up) and quantizes it unmodified; a
+fixed-size KV cache in the linen "cache" collection; jitted prefill / decode steps with
+greedy or sampled generation; and a loader for a local Hugging Face checkpoint directory
+(config.json, *.safetensors or a sharded model.safetensors.index.json, tokenizer.json).
+
+  lm = load_llama("path/to/checkpoint")                      # float32 (or dtype="bfloat16")
+  logits = jax.jit(lm.model.apply)(lm.params, ids)           # (B, T, vocab), no cache
+  out = generate(lm.model.apply, lm.params, ids, 64)         # greedy, KV cache
+  out = generate(aq.quantized_apply(lm.model), qparams, ids, 64)   # the same, W8A8
+
+The cache: `init_cache(model, batch, max_len)` makes zeros; apply(..., decode=True,
+mutable=["cache"]) writes the tokens' keys/values at the cache index, attends over the
+cache (causal, and Mistral's sliding window) and advances the index. Every sequence of
+a batch shares one position (prompts of equal length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  intermediate_size: int = 11008
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: tuple = ()            # sorted (key, value) pairs of HF's rope_scaling dict
+  max_position: int = 4096
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False              # Qwen2; Llama's attention_bias (also on o_proj)
+  o_bias: bool = False
+  mlp_bias: bool = False
+  sliding_window: int | None = None   # Mistral
+  model_type: str = "llama"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"LlamaConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                       f"({self.num_kv_heads})")
+    rope_type = self.rope_scaling_dict.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE:
+      raise ValueError(f"LlamaConfig: unsupported rope_scaling type {rope_type!r} (supported: {SUPPORTED_ROPE})")
+
+  @property
+  def rope_scaling_dict(self) -> dict:
+    return dict(self.rope_scaling)
+
+  @classmethod
+  def from_hf(cls, cfg: dict) -> "LlamaConfig":
+    """From a Hugging Face config.json dict (model_type llama, mistral or qwen2)."""
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED_ARCHS:
+      raise ValueError(f"config.json: unsupported model_type {arch!r} (supported: {SUPPORTED_ARCHS})")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+      raise ValueError(f"config.json: unsupported hidden_act {act!r} (the Llama family uses 'silu')")
+    heads = cfg["num_attention_heads"]
+    scaling = dict(cfg.get("rope_scaling") or {})
+    if scaling:
+      scaling["rope_type"] = scaling.get("rope_type", scaling.pop("type", "default"))
+      scaling.pop("type", None)
+    window = None
+    if arch == "mistral":
+      window = cfg.get("sliding_window")
+    elif arch == "qwen2" and cfg.get("use_sliding_window", False):
+      raise ValueError("config.json: Qwen2 use_sliding_window=true is not supported")
+    attention_bias = bool(cfg.get("attention_bias", False))
+    return cls(
+        vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        intermediate_size=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_scaling=tuple(sorted((k, _hashable(v)) for k, v in scaling.items())),
+        max_position=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or attention_bias, o_bias=attention_bias and arch != "qwen2",
+        mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=window, model_type=arch)
+
+  def to_hf(self) -> dict:
+    """A config.json dict (for saving a checkpoint this code made)."""
+    d = dict(model_type=self.model_type, architectures=[_HF_ARCH[self.model_type]], vocab_size=self.vocab_size,
+             hidden_size=self.hidden_size, num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+             num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+             intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
+             rope_theta=self.rope_theta, rope_scaling=self.rope_scaling_dict or None,
+             max_position_embeddings=self.max_position, tie_word_embeddings=self.tie_word_embeddings,
+             hidden_act="silu")
+    if self.model_type == "llama":
+      d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
+    if self.model_type == "mistral":
+      d.update(sliding_window=self.sliding_window)
+    return d
+
+  @property
+  def num_params(self) -> int:
+    d, h, kv, hd, f = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim, self.intermediate_size
+    layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * f + 2 * d
+    return self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
+
+
+_HF_ARCH = dict(llama="LlamaForCausalLM", mistral="MistralForCausalLM", qwen2="Qwen2ForCausalLM")
+
+
+def _hashable(v):
+  return tuple(v) if isinstance(v, list) else v
+
+
+# ------------------------------------------------------------------ RoPE
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  """(head_dim/2,) inverse frequencies, with the checkpoint's theta and rope scaling."""
+  d = cfg.head_dim
+  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+  sc = cfg.rope_scaling_dict
+  kind = sc.get("rope_type", "default")
+  if kind == "linear":
+    inv = inv / sc["factor"]
+  elif kind == "llama3":
+    # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_len = sc["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / hi) & ~(wavelen > old_len / lo)
+    inv = np.where(medium, smoothed, scaled)
+  return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+  """x (B, T, H, hd), positions (B, T) -> x rotated (HF's rotate-half layout); the angles
+  are computed in f32, the product in x's dtype, as in the reference."""
+  ang = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
+  ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(ang).astype(x.dtype), jnp.sin(ang).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rot * sin
+
+
+# ------------------------------------------------------------------ modules
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, decode: bool):
+    c = self.cfg
+    b, t, _ = x.shape
+    h, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+    q = nn.Dense(h * hd, use_bias=c.qkv_bias, name="q_proj")(x).reshape(b, t, h, hd)
+    k = nn.Dense(kv * hd, use_bias=c.qkv_bias, name="k_proj")(x).reshape(b, t, kv, hd)
+    v = nn.Dense(kv * hd, use_bias=c.qkv_bias, name="v_proj")(x).reshape(b, t, kv, hd)
+    inv_freq = rope_inv_freq(c)
+    if decode:
+      # The cache holds this layer's keys/values for positions [0, max_len); this call's
+      # tokens go at `index`, and the queries see keys at positions <= their own.
+      initialized = self.has_variable("cache", "k")
+      ck = self.variable("cache", "k", jnp.zeros, (b, t, kv, hd), k.dtype)
+      cv = self.variable("cache", "v", jnp.zeros, (b, t, kv, hd), v.dtype)
+      ci = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+      if not initialized:  # init: the shapes are all that is wanted
+        positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        keys, values, k_pos = k, v, positions[0]
+      else:
+        index = ci.value
+        positions = jnp.broadcast_to(index + jnp.arange(t)[None], (b, t))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        keys = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, index, 0, 0))
+        ck.value, cv.value, ci.value = keys, values, index + t
+        k_pos = jnp.arange(keys.shape[1])
+    else:
+      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+      keys, values, k_pos = k, v, positions[0]
+    q_pos = positions[0]
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if c.sliding_window is not None:
+      allowed &= k_pos[None, :] > q_pos[:, None] - c.sliding_window
+    # GQA: each group of h/kv query heads reads one key/value head (no repeat copies).
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys.astype(q.dtype)).astype(jnp.float32) / np.sqrt(hd)
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    ctx = jnp.einsum("bkgts,bskd->btkgd", w, values.astype(q.dtype)).reshape(b, t, h * hd)
+    return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(ctx)
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
+    up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
+    return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, positions, decode: bool):
+    eps = self.cfg.rms_norm_eps
+    x = x + Attention(self.cfg, name="self_attn")(nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions, decode)
+    return x + MLP(self.cfg, name="mlp")(nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x))
+
+
+class LlamaForCausalLM(nn.Module):
+  """input_ids (B, T) int -> logits (B, T, vocab) in f32.
+
+  decode=False: one causal pass over positions 0..T-1 (training, perplexity,
+  calibration). decode=True: through the KV cache (pass the cache and mutable=["cache"]).
+  """
+  cfg: LlamaConfig
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids, decode: bool = False):
+    c = self.cfg
+    b, t = input_ids.shape
+    embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
+                     embedding_init=nn.initializers.normal(0.02))
+    x = embed(input_ids)
+    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+    for i in range(c.num_layers):
+      x = DecoderLayer(c, name=f"layers_{i}")(x, positions, decode)
+    x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm")(x)
+    if c.tie_word_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = nn.Dense(c.vocab_size, use_bias=False, name="lm_head")(x)
+    return logits.astype(jnp.float32)
+
+
+# ------------------------------------------------------------------ cache and generation
+
+def init_cache(model: LlamaForCausalLM, batch: int, max_len: int, dtype=None) -> dict:
+  """Zero KV cache for `batch` sequences of up to `max_len` tokens (dtype: the params'
+  by default)."""
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32),
+                                             decode=True))["cache"]
+  dtype = dtype or model.param_dtype
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype if s.dtype == jnp.int32 else dtype), shapes)
+
+
+def _apply_fn(apply: Callable | nn.Module) -> Callable:
+  return apply.apply if isinstance(apply, nn.Module) else apply
+
+
+@functools.partial(jax.jit, static_argnames=("apply",))
+def prefill(apply, params, cache, input_ids):
+  """Run the prompt through the cache. -> (logits of the last position (B, vocab), cache)."""
+  variables = {**params, "cache": cache}
+  logits, new = apply(variables, input_ids, decode=True, mutable=["cache"])
+  return logits[:, -1], new["cache"]
+
+
+@functools.partial(jax.jit, static_argnames=("apply",))
+def decode_step(apply, params, cache, token):
+  """One token (B,) through the cache -> (logits (B, vocab), cache)."""
+  logits, new = apply({**params, "cache": cache}, token[:, None], decode=True, mutable=["cache"])
+  return logits[:, 0], new["cache"]
+
+
+def sample(logits, rng, temperature: float = 0.0, top_k: int = 0):
+  """Greedy at temperature 0, else softmax(logits / temperature) over the top_k (0: all)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "temperature", "top_k"))
+def decode_loop(apply, params, cache, first_logits, rng, steps: int, temperature: float = 0.0, top_k: int = 0):
+  """`steps` tokens after the prefill, in one jitted scan: token i is sampled from the
+  logits of step i-1, then fed through the cache. -> (tokens (B, steps), cache)."""
+  def body(carry, key):
+    logits, cache = carry
+    tok = sample(logits, key, temperature, top_k)
+    logits, cache = decode_step(apply, params, cache, tok)
+    return (logits, cache), tok
+  (_, cache), toks = jax.lax.scan(body, (first_logits, cache), jax.random.split(rng, steps))
+  return toks.T, cache
+
+
+def generate(apply, params, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
+             rng=None, max_len: int | None = None, cache_dtype=None, model: LlamaForCausalLM | None = None):
+  """Generate `max_new_tokens` after the prompts input_ids (B, T) (equal lengths).
+
+  apply: the model (its .apply is used), model.apply, or aq.quantized_apply(model) with
+  quantized params (then pass `model` too, for the cache shapes). -> tokens (B, max_new_tokens).
+  """
+  if isinstance(apply, nn.Module):
+    model, apply = apply, apply.apply
+  if model is None:
+    model = getattr(apply, "__self__", None)
+  if not isinstance(model, LlamaForCausalLM):
+    raise ValueError("generate: pass model=LlamaForCausalLM (needed for the cache shapes)")
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  b, t = input_ids.shape
+  max_len = max_len or t + max_new_tokens
+  if max_len < t + max_new_tokens:
+    raise ValueError(f"generate: max_len {max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
+  cache = init_cache(model, b, max_len, cache_dtype)
+  logits, cache = prefill(apply, params, cache, input_ids)
+  rng = jax.random.key(0) if rng is None else rng
+  toks, _ = decode_loop(apply, params, cache, logits, rng, max_new_tokens, float(temperature), int(top_k))
+  return toks
+
+
+# ------------------------------------------------------------------ safetensors
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+def read_safetensors(path) -> dict[str, np.ndarray]:
+  """{name: array} of a .safetensors file, memory-mapped (bf16 as ml_dtypes.bfloat16)."""
+  path = Path(path)
+  with open(path, "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  raw = np.memmap(path, np.uint8, "r", offset=8 + n) if header else np.zeros(0, np.uint8)
+  out = {}
+  for name, info in header.items():
+    if info["dtype"] not in _ST_DTYPES:
+      raise ValueError(f"{path}: tensor {name}: unsupported dtype {info['dtype']}")
+    a, e = info["data_offsets"]
+    out[name] = raw[a:e].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+  return out
+
+
+def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+  """Write {name: array} as .safetensors (the format transformers reads)."""
+  header, offset, blobs = {}, 0, []
+  for name, arr in tensors.items():
+    arr = np.ascontiguousarray(arr)
+    blob = arr.tobytes()
+    header[name] = dict(dtype=_ST_NAMES[arr.dtype], shape=list(arr.shape), data_offsets=[offset, offset + len(blob)])
+    offset += len(blob)
+    blobs.append(blob)
+  if metadata:
+    header["__metadata__"] = metadata
+  h = json.dumps(header, separators=(",", ":")).encode()
+  h += b" " * (-len(h) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    for blob in blobs:
+      f.write(blob)
+
+
+def read_checkpoint_weights(model_dir) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint dir: model.safetensors.index.json's shards, else every
+  *.safetensors file."""
+  d = Path(model_dir)
+  index = d / "model.safetensors.index.json"
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [f for f in files if not (d / f).exists()]
+    if missing:
+      raise FileNotFoundError(f"{index}: shards missing from {d}: {missing}")
+  else:
+    files = sorted(p.name for p in d.glob("*.safetensors"))
+  if not files:
+    raise FileNotFoundError(f"{d}: no *.safetensors weights (PyTorch .bin checkpoints are not read)")
+  out = {}
+  for f in files:
+    out.update(read_safetensors(d / f))
+  return out
+
+
+# ------------------------------------------------------------------ HF weights <-> params
+
+def params_from_hf(weights: dict, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
+  """HF state dict (name -> array) -> LlamaForCausalLM variables in `dtype`. Every tensor
+  must be used: missing names and leftovers raise."""
+  w = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+  cast = lambda a: jnp.asarray(np.asarray(a, np.float32) if np.dtype(a.dtype) != np.dtype(dtype) else a, dtype)
+
+  def linear(name, bias):
+    d = {"kernel": cast(np.asarray(w.pop(f"{name}.weight")).T)}  # torch Linear is (out, in)
+    if bias:
+      d["bias"] = cast(w.pop(f"{name}.bias"))
+    return d
+
+  norm = lambda name: {"scale": cast(w.pop(f"{name}.weight"))}
+  try:
+    p = {"embed_tokens": {"embedding": cast(w.pop("model.embed_tokens.weight"))}}
+    for i in range(cfg.num_layers):
+      pre = f"model.layers.{i}"
+      p[f"layers_{i}"] = {
+          "input_layernorm": norm(f"{pre}.input_layernorm"),
+          "post_attention_layernorm": norm(f"{pre}.post_attention_layernorm"),
+          "self_attn": {n: linear(f"{pre}.self_attn.{n}", cfg.o_bias if n == "o_proj" else cfg.qkv_bias)
+                        for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+          "mlp": {n: linear(f"{pre}.mlp.{n}", cfg.mlp_bias) for n in ("gate_proj", "up_proj", "down_proj")},
+      }
+    p["norm"] = norm("model.norm")
+    if cfg.tie_word_embeddings:
+      w.pop("lm_head.weight", None)  # some checkpoints store the tied copy
+    else:
+      p["lm_head"] = linear("lm_head", False)
+  except KeyError as e:
+    raise ValueError(f"Llama weights: missing tensor {e}") from None
+  if w:
+    raise ValueError(f"Llama weights: unused tensors {sorted(w)[:5]}")
+  return {"params": p}
+
+
+def params_to_hf(params: dict, cfg: LlamaConfig, dtype=np.float32) -> dict[str, np.ndarray]:
+  """The inverse of params_from_hf: HF names, torch (out, in) layout, numpy `dtype`."""
+  p = params["params"] if "params" in params else params
+  arr = lambda a: np.asarray(jnp.asarray(a, jnp.float32)).astype(dtype)
+  out = {"model.embed_tokens.weight": arr(p["embed_tokens"]["embedding"]), "model.norm.weight": arr(p["norm"]["scale"])}
+  for i in range(cfg.num_layers):
+    L, pre = p[f"layers_{i}"], f"model.layers.{i}"
+    for n in ("input_layernorm", "post_attention_layernorm"):
+      out[f"{pre}.{n}.weight"] = arr(L[n]["scale"])
+    for grp in ("self_attn", "mlp"):
+      for n, d in L[grp].items():
+        out[f"{pre}.{grp}.{n}.weight"] = np.ascontiguousarray(arr(d["kernel"]).T)
+        if "bias" in d:
+          out[f"{pre}.{grp}.{n}.bias"] = arr(d["bias"])
+  if not cfg.tie_word_embeddings:
+    out["lm_head.weight"] = np.ascontiguousarray(arr(p["lm_head"]["kernel"]).T)
+  return out
+
+
+# ------------------------------------------------------------------ loading
+
+@dataclasses.dataclass
+class CausalLM:
+  """A loaded checkpoint: module, params, tokenizer (None if the dir has no tokenizer.json)."""
+
+  model: LlamaForCausalLM
+  params: dict
+  tokenizer: Any
+  cfg: LlamaConfig
+
+  def encode(self, text: str) -> np.ndarray:
+    if self.tokenizer is None:
+      raise ValueError("this checkpoint has no tokenizer.json")
+    return np.asarray(self.tokenizer.encode(text).ids, np.int32)
+
+  def decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+
+def load_llama(model_dir, dtype="float32") -> CausalLM:
+  """Load a Llama / Mistral / Qwen2 checkpoint directory; params in `dtype` (float32 or
+  bfloat16)."""
+  d = Path(model_dir)
+  if not d.is_dir():
+    raise FileNotFoundError(f"load_llama: model_dir {str(d)!r} is not a directory")
+  if not (d / "config.json").exists():
+    raise FileNotFoundError(f"load_llama: model_dir {str(d)!r} has no config.json")
+  dtype = jnp.dtype(dtype)
+  if dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"load_llama: dtype must be float32 or bfloat16, got {dtype}")
+  cfg = LlamaConfig.from_hf(json.loads((d / "config.json").read_text()))
+  params = params_from_hf(read_checkpoint_weights(d), cfg, dtype)
+  tok = None
+  if (d / "tokenizer.json").exists():
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+  return CausalLM(LlamaForCausalLM(cfg, param_dtype=dtype), params, tok, cfg)
+
+
+def save_llama(model_dir, params: dict, cfg: LlamaConfig, dtype=np.float32, tokenizer=None,
+               max_shard_bytes: int | None = None) -> None:
+  """Write config.json + model.safetensors (or shards + index when over max_shard_bytes)
+  + tokenizer.json: a directory load_llama and transformers both read."""
+  d = Path(model_dir)
+  d.mkdir(parents=True, exist_ok=True)
+  hf = cfg.to_hf()
+  hf["torch_dtype"] = "bfloat16" if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16) else "float32"
+  (d / "config.json").write_text(json.dumps(hf, indent=2))
+  tensors = params_to_hf(params, cfg, dtype)
+  if max_shard_bytes is None or sum(a.nbytes for a in tensors.values()) <= max_shard_bytes:
+    write_safetensors(d / "model.safetensors", tensors, {"format": "pt"})
+  else:
+    shards, cur, size = [], {}, 0
+    for k, a in tensors.items():
+      if cur and size + a.nbytes > max_shard_bytes:
+        shards.append(cur)
+        cur, size = {}, 0
+      cur[k], size = a, size + a.nbytes
+    shards.append(cur)
+    weight_map = {}
+    for i, sh in enumerate(shards):
+      name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      write_safetensors(d / name, sh, {"format": "pt"})
+      weight_map.update({k: name for k in sh})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        dict(metadata=dict(total_size=sum(a.nbytes for a in tensors.values())), weight_map=weight_map), indent=2))
+  if tokenizer is not None:
+    tokenizer.save(str(d / "tokenizer.json"))

@@ -1,0 +1,143 @@
+"""Speed at a realistic size: a random-init Llama (Llama-3.2-1B shapes by default: hidden
+2048, 16 layers, 32 heads on 8 KV heads, SwiGLU 8192, tied embeddings; vocab 32000) in
+W8A8 (dynamic and static) against f32 and bf16, in one process.
+
+  python benchmarks/bench_llm.py --layers 8 --prefill 512   # the README numbers (make bench-llm)
+  python benchmarks/bench_llm.py                       # 1.04B, prefill 2048 (needs ~16 GB free)
+  python benchmarks/bench_llm.py --layers 4 --prefill 256 --batches 1 8   # quick
+
+decode: tokens/s of `--steps` greedy steps through the KV cache (one jitted scan) after a
+128-token prompt, at each batch size; prefill: tokens/s of one `--prefill`-token prompt at
+batch 1. Variants are timed round-robin (benchmarks/timing.interleaved_medians), so the
+ratios compare like with like on a shared machine. Peak memory: the process's peak RSS
+after each phase, and the bytes of each variant's params.
+
+Quantization runs layer by layer (quantize_params on one decoder layer's subtree and its
+stats at a time) so the float model, its bf16 copy and the int8 copies fit in memory
+together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import actquant_jax as aq  # noqa: E402
+from actquant_jax.models import llama as L  # noqa: E402
+from benchmarks.timing import interleaved_medians, print_table  # noqa: E402
+
+
+def peak_rss_gb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def nbytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def quantize_by_layer(params, stats, cfg: aq.QuantConfig, num_layers: int):
+  """quantize_params one decoder layer at a time (paths stay absolute, so each layer's
+  stats and smoothing groups apply to its subtree as they would to the whole tree)."""
+  root = dict(params["params"])
+  for i in range(num_layers):
+    name = f"layers_{i}"
+    sub = {p: s for p, s in stats.items() if p.startswith(name + "/")}
+    root[name] = aq.quantize_params({name: root[name]}, sub, cfg)[name]
+  return {"params": root}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--hidden", type=int, default=2048)
+  ap.add_argument("--layers", type=int, default=16)
+  ap.add_argument("--heads", type=int, default=32)
+  ap.add_argument("--kv-heads", type=int, default=8)
+  ap.add_argument("--ffn", type=int, default=8192)
+  ap.add_argument("--vocab", type=int, default=32000)
+  ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+  ap.add_argument("--steps", type=int, default=8, help="decode steps timed per call")
+  ap.add_argument("--prefill", type=int, default=2048, help="prefill prompt length (batch 1)")
+  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--json", default=str(ROOT / "results" / "bench_llm.json"))
+  args = ap.parse_args()
+  log = lambda s: print(s, file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+
+  cfg = L.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                      num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
+                      rope_theta=500000.0, max_position=8192, tie_word_embeddings=True)
+  model = L.LlamaForCausalLM(cfg)
+  bf16_model = L.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  log(f"random-init Llama: {cfg.num_params / 1e9:.2f}B params, f32 {nbytes(params) / 2**30:.2f} GiB "
+      f"({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+  calib = [jnp.asarray(np.random.default_rng(i).integers(0, cfg.vocab_size, (1, 128)), jnp.int32) for i in range(2)]
+  stats = aq.calibrate(model, params, calib, progress=False)
+  log(f"calibrated {len(stats)} layers ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+  variants = {
+      "f32": (model.apply, params, model),
+      "bf16": (bf16_model.apply, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), bf16_model),
+  }
+  q_apply = aq.quantized_apply(model)
+  for mode in ("dynamic", "static"):
+    qp = quantize_by_layer(params, stats, aq.QuantConfig(act_mode=mode, alpha=0.5), cfg.num_layers)
+    variants[f"W8A8 {mode}"] = (q_apply, qp, model)
+    log(f"quantized W8A8 {mode} ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+  del stats
+  result = dict(config=cfg.to_hf(), params=cfg.num_params, device=jax.devices()[0].device_kind,
+                param_bytes={n: nbytes(v[1]) for n, v in variants.items()}, decode={}, prefill={})
+
+  prompt = 128
+  for b in args.batches:
+    ids = jnp.asarray(np.random.default_rng(b).integers(0, cfg.vocab_size, (b, prompt)), jnp.int32)
+    fns, fargs = {}, {}
+    for n, (apply, p, m) in variants.items():
+      cache = L.init_cache(m, b, prompt + args.steps)
+      logits, cache = L.prefill(apply, p, cache, ids)
+      fns[n] = lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), args.steps)
+      fargs[n] = (p, cache, logits)
+    t = interleaved_medians(fns, fargs, rounds=args.rounds)
+    result["decode"][b] = {n: b * args.steps / s for n, s in t.items()}
+    del fargs
+    log(f"decode batch {b}: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in result["decode"][b].items())
+        + f" ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.prefill)), jnp.int32)
+  fns, fargs = {}, {}
+  for n, (apply, p, m) in variants.items():
+    fns[n] = lambda p, c, x, apply=apply: L.prefill(apply, p, c, x)
+    fargs[n] = (p, L.init_cache(m, 1, args.prefill), ids)
+  t = interleaved_medians(fns, fargs, rounds=args.rounds)
+  result["prefill"] = {n: args.prefill / s for n, s in t.items()}
+  result["peak_rss_gib"] = peak_rss_gb()
+  log(f"prefill {args.prefill}: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in result["prefill"].items())
+      + f" ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+
+  names = list(variants)
+  print(f"random-init Llama {cfg.num_params / 1e9:.2f}B (hidden {cfg.hidden_size}, {cfg.num_layers} layers, "
+        f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv, ffn {cfg.intermediate_size}, vocab {cfg.vocab_size}), "
+        f"jax {jax.__version__} on {jax.devices()[0].device_kind}; peak RSS {result['peak_rss_gib']:.1f} GiB")
+  rows = [[n, f"{result['param_bytes'][n] / 2**30:.2f}"]
+          + [f"{result['decode'][b][n]:.1f} ({result['decode'][b][n] / result['decode'][b]['f32']:.2f}x f32, "
+             f"{result['decode'][b][n] / result['decode'][b]['bf16']:.2f}x bf16)" for b in args.batches]
+          + [f"{result['prefill'][n]:.0f} ({result['prefill'][n] / result['prefill']['f32']:.2f}x f32, "
+             f"{result['prefill'][n] / result['prefill']['bf16']:.2f}x bf16)"]
+          for n in names]
+  print_table(["variant", "params GiB"] + [f"decode tok/s, batch {b}" for b in args.batches]
+              + [f"prefill {args.prefill} tok/s"], rows)
+  Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+  Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,278 @@
+"""The second main job: a decoder LLM quantized in every mode, with its quality against
+float, weight bytes and prefill / KV-cache decode speed against f32 and bf16, in one run.
+
+  python examples/llm/run.py                    # what `make llm` runs: the shipped model
+  python examples/llm/run.py --model DIR        # any local Llama / Mistral / Qwen2 checkpoint
+  python examples/llm/run.py --eval 16 --no-speed   # a quick look
+
+Default model: examples/llm/model (trained by examples/llm/train.py on CPython's own
+documentation). Calibration text: examples/llm/data/calibration.txt (train split);
+evaluation: examples/llm/data/heldout.txt (documents the model never saw). Columns:
+  perplexity     exp(mean next-token NLL) on held-out 256-token windows
+  KL             mean over those positions of KL(float || mode) of the next-token distribution
+  top-1          fraction of positions whose most likely next token equals float's
+  gen match      greedy generation of 64 tokens from 8 held-out prompts: mean length of the
+                 prefix identical to float's generation, / 64
+  weight MB      all params (embeddings and norms stay float32; lm_head, if untied, too)
+  prefill/decode tokens/s of the mode, and as ratios to f32 and bf16 timed round-robin (5
+                 rounds) right after each other in this process, batch 1: prefill of 256
+                 tokens; 32 decode steps through the KV cache after it (one jitted scan)
+Writes results/llm_w8a8.json and results/llm_w8a8.png (per-layer outlier ratio of the
+Dense inputs before/after smoothing, and KL per mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+import actquant_jax as aq  # noqa: E402
+from actquant_jax.models import llama as L  # noqa: E402
+from benchmarks.timing import interleaved_medians  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL = HERE / "model"
+DATA = HERE / "data"
+SEQ = 256
+KEEP_HEAD = (aq.LayerRule(r"^lm_head$", skip=True),)  # an untied output head stays float, as usual
+
+
+def _q(**kw) -> aq.QuantConfig:
+  return aq.QuantConfig(rules=KEEP_HEAD, **kw)
+
+
+MODES: list[tuple[str, object]] = [
+    ("float32", None),
+    ("bfloat16", "bf16"),
+    ("W8A8 dynamic, no smoothing", _q(act_mode="dynamic", alpha=None)),
+    ("W8A8 dynamic, SmoothQuant 0.5", _q(act_mode="dynamic", alpha=0.5)),
+    ("W8A8 dynamic, auto alpha", _q(act_mode="dynamic", alpha="auto")),
+    ("W8A8 static, no smoothing", _q(act_mode="static", alpha=None)),
+    ("W8A8 static, SmoothQuant 0.5", _q(act_mode="static", alpha=0.5)),
+    ("W8A8 static, auto alpha", _q(act_mode="static", alpha="auto")),
+    ("FP8 e4m3 dynamic, no smoothing", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None)),
+]
+
+
+def windows(lm: L.CausalLM, text: str, n: int | None, seq: int = SEQ) -> np.ndarray:
+  """Non-overlapping (seq + 1)-token windows of the text (targets are the shifted ids)."""
+  ids = lm.encode(text)
+  k = (len(ids) - 1) // seq
+  w = np.stack([ids[i * seq:i * seq + seq + 1] for i in range(k)])
+  return w if n is None else w[:n]
+
+
+def param_bytes(params) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def to_bf16(params):
+  return jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+
+
+_EVAL_FNS: dict = {}
+
+
+def _eval_fn(apply):
+  """One jitted evaluation per apply function (quantized modes share one)."""
+  if apply in _EVAL_FNS:
+    return _EVAL_FNS[apply]
+
+  @jax.jit
+  def f(params, x, y, ref_logp):
+    logp = jax.nn.log_softmax(apply(params, x), axis=-1)
+    nll = -jnp.take_along_axis(logp, y[..., None], axis=-1).sum()
+    kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - logp))
+    agree = jnp.sum(jnp.argmax(logp, -1) == jnp.argmax(ref_logp, -1))
+    return nll, kl, agree, logp
+  _EVAL_FNS[apply] = f
+  return f
+
+
+def evaluate(fn, params, evals, ref, batch=8):
+  nll = kl = agree = 0.0
+  out = []
+  for i in range(0, len(evals), batch):
+    w = jnp.asarray(evals[i:i + batch])
+    r = ref[i // batch] if ref is not None else jnp.zeros(w[:, :-1].shape + (1,), jnp.float32)
+    a, b, c, logp = fn(params, w[:, :-1], w[:, 1:], r)
+    nll, kl, agree = nll + float(a), kl + float(b), agree + float(c)
+    out.append(logp)
+  n = evals.shape[0] * (evals.shape[1] - 1)
+  return dict(perplexity=float(np.exp(nll / n)), kl=kl / n, top1_agreement=agree / n), out
+
+
+def prefix_match(a: np.ndarray, b: np.ndarray) -> float:
+  """Mean length of the identical prefix of each row of a and b, / row length."""
+  same = np.cumprod(a == b, axis=1)
+  return float(same.sum(axis=1).mean() / a.shape[1])
+
+
+def measure_speed(model, fns_params: dict, *, prompt_len=256, decode_steps=32, rounds=5):
+  """{name: (prefill tokens/s, decode tokens/s)} at batch 1; fns_params: name -> (apply,
+  params, model). The decode steps start from the cache of the timed prefill."""
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, prompt_len)), jnp.int32)
+  pre_f, pre_a, dec_f, dec_a = {}, {}, {}, {}
+  for name, (apply, params, m) in fns_params.items():
+    cache = L.init_cache(m, 1, prompt_len + decode_steps)
+    pre_f[name] = lambda p, c, x, apply=apply: L.prefill(apply, p, c, x)
+    pre_a[name] = (params, cache, ids)
+    logits, cache = L.prefill(apply, params, cache, ids)
+    dec_f[name] = lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), decode_steps)
+    dec_a[name] = (params, cache, logits)
+  tp = interleaved_medians(pre_f, pre_a, rounds=rounds)
+  td = interleaved_medians(dec_f, dec_a, rounds=rounds)
+  return {n: (prompt_len / tp[n], decode_steps / td[n]) for n in fns_params}
+
+
+def run(model_dir=DEFAULT_MODEL, n_calib=16, n_eval=None, speed_rounds=5, speed=True, gen_tokens=64,
+        out_json=None, out_png=None, log=print, mode_names=None):
+  t0 = time.perf_counter()
+  lm = L.load_llama(model_dir)
+  modes = [(n, c) for n, c in MODES if mode_names is None or n in mode_names]
+  calib = windows(lm, (DATA / "calibration.txt").read_text(), n_calib)
+  evals = windows(lm, (DATA / "heldout.txt").read_text(), n_eval)
+  log(f"loaded {model_dir} ({lm.cfg.model_type}, {lm.cfg.num_params / 1e6:.1f}M params); {len(calib)} calibration "
+      f"/ {len(evals)} held-out windows of {SEQ} tokens")
+  stats = aq.calibrate(lm.model, lm.params, [jnp.asarray(calib[i:i + 4, :-1]) for i in range(0, len(calib), 4)],
+                       progress=False)
+  log(f"calibrated {len(stats)} Dense layers ({time.perf_counter() - t0:.0f}s)")
+  model, bf16_model = lm.model, L.LlamaForCausalLM(lm.cfg, param_dtype=jnp.bfloat16)
+  bf16_params = to_bf16(lm.params)
+  q_apply = aq.quantized_apply(model)
+  f32_eval = _eval_fn(model.apply)
+  base, ref = evaluate(f32_eval, lm.params, evals, None)
+  prompts = evals[:8, :32]
+  ref_gen = np.asarray(L.generate(model, lm.params, prompts, gen_tokens)) if gen_tokens else None
+  log(f"float32: perplexity {base['perplexity']:.3f} ({time.perf_counter() - t0:.0f}s)")
+  records, reports = [], {}
+  for name, cfg in modes:
+    t = time.perf_counter()
+    if cfg is None:
+      params, apply, m = lm.params, model.apply, model
+    elif cfg == "bf16":
+      params, apply, m = bf16_params, bf16_model.apply, bf16_model
+    else:
+      params, reports[name] = aq.quantize_params(lm.params, stats, cfg, return_report=True)
+      apply, m = q_apply, model
+    rec = dict(mode=name)
+    rec.update(base if cfg is None else evaluate(_eval_fn(apply), params, evals, ref)[0])
+    if cfg is None:
+      rec.update(kl=0.0, top1_agreement=1.0)
+    if gen_tokens:
+      gen = np.asarray(L.generate(apply, params, prompts, gen_tokens, model=m))
+      rec["greedy_match"] = prefix_match(ref_gen, gen)
+    rec["weight_bytes"] = param_bytes(params)
+    if isinstance(cfg, aq.QuantConfig):
+      rec["alphas"] = sorted({str(r.alpha) for r in reports[name].values() if r.quantized})
+    if speed:
+      s = measure_speed(model, {"f32": (model.apply, lm.params, model),
+                             "bf16": (bf16_model.apply, bf16_params, bf16_model),
+                             "mode": (apply, params, m)}, rounds=speed_rounds)
+      rec.update(prefill_tok_s=s["mode"][0], decode_tok_s=s["mode"][1],
+                 prefill_vs_f32=s["mode"][0] / s["f32"][0], prefill_vs_bf16=s["mode"][0] / s["bf16"][0],
+                 decode_vs_f32=s["mode"][1] / s["f32"][1], decode_vs_bf16=s["mode"][1] / s["bf16"][1])
+    records.append(rec)
+    log(f"  {name}: perplexity {rec['perplexity']:.3f}, KL {rec['kl']:.2e} ({time.perf_counter() - t:.0f}s)")
+  if out_json:
+    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+    info = Path(model_dir) / "training.json"
+    Path(out_json).write_text(json.dumps(dict(
+        model=str(model_dir), config=lm.cfg.to_hf(), training=json.loads(info.read_text()) if info.exists() else None,
+        device=jax.devices()[0].device_kind, eval_tokens=int(evals.shape[0] * SEQ), records=records,
+        layers={n: {p: dict(alpha=r.alpha, smoothing=r.smoothing, outlier_before=r.outlier_ratio_before,
+                            outlier_after=r.outlier_ratio_after, output_error=r.output_error)
+                    for p, r in rep.items() if r.quantized} for n, rep in reports.items()}), indent=2, default=str))
+  if out_png and reports:
+    plot(records, reports, out_png)
+  log(f"done in {time.perf_counter() - t0:.0f}s")
+  return records
+
+
+_PROJ_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _layer_order(r):
+  parts = r.path.split("/")
+  layer = int(parts[0].split("_")[1]) if parts[0].startswith("layers_") else 10**6
+  return layer, _PROJ_ORDER.index(parts[-1]) if parts[-1] in _PROJ_ORDER else 99
+
+
+def plot(records, reports, out_png):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(2, 1, figsize=(12, 8))
+  ax = axes[0]
+  for name in ("W8A8 dynamic, SmoothQuant 0.5", "W8A8 dynamic, auto alpha"):
+    if name not in reports:
+      continue
+    rep = sorted((r for r in reports[name].values() if r.quantized), key=_layer_order)
+    x = np.arange(len(rep))
+    if name.endswith("0.5"):
+      ax.plot(x, [r.outlier_ratio_before for r in rep], "o-", color="tab:red", label="before smoothing")
+    ax.plot(x, [r.outlier_ratio_after for r in rep], "o-", label=f"after ({name.split(', ')[1]})")
+    ax.set_xticks(x, [r.path.replace("layers_", "L").replace("self_attn/", "").replace("mlp/", "") for r in rep],
+                  rotation=90, fontsize=7)
+  ax.set_yscale("log")
+  ax.set_ylabel("max / median of per-channel max|x|")
+  ax.set_title("Dense-layer inputs: outlier ratio per layer (calibration text)")
+  ax.legend()
+  ax = axes[1]
+  recs = [r for r in records if r["mode"] != "float32"]
+  ax.barh([r["mode"] for r in recs], [max(r["kl"], 1e-8) for r in recs], color="tab:blue")
+  ax.set_xscale("log")
+  ax.set_xlabel("mean KL(float32 || mode) of next-token distributions, held-out text")
+  ax.invert_yaxis()
+  fig.tight_layout()
+  Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out_png, dpi=90)
+  plt.close(fig)
+
+
+def print_table(records):
+  cols = ["mode", "perplexity", "KL", "top-1", "gen match", "weight MB", "prefill tok/s", "vs f32", "vs bf16",
+          "decode tok/s", "vs f32", "vs bf16"]
+  f = lambda r, k, fmt: fmt.format(r[k]) if k in r else "-"
+  rows = [[r["mode"], f"{r['perplexity']:.3f}", f"{r['kl']:.2e}", f"{r['top1_agreement']:.1%}",
+           f(r, "greedy_match", "{:.1%}"), f"{r['weight_bytes'] / 1e6:.2f}",
+           f(r, "prefill_tok_s", "{:.0f}"), f(r, "prefill_vs_f32", "{:.2f}x"), f(r, "prefill_vs_bf16", "{:.2f}x"),
+           f(r, "decode_tok_s", "{:.0f}"), f(r, "decode_vs_f32", "{:.2f}x"), f(r, "decode_vs_bf16", "{:.2f}x")]
+          for r in records]
+  w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
+  fmt = lambda cells: "| " + " | ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
+  print(fmt(cols))
+  print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+  for r in rows:
+    print(fmt(r))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a local Llama-family checkpoint directory")
+  ap.add_argument("--calib", type=int, default=16, help="calibration windows of 256 tokens")
+  ap.add_argument("--eval", type=int, default=None, help="held-out windows of 256 tokens (default: all)")
+  ap.add_argument("--gen", type=int, default=64, help="greedy tokens generated per prompt (0: skip)")
+  ap.add_argument("--no-speed", action="store_true", help="skip the throughput columns")
+  ap.add_argument("--json", default=str(ROOT / "results" / "llm_w8a8.json"))
+  ap.add_argument("--png", default=str(ROOT / "results" / "llm_w8a8.png"))
+  args = ap.parse_args()
+  log = lambda s: print(s, file=sys.stderr, flush=True)
+  records = run(args.model, args.calib, args.eval, speed=not args.no_speed, gen_tokens=args.gen,
+                out_json=args.json, out_png=args.png, log=log)
+  print(f"{args.model}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
+  print_table(records)
+  print(f"wrote {args.json} and {args.png}")
+
+
+if __name__ == "__main__":
+  main()
