@@ -38,6 +38,7 @@ class LayerReport:
   weight_error: float = 0.0      # ||dq(W') - W'|| / ||W'||
   output_error: float = 0.0      # ||y_q - y|| / ||y|| on calibration rows (this layer alone)
   alpha_errors: dict | None = None  # "auto": error of each grid value (group total)
+  note: str = ""                 # why a setting differs from the config (e.g. the alpha="auto" fallback)
 
 
 def _split_root(params):
@@ -106,6 +107,7 @@ class LayerPlan:
   folded: bool             # 1/s folded into the producer (else applied at run time)
   x_absmax: np.ndarray     # calibration absmax of the (unsmoothed) input
   stats: LayerStats
+  note: str = ""
 
 
 def _check_inputs(params, stats, config):
@@ -167,12 +169,10 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
     st = stats[quantized[0]]
     x_absmax = np.max(np.stack([np.asarray(stats[p].absmax) for p in quantized]), axis=0)
     group_kernels = [kernel_of(p) for p in quantized]
-    alpha, alpha_errors = first.alpha, None
+    alpha, alpha_errors, note = first.alpha, None, ""
     if alpha == "auto":
-      if np.asarray(st.samples).shape[0] == 0:
-        raise ValueError(f"quantize_params: layer {quantized[0]}: alpha='auto' needs calibration samples")
-      alpha, alpha_errors = smooth.choose_alpha(st.samples, group_kernels, x_absmax, config.alpha_grid,
-                                                first.qtype, first.act_mode)
+      alpha, alpha_errors, note = smooth.auto_alpha(st.samples, group_kernels, x_absmax, config.alpha_grid,
+                                                    first.qtype, first.act_mode)
     s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(group_kernels), alpha)
     del group_kernels
     producer_node = _get(new_root, st.producer) if st.producer else None
@@ -187,7 +187,7 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
         node = _get(new_root, p)
         k = node["kernel"]
         new_root = _set(new_root, p, {**node, "kernel": (np.asarray(k, np.float32) * s[:, None]).astype(k.dtype)})
-      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, stats[p])
+      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, stats[p], note)
   return rebuild(new_root), plans
 
 
@@ -238,7 +238,7 @@ def _layer_report(p, kernel, qk, plan: LayerPlan) -> LayerReport:
       act_scale=None if qk.act_scale is None else float(qk.act_scale),
       outlier_ratio_before=smooth.outlier_ratio(plan.x_absmax),
       outlier_ratio_after=smooth.outlier_ratio(plan.x_absmax, s),
-      weight_error=_rel_err(deq, w_s), output_error=y_err, alpha_errors=plan.alpha_errors)
+      weight_error=_rel_err(deq, w_s), output_error=y_err, alpha_errors=plan.alpha_errors, note=plan.note)
 
 
 def format_report(report: dict[str, LayerReport]) -> str:
@@ -251,5 +251,6 @@ def format_report(report: dict[str, LayerReport]) -> str:
       continue
     a = "-" if r.alpha is None else f"{r.alpha:.2f}"
     lines.append(f"{p:40s} {r.qtype + ' ' + r.act_mode:22s} {a:>5s} {r.smoothing:9s} "
-                 f"{r.outlier_ratio_before:6.1f}->{r.outlier_ratio_after:6.1f} {r.weight_error:8.2e} {r.output_error:8.2e}")
+                 f"{r.outlier_ratio_before:6.1f}->{r.outlier_ratio_after:6.1f} {r.weight_error:8.2e} {r.output_error:8.2e}"
+                 + (f"  note: {r.note}" if r.note else ""))
   return "\n".join(lines)
