@@ -111,8 +111,9 @@ def compute_scale(x: jax.Array, qtype: str = "int8", *, granularity: str = "tens
   group holding NaN/Inf)."""
   x = jnp.asarray(x)
   axes = _reduce_axes(x.ndim, granularity, axis)
-  absmax = jnp.max(numerics.nan_to_inf(jnp.abs(x.astype(jnp.float32))), axis=axes, keepdims=True, initial=0.0)
-  return scale_from_absmax(absmax, qtype)
+  x32 = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x32), axis=axes, keepdims=True, initial=0.0)
+  return scale_from_absmax(absmax, qtype) + numerics.nonfinite_probe(x32, axes, keepdims=True)
 
 
 def quantize_with_scale(x: jax.Array, scale: jax.Array, qtype: str = "int8") -> jax.Array:

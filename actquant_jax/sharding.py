@@ -73,9 +73,9 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   def per_shard(xb, q, b):
     if k_axis is None:  # whole rows here: the plain per-device op (kernels on GPU)
       return ops.w8a8_dot(xb, q, b, out_dtype=out_dtype, backend=backend, interpret=interpret)
-    # reference.py's formulas; the row maxima are pmax'd over the K shards.
+    # reference.py's formulas; the row maxima and sums are reduced over the K shards.
     xq, sx = ref.quantize_rows_ref(xb, q.inv_smooth, dtype=dtype, scale=q.act_scale,
-                                   combine_rows=lambda v: jax.lax.pmax(v, k_axis))
+                                   row_max=lambda v: jax.lax.pmax(v, k_axis), row_sum=lambda v: jax.lax.psum(v, k_axis))
     if dtype == jnp.int8 and qk.in_features > ref.K_CHUNK:  # int32 psum could overflow: psum halves
       chunk_fn = functools.partial(ops._accumulate_chunk, backend=resolved, interpret=interpret)
       hi, lo = ref.accumulate_halves(xq, q.values, chunk_fn)

@@ -79,29 +79,29 @@ def _quantize_rows_kernel(x_ref, s_ref, scale_ref, xq_ref, sx_ref, *, m, k, bloc
     return x, inv, k_slice, col_ok
 
   # The scalar formulas are reference.py's (the one definition); only the loops are here.
+  zeros = jnp.zeros((block_m,), jnp.float32)
   if scale_ref is None:  # dynamic, per row
-    def absmax_step(i, amax):
+    def absmax_step(i, carry):
+      amax, probe = carry
       x, inv, _, _ = load_block(i)
       c = numerics.scale_factor(inv, xq_ref.dtype)
-      return jnp.maximum(amax, jnp.max(numerics.nan_to_inf(jnp.abs(x) * c), axis=1))
-    amax = lax.fori_loop(0, n_k, absmax_step, jnp.zeros((block_m,), jnp.float32))
-    sx = numerics.dynamic_scale(amax)
+      return (jnp.maximum(amax, jnp.max(jnp.abs(x) * c, axis=1)), probe + numerics.nonfinite_probe(x))
+    amax, probe = lax.fori_loop(0, n_k, absmax_step, (zeros, zeros))
+    sx = numerics.dynamic_scale(amax) + probe
   else:  # static per tensor
     sx = jnp.full((block_m,), _compat.triton_load(scale_ref.at[pl.ds(0, 1)])[0], jnp.float32)
 
   r = 1.0 / sx
 
-  def quantize_step(i, xmax):
+  def quantize_step(i, probe):
     x, inv, k_slice, col_ok = load_block(i)
     f = r[:, None] if inv is None else inv[None, :] * r[:, None]  # numerics.quantize_factor
     xq = _saturate_cast(x * f, xq_ref.dtype)
     _compat.triton_store(xq_ref.at[m_slice, k_slice], xq, mask=row_ok[:, None] & col_ok[None, :])
-    if scale_ref is None:
-      return xmax
-    return jnp.maximum(xmax, jnp.max(numerics.nan_to_inf(jnp.abs(x)), axis=1))
-  xmax = lax.fori_loop(0, n_k, quantize_step, jnp.zeros((block_m,), jnp.float32))
-  if scale_ref is not None:  # a NaN/Inf row gets a NaN scale (found in the same pass)
-    sx = numerics.static_scale(xmax, sx)
+    return probe if scale_ref is None else probe + numerics.nonfinite_probe(x)
+  probe = lax.fori_loop(0, n_k, quantize_step, zeros)
+  if scale_ref is not None:  # a NaN/Inf row gets a NaN scale, found in the same pass
+    sx = sx + probe
   _compat.triton_store(sx_ref.at[m_slice], sx, mask=row_ok)
 
 

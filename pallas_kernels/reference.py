@@ -7,8 +7,9 @@ and the tests compare every kernel against the functions here:
   quantize:  c   = |inv_smooth| * f32(1/qmax)   (or f32(1/qmax) alone)
              sx  = max_k |x[m, k]| * c[k] per row (dynamic), or the static scale;
                    1 for an all-zero row (or one whose scale would be subnormal);
-                   NaN for a row holding NaN/Inf (its output row is NaN, as in the float
-                   model) and for sx > 2^126 (1/sx would be subnormal, flushed to 0)
+                   NaN for sx > 2^126 (1/sx would be subnormal, flushed to 0)
+                   + sum_k x[m, k] * 0: NaN for a row holding NaN/Inf (its output row
+                   is NaN, as in the float model), else exactly 0
              xq  = saturate(round_half_even(x * (inv_smooth * (1 / sx))))  (fp8: clip, RNE cast)
              Multiplying inv_smooth into the per-row reciprocal (not into x first) and
              1/qmax into c keeps every intermediate finite where x * inv / qmax is: x
@@ -56,22 +57,19 @@ def scale_factor(inv_smooth, dtype):
   return r if inv_smooth is None else jnp.abs(inv_smooth.astype(jnp.float32)) * r
 
 
-def nan_to_inf(a):
-  """A magnitude for a max, NaN mapped to +Inf: Triton's float max ignores NaN (maxnumf),
-  so a NaN must become something every max keeps."""
-  return jnp.where(a <= F32_MAX, a, jnp.inf)
+def nonfinite_probe(x32, axis=1, keepdims=False):
+  """0 for a group of finite values, NaN if it holds a NaN or an Inf: sum(x * 0). A sum,
+  because the float max of XLA CPU's fused (YNNPACK) reductions and of Triton (maxnumf)
+  drops NaN. Added to a scale it leaves it exactly as is, or makes it NaN."""
+  return jnp.sum(x32 * jnp.float32(0.0), axis=axis, keepdims=keepdims)
 
 
 def dynamic_scale(amax):
   """The scale from amax = max |x| * c: 1 for an all-zero or subnormal-scale group (it
-  quantizes to exact zeros, not 0/0), NaN where amax is not finite or above 2^126."""
+  quantizes to exact zeros, not 0/0), NaN where amax is Inf or above 2^126. (NaN inputs
+  are caught by nonfinite_probe, not here: a max may have dropped them.)"""
   s = jnp.where(amax < F32_TINY, jnp.float32(1.0), amax)
   return jnp.where(amax <= MAX_SCALE, s, jnp.float32(jnp.nan))
-
-
-def static_scale(xmax, scale):
-  """A static scale per row, NaN for rows whose max |x| is not finite (NaN/Inf input)."""
-  return jnp.where(xmax <= F32_MAX, scale, jnp.float32(jnp.nan))
 
 
 def quantize_factor(inv_smooth, sx):
@@ -93,24 +91,25 @@ def saturate_cast(y: jax.Array, dtype) -> jax.Array:
 
 
 def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
-                      dtype=jnp.int8, scale: jax.Array | None = None, combine_rows=None):
+                      dtype=jnp.int8, scale: jax.Array | None = None, row_max=None, row_sum=None):
   """(M, K) float -> (xq (M, K) int8/fp8, sx (M,) f32).
 
   Dynamic per token (scale None): one scale per row from its absmax.
   Static (scale given, a scalar): that scale for every row; values beyond it saturate.
-  Either way a row holding NaN or Inf gets sx = NaN. combine_rows: applied to the per-row
-  maxima before they are used (the sharded path passes a pmax over the K shards).
+  Either way a row holding NaN or Inf gets sx = NaN. row_max / row_sum: applied to the
+  per-row maxima / sums before they are used (the sharded path: pmax / psum over K shards).
   """
-  combine_rows = combine_rows or (lambda v: v)
+  row_max = row_max or (lambda v: v)
+  row_sum = row_sum or (lambda v: v)
   x32 = x.astype(jnp.float32)
+  probe = row_sum(nonfinite_probe(x32))
   if scale is None:
     # |x| * c rather than |x * c|: XLA CPU then computes an expensive producer of x (erf
     # GELU) once instead of recomputing it in the absmax and the quantize fusions.
-    amax = combine_rows(jnp.max(nan_to_inf(jnp.abs(x32) * scale_factor(inv_smooth, dtype)), axis=1, initial=0.0))
-    sx = dynamic_scale(amax)
+    amax = row_max(jnp.max(jnp.abs(x32) * scale_factor(inv_smooth, dtype), axis=1, initial=0.0))
+    sx = dynamic_scale(amax) + probe
   else:
-    xmax = combine_rows(jnp.max(nan_to_inf(jnp.abs(x32)), axis=1, initial=0.0))
-    sx = static_scale(xmax, jnp.asarray(scale, jnp.float32))
+    sx = jnp.asarray(scale, jnp.float32) + probe
   f = quantize_factor(inv_smooth, sx)
   return saturate_cast(x32 * (f if inv_smooth is not None else f[:, None]), dtype), sx
 
