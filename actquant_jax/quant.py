@@ -246,8 +246,9 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
     if act_scale.shape != ():
       raise QuantizationError(f"{name}: act_scale must be a scalar (static per-tensor), got shape {act_scale.shape}")
     check_finite(act_scale, f"{name}: act_scale")
-    if not isinstance(act_scale, jax.core.Tracer) and float(act_scale) <= 0:
-      raise QuantizationError(f"{name}: act_scale must be > 0, got {float(act_scale)}")
+    if not isinstance(act_scale, jax.core.Tracer) and not 0 < float(act_scale) <= numerics.MAX_SCALE:
+      raise QuantizationError(f"{name}: act_scale must be in (0, 2^126] (its reciprocal multiplies x), "
+                              f"got {float(act_scale)}")
   if inv_smooth is not None:
     inv_smooth = jnp.asarray(inv_smooth, jnp.float32)
     if inv_smooth.shape != (k,):

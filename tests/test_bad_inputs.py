@@ -152,3 +152,22 @@ def test_list_bias_names_the_argument():
     aq.w8a8_dot(jnp.ones((2, 8)), qk, [0.0, 1.0, 2.0, 3.0], name="layer7")
   with pytest.raises(aq.QuantizationTypeError, match="QuantizedLinear: bias"):
     aq.QuantizedLinear(8, 4, kernel=jnp.ones((8, 4)), bias=[0.0, 1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])
+def test_row_parallel_sharded_dot_beyond_k_chunk_and_with_nan(act_scale, rng):
+  # The K-sharded path psums the exact accumulator's halves (an int32 psum could wrap)
+  # and the NaN probe: one device, one K shard, against w8a8_dot.
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+  k = ref.K_CHUNK + 50
+  x = np.ones((3, k), np.float32)
+  x[1, 7] = np.nan
+  qk = aq.quantize_kernel(jnp.ones((k, 4)), act_scale=act_scale)
+  y = np.asarray(aq.sharded_w8a8_dot(jnp.asarray(x), qk, mesh=mesh, k_axis="model", backend="xla"))
+  want = np.asarray(aq.w8a8_dot(jnp.asarray(x), qk, backend="xla"))
+  np.testing.assert_array_equal(np.isfinite(y), np.isfinite(want))
+  assert not np.isfinite(y[1]).any()
+  np.testing.assert_allclose(y[[0, 2]], want[[0, 2]], rtol=1e-6)
+  if act_scale is None:
+    np.testing.assert_allclose(y[[0, 2]], k, rtol=1e-6)  # all ones: exact K

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import actquant_jax as aq
@@ -224,3 +224,35 @@ def test_damaged_checkpoint_restores_exactly_or_raises_checkpoint_error(tmp_path
   _bits_equal(back, tree)  # the damage hit bytes nothing reads back
   assert set(back_stats) == set(stats)
   np.testing.assert_array_equal(np.asarray(back_stats["fc_0"].absmax), np.asarray(stats["fc_0"].absmax))
+
+
+@pytest.fixture(scope="module")
+def saved_stats(tmp_path_factory, saved_checkpoint):
+  d, _, stats, _ = saved_checkpoint
+  f = tmp_path_factory.mktemp("stats") / "stats.npz"
+  aq.save_stats(stats, f)
+  return f, stats
+
+
+# The named errors of load_stats belong to another part of issue 12 (damaged stats files);
+# this fuzzer is their target. It passes where a damage is caught by zip's CRC or numpy.
+@pytest.mark.xfail(reason="load_stats raises numpy/zip/JSON errors until its named error lands", strict=False)
+@settings(FAST, max_examples=40, phases=(Phase.generate,))  # no shrinking while it is expected to fail
+@given(data=st.data())
+def test_damaged_stats_file_loads_exactly_or_raises_a_named_error(tmp_path_factory, saved_stats, data):
+  f, stats = saved_stats
+  raw = bytearray(f.read_bytes())
+  copy = tmp_path_factory.mktemp("sdmg") / "stats.npz"
+  if data.draw(st.booleans(), label="truncate"):
+    copy.write_bytes(raw[:data.draw(st.integers(0, len(raw) - 1), label="keep")])
+  else:
+    raw[data.draw(st.integers(0, len(raw) - 1), label="byte")] ^= data.draw(st.integers(1, 255), label="xor")
+    copy.write_bytes(raw)
+  try:
+    back = aq.load_stats(copy)
+  except aq.ActquantError:
+    return
+  assert set(back) == set(stats)
+  for p in stats:
+    np.testing.assert_array_equal(np.asarray(back[p].absmax), np.asarray(stats[p].absmax))
+    np.testing.assert_array_equal(np.asarray(back[p].samples), np.asarray(stats[p].samples))
