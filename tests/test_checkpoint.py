@@ -103,13 +103,17 @@ def test_refuses_corrupt_and_truncated(tmp_path, model):
     if damage == "truncate":
       f.write_bytes(raw[: len(raw) // 2])
     elif damage == "flip":
-      raw[len(raw) // 2] ^= 0xFF
+      # The middle half of the file, not one byte: Orbax's data files may hold bytes no
+      # restore reads (one flipped byte went unnoticed once, with identical restored data;
+      # tests/test_properties.py fuzzes single bytes with "exact or CheckpointError").
+      for i in range(len(raw) // 4, 3 * len(raw) // 4):
+        raw[i] ^= 0xFF
       f.write_bytes(raw)
     elif damage == "delete":
       f.unlink()
     else:
       (d / "actquant.json").write_text("{not json")
-    with pytest.raises(ValueError, match="corrupt|truncated|missing"):
+    with pytest.raises(aq.CheckpointError, match="corrupt|truncated|missing"):
       aq.restore_checkpoint(d)
 
 
