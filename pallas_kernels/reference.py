@@ -8,7 +8,7 @@ and the tests compare every kernel against the functions here:
              sx  = max_k |x[m, k]| * c[k] per row (dynamic), or the static scale;
                    1 for an all-zero row (or one whose scale would be subnormal);
                    NaN for sx > 2^126 (1/sx would be subnormal, flushed to 0)
-                   + sum_k x[m, k] * 0: NaN for a row holding NaN/Inf (its output row
+                   + sum_k (x[m, k] - x[m, k]): NaN for a row holding NaN/Inf (its output row
                    is NaN, as in the float model), else exactly 0
              xq  = saturate(round_half_even(x * (inv_smooth * (1 / sx))))  (fp8: clip, RNE cast)
              Multiplying inv_smooth into the per-row reciprocal (not into x first) and
@@ -58,10 +58,11 @@ def scale_factor(inv_smooth, dtype):
 
 
 def nonfinite_probe(x32, axis=1, keepdims=False):
-  """0 for a group of finite values, NaN if it holds a NaN or an Inf: sum(x * 0). A sum,
+  """0 for a group of finite values, NaN if it holds a NaN or an Inf: sum(x - x). A sum,
   because the float max of XLA CPU's fused (YNNPACK) reductions and of Triton (maxnumf)
-  drops NaN. Added to a scale it leaves it exactly as is, or makes it NaN."""
-  return jnp.sum(x32 * jnp.float32(0.0), axis=axis, keepdims=keepdims)
+  drops NaN. Added to a scale it leaves it exactly as is, or makes it NaN. (x - x, not
+  x * 0: XLA CPU materialized the broadcast zeros of the latter.)"""
+  return jnp.sum(x32 - x32, axis=axis, keepdims=keepdims)
 
 
 def dynamic_scale(amax):
