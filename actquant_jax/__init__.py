@@ -6,7 +6,7 @@
 """
 
 from actquant_jax.calibrate import LayerStats as LayerStats
-from actquant_jax.calibrate import StatsFileError as StatsFileError
+from actquant_jax.errors import StatsFileError as StatsFileError
 from actquant_jax.calibrate import calibrate as calibrate
 from actquant_jax.calibrate import load_stats as load_stats
 from actquant_jax.calibrate import merge_stats as merge_stats
@@ -14,6 +14,15 @@ from actquant_jax.calibrate import save_stats as save_stats
 from actquant_jax.checkpoint import restore_checkpoint as restore_checkpoint
 from actquant_jax.checkpoint import save_checkpoint as save_checkpoint
 from actquant_jax.config import LayerRule as LayerRule
+from actquant_jax.errors import ActquantError as ActquantError
+from actquant_jax.errors import BackendError as BackendError
+from actquant_jax.errors import BackendUnavailableError as BackendUnavailableError
+from actquant_jax.errors import CalibrationError as CalibrationError
+from actquant_jax.errors import CheckpointError as CheckpointError
+from actquant_jax.errors import CheckpointExistsError as CheckpointExistsError
+from actquant_jax.errors import CheckpointTypeError as CheckpointTypeError
+from actquant_jax.errors import QuantizationError as QuantizationError
+from actquant_jax.errors import QuantizationTypeError as QuantizationTypeError
 from actquant_jax.config import QuantConfig as QuantConfig
 from actquant_jax.intercept import quantize_model as quantize_model
 from actquant_jax.intercept import quantized as quantized

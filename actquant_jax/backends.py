@@ -27,15 +27,12 @@ import warnings
 
 import jax
 
+from actquant_jax.errors import BackendError, BackendUnavailableError
+
 logger = logging.getLogger("actquant_jax")
 
 NAMES = ("auto", "xla", "cpu", "triton", "mosaic")
-_INT8_MAX_K = 2**31 // 127**2  # int32 accumulation of 127*127 products is exact up to this K
 _DECODE_M = 64  # wgmma's M per warpgroup: smaller M would be padding
-
-
-class BackendUnavailableError(ValueError, RuntimeError):
-  """A backend was asked for a problem it cannot run; the message says why and what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +118,8 @@ class CpuBackend:
       return f"backend='cpu' runs on the CPU platform; this process computes on {p.platform}"
     import cpu_kernels  # imported here: it may compile the kernel on first use
     if p.k > cpu_kernels.MAX_K:
-      return f"backend='cpu' takes K <= {cpu_kernels.MAX_K}, got {p.k}"
+      return (f"backend='cpu' takes K <= {cpu_kernels.MAX_K}, got {p.k}; backend='xla' (or 'auto') "
+              "splits K and stays exact")
     if not cpu_kernels.available():
       return f"backend='cpu' is not available here: {cpu_kernels.unavailable_reason()}"
     return None
@@ -140,8 +138,6 @@ class TritonBackend:
       if p.is_fp8 and p.compute_capability is not None and p.compute_capability < (8, 9):
         return (f"{p.qtype} needs fp8 tensor cores (sm_89 Ada or sm_90 Hopper); this GPU is {p.sm}: "
                 "quantize to int8 (QuantConfig(qtype='int8'))")
-    if not p.is_fp8 and p.k > _INT8_MAX_K:
-      return f"K={p.k} can overflow int32 accumulation (max {_INT8_MAX_K})"
     return None
 
 
@@ -161,8 +157,6 @@ class MosaicBackend:
       return f"K={p.k} must be a multiple of 16 (TMA needs 16-byte-aligned 8-bit rows)"
     if p.n is not None and (p.n * _itemsize(p.out_dtype)) % 16:
       return f"N={p.n} rows of {p.out_dtype} are not 16-byte aligned for the TMA store"
-    if not p.is_fp8 and p.k > _INT8_MAX_K:
-      return f"K={p.k} can overflow int32 accumulation (max {_INT8_MAX_K})"
     return None
 
 
@@ -216,7 +210,7 @@ def decisions() -> list[Choice]:
 def choose(requested: str, p: Problem) -> Choice:
   """The backend for `p`; raises BackendUnavailableError naming the backend and the fix."""
   if requested not in NAMES:
-    raise ValueError(f"backend must be one of {NAMES}, got {requested!r}")
+    raise BackendError(f"backend must be one of {NAMES}, got {requested!r}")
   key = (requested, p)
   with _lock:
     if key in _decisions:

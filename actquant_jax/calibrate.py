@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from actquant_jax import _capture, _hooks
+from actquant_jax.errors import CalibrationError, StatsFileError
 
 FOLDABLE_KINDS = ("layernorm", "rmsnorm", "dense")
 
@@ -362,11 +363,11 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       graph = _capture.analyze(program)
       if graph.seen_inside:
         prim = next(iter(graph.seen_inside.values()))
-        raise ValueError(f"calibrate: params {', '.join(sorted(graph.seen_inside))} go into a `{prim}` "
+        raise CalibrationError(f"calibrate: params {', '.join(sorted(graph.seen_inside))} go into a `{prim}` "
                          "(nn.scan / nnx.scan / lax.scan / a loop) that runs matmuls: weights inside a scan are not "
                          "supported yet. Unroll the layers (a Python loop over modules) to calibrate and quantize them")
       if not any(s.reason is None for s in graph.sites.values()):
-        raise ValueError("calibrate: the model has no weight matmul to quantize (no Dense or other contraction "
+        raise CalibrationError("calibrate: the model has no weight matmul to quantize (no Dense or other contraction "
                          f"of an activation with a parameter). Saw: {describe_sites(graph)}")
       if facts is None:
         facts = dataflow_facts(graph)
@@ -378,7 +379,7 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
     for path in call_order:  # in call order, so a NaN is reported where it first appears
       e = out[path]
       if int(e["nonfinite"]):
-        raise ValueError(f"calibrate: layer {path}: input has {int(e['nonfinite'])} NaN/Inf values "
+        raise CalibrationError(f"calibrate: layer {path}: input has {int(e['nonfinite'])} NaN/Inf values "
                          f"in batch {n}")
       a = acc.get(path)
       samples = np.asarray(e["samples"], np.float32)
@@ -394,7 +395,7 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       of = f"/{total}" if total else ""
       print(f"calibrate: batch {n}{of}, {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
   if n == 0:
-    raise ValueError("calibrate: got no batches (empty iterable)")
+    raise CalibrationError("calibrate: got no batches (empty iterable)")
   first_graph = next(iter(compiled.values()))[1]
   site_of = {}
   for s in first_graph.sites.values():
@@ -418,7 +419,7 @@ def _check_batch(batch, n: int) -> None:
   leaves = jax.tree_util.tree_leaves(batch)
   for x in leaves:
     if _is_array(x) and np.ndim(x) >= 1 and np.shape(x)[0] == 0:
-      raise ValueError(f"calibrate: batch {n} has 0 rows (an input of shape {tuple(np.shape(x))}); "
+      raise CalibrationError(f"calibrate: batch {n} has 0 rows (an input of shape {tuple(np.shape(x))}); "
                        "every calibration batch needs at least one example")
 
 
@@ -427,25 +428,21 @@ def _check_batch(batch, n: int) -> None:
 def merge_stats(a: Stats, b: Stats, *, num_samples: int = 512, seed: int = 0) -> Stats:
   """Stats of two calibration runs of the same model, as if over all their batches."""
   if set(a) != set(b):
-    raise ValueError(f"merge_stats: different layers: only in first {sorted(set(a) - set(b))}, "
+    raise CalibrationError(f"merge_stats: different layers: only in first {sorted(set(a) - set(b))}, "
                      f"only in second {sorted(set(b) - set(a))}")
   rng = np.random.default_rng(seed)
   out = {}
   for path in a:
     x, y = a[path], b[path]
     if facts_of(x) != facts_of(y):
-      raise ValueError(f"merge_stats: layer {path}: dataflow facts differ (different models?)")
+      raise CalibrationError(f"merge_stats: layer {path}: dataflow facts differ (different models?)")
     if x.absmax.shape != y.absmax.shape:
-      raise ValueError(f"merge_stats: layer {path}: absmax shapes differ {x.absmax.shape} vs {y.absmax.shape}")
+      raise CalibrationError(f"merge_stats: layer {path}: absmax shapes differ {x.absmax.shape} vs {y.absmax.shape}")
     samples = _merge_samples(np.asarray(x.samples), int(x.tokens), np.asarray(y.samples), int(y.tokens),
                              num_samples, rng)
     out[path] = dataclasses.replace(x, absmax=jnp.maximum(x.absmax, y.absmax), tokens=x.tokens + y.tokens,
                                     samples=jnp.asarray(samples))
   return out
-
-
-class StatsFileError(ValueError):
-  """A stats file that cannot be read back (damaged, or not written by save_stats)."""
 
 
 def _stats_file(file):
@@ -504,6 +501,6 @@ def check_stats(stats: Stats, where: str = "stats") -> None:
       continue
     a = np.asarray(s.absmax)
     if not np.all(np.isfinite(a)):
-      raise ValueError(f"{where}: layer {path}: absmax contains NaN/Inf")
+      raise CalibrationError(f"{where}: layer {path}: absmax contains NaN/Inf")
     if math.prod(a.shape) == 0 or a.ndim != 1:
-      raise ValueError(f"{where}: layer {path}: absmax must be a non-empty (K,) vector, got {a.shape}")
+      raise CalibrationError(f"{where}: layer {path}: absmax must be a non-empty (K,) vector, got {a.shape}")

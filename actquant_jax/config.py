@@ -6,6 +6,7 @@ import dataclasses
 import re
 from typing import Union
 
+from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import check_qtype
 
 Alpha = Union[float, str, None]  # a migration strength in [0, 1], "auto", or None (no smoothing)
@@ -17,7 +18,7 @@ def _check_alpha(alpha, where: str):
   if alpha is None or alpha == "auto":
     return
   if isinstance(alpha, str) or not 0.0 <= float(alpha) <= 1.0:
-    raise ValueError(f"{where}: alpha must be in [0, 1], 'auto' or None, got {alpha!r}")
+    raise QuantizationError(f"{where}: alpha must be in [0, 1], 'auto' or None, got {alpha!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +37,11 @@ class LayerRule:
     try:
       re.compile(self.pattern)
     except re.error as e:
-      raise ValueError(f"LayerRule: bad regex {self.pattern!r}: {e}") from None
+      raise QuantizationError(f"LayerRule: bad regex {self.pattern!r}: {e}") from None
     if self.qtype is not None:
       check_qtype(self.qtype)
     if self.act_mode is not None and self.act_mode not in ACT_MODES:
-      raise ValueError(f"LayerRule({self.pattern!r}): act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+      raise QuantizationError(f"LayerRule({self.pattern!r}): act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
     if self.alpha != "inherit":
       _check_alpha(self.alpha, f"LayerRule({self.pattern!r})")
 
@@ -78,18 +79,18 @@ class QuantConfig:
   def __post_init__(self):
     check_qtype(self.qtype)
     if self.act_mode not in ACT_MODES:
-      raise ValueError(f"QuantConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
+      raise QuantizationError(f"QuantConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
     _check_alpha(self.alpha, "QuantConfig")
     if not self.alpha_grid:
-      raise ValueError("QuantConfig: alpha_grid must not be empty")
+      raise QuantizationError("QuantConfig: alpha_grid must not be empty")
     for a in self.alpha_grid:
       if a == "auto":
-        raise ValueError("QuantConfig: alpha_grid cannot contain 'auto'")
+        raise QuantizationError("QuantConfig: alpha_grid cannot contain 'auto'")
       _check_alpha(a, "QuantConfig.alpha_grid")
     object.__setattr__(self, "rules", tuple(self.rules))
     for r in self.rules:
       if not isinstance(r, LayerRule):
-        raise TypeError(f"QuantConfig: rules must be LayerRule instances, got {type(r).__name__}")
+        raise QuantizationTypeError(f"QuantConfig: rules must be LayerRule instances, got {type(r).__name__}")
 
   def settings_for(self, path: str) -> LayerSettings:
     s = LayerSettings(True, self.qtype, self.act_mode, self.alpha)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from actquant_jax import _capture
 from actquant_jax.config import QuantConfig
+from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.ops import w8a8_dot
 from actquant_jax.quant import QuantizedKernel
 from actquant_jax.transform import quantize_params
@@ -50,7 +51,7 @@ def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend,
   and flattened to K (in the weight's pairing order), the output (x's free axes, then the
   weight's output axes) as the dot would lay it out."""
   if (tuple(site.contract), tuple(site.out)) != (tuple(qk.contract), tuple(qk.out)):
-    raise ValueError(f"quantized_apply: layer {site.layer}: the model contracts weight {site.param} over axes "
+    raise QuantizationError(f"quantized_apply: layer {site.layer}: the model contracts weight {site.param} over axes "
                      f"{site.contract} -> {site.out}, but its QuantizedKernel was made for {qk.contract} -> "
                      f"{qk.out} (qparams from another model?)")
   w_spec = jax.ShapeDtypeStruct(w.aval.shape, w.aval.dtype) if isinstance(w, _capture.Absent) else w
@@ -75,7 +76,7 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
   for path, leaf in zip(param_paths_of(floats), flat_q):
     if _is_qk(leaf):
       if path is None:
-        raise ValueError(f"{where}: a QuantizedKernel outside the params collection")
+        raise QuantizationError(f"{where}: a QuantizedKernel outside the params collection")
       qks[path] = leaf
   program = _capture.trace(lambda v, a, k: fn(v, *a, **k), floats, param_paths_of(floats), args, kwargs)
   graph = _capture.analyze(program)
@@ -83,17 +84,17 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
   for i, site in graph.sites.items():
     if site.param in qks:
       if site.reason is not None:
-        raise ValueError(f"{where}: layer {site.layer}: weight {site.param} is quantized but this model uses it "
+        raise QuantizationError(f"{where}: layer {site.layer}: weight {site.param} is quantized but this model uses it "
                          f"in a matmul that cannot run quantized ({site.reason})")
       routed[i] = site
   for p, qk in qks.items():
     if p not in graph.params:
       continue
     if p in graph.seen_inside:
-      raise ValueError(f"{where}: weight {p} is quantized but contracted inside a `{graph.seen_inside[p]}` "
+      raise QuantizationError(f"{where}: weight {p} is quantized but contracted inside a `{graph.seen_inside[p]}` "
                        "(scan / loop): not supported yet")
     if qk.kept is None and _read_by_other_ops(graph, p):
-      raise ValueError(f"{where}: weight {p} is quantized without its float copy, but this model also reads it "
+      raise QuantizationError(f"{where}: weight {p} is quantized without its float copy, but this model also reads it "
                        "outside a matmul (qparams from another model's stats?)")
   _check_folds(graph, qks, routed, where)
   # The stand-ins were for tracing only: a weight with no float copy is not materialized.
@@ -123,11 +124,11 @@ def _check_folds(graph, qks, routed, where):
     if qk.folded_into and (f is None or not f.exclusive or set(f.producers) != set(qk.folded_into)):
       seen = "nothing" if f is None else f"{', '.join(p or 'a plain op' for p in f.producers)}" + (
           "" if f.exclusive else " (whose output other ops read too)")
-      raise ValueError(f"{where}: layer {s.layer}: its smoothing was folded into {', '.join(qk.folded_into)} when "
+      raise QuantizationError(f"{where}: layer {s.layer}: its smoothing was folded into {', '.join(qk.folded_into)} when "
                        f"quantized, but in this model its input comes from {seen}. The qparams were made with "
                        "stats of a different model structure: calibrate this model and quantize again")
     if qk.dataflow and f is not None and layer_dataflow(f, s.contract, s.out) != qk.dataflow:
-      raise ValueError(f"{where}: layer {s.layer}: its input here (from "
+      raise QuantizationError(f"{where}: layer {s.layer}: its input here (from "
                        f"{', '.join(p or 'a plain op' for p in f.producers)}) is not what its stats were calibrated "
                        "on. The qparams were made with stats of a different model structure: calibrate this model "
                        "and quantize again")
@@ -147,7 +148,7 @@ def quantized_apply(model: nn.Module, *, method: str | Callable | None = None, b
   variables) as model.apply does), `rngs`, flags. backend / interpret: as w8a8_dot.
   """
   if not isinstance(model, nn.Module):
-    raise TypeError(f"quantized_apply: expected a linen Module, got {type(model).__name__} "
+    raise QuantizationTypeError(f"quantized_apply: expected a linen Module, got {type(model).__name__} "
                     "(for nnx use aq.quantize_model)")
 
   def apply(qparams, *args, **kwargs):
@@ -170,9 +171,9 @@ def quantized(model: nn.Module, *, backend: str = "auto", interpret: bool = Fals
   Only this module object is affected, and only until the block ends.
   """
   if not isinstance(model, nn.Module):
-    raise TypeError(f"quantized: expected a linen Module, got {type(model).__name__}")
+    raise QuantizationTypeError(f"quantized: expected a linen Module, got {type(model).__name__}")
   if "apply" in vars(model):
-    raise ValueError("quantized: this module is already inside an aq.quantized block")
+    raise QuantizationError("quantized: this module is already inside an aq.quantized block")
   float_apply = model.apply
 
   def apply(variables, *args, method=None, **kwargs):
@@ -225,7 +226,7 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
   of the model), so the peak is the float params plus the int8 kernels (~1.25x for f32).
   """
   if not isinstance(model, nnx.Module):
-    raise TypeError(f"quantize_model: expected an nnx Module, got {type(model).__name__}")
+    raise QuantizationTypeError(f"quantize_model: expected an nnx Module, got {type(model).__name__}")
   if copy:
     model = nnx.clone(model)
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -239,7 +240,7 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
   for path, value in _flatten_pure(qpure):
     var = flat_vars.get(path)
     if var is None:
-      raise ValueError(f"quantize_model: no Param at {'/'.join(map(str, path))}")
+      raise QuantizationError(f"quantize_model: no Param at {'/'.join(map(str, path))}")
     if value is not var.get_value():
       var.set_value(value)
   nnx.update(model, params)

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen.dtypes import promote_dtype
 
-from actquant_jax.ops import w8a8_dot
+from actquant_jax.errors import QuantizationError, QuantizationTypeError
+from actquant_jax.ops import check_bias, w8a8_dot
 from actquant_jax.quant import QuantizedKernel, quantize_kernel
 
 default_kernel_init = nn.initializers.lecun_normal()
@@ -93,14 +94,18 @@ class QuantizedLinear(nnx.Module):
       if rngs is None:
         raise ValueError("QuantizedLinear: pass rngs (to initialise) or kernel")
       kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+    if not hasattr(kernel, "shape"):
+      raise QuantizationTypeError(f"QuantizedLinear: kernel must be an array or a QuantizedKernel, got a "
+                                  f"{type(kernel).__name__}: pass jnp.asarray(kernel)")
     if tuple(kernel.shape) != (in_features, out_features):
-      raise ValueError(f"QuantizedLinear: kernel shape {tuple(kernel.shape)} != ({in_features}, {out_features})")
+      raise QuantizationError(f"QuantizedLinear: kernel shape {tuple(kernel.shape)} != ({in_features}, {out_features})")
     self.kernel = nnx.Param(kernel)
     if use_bias:
       if bias is None:
         if rngs is None:
           raise ValueError("QuantizedLinear: pass rngs (to initialise) or bias")
         bias = bias_init(rngs.params(), (out_features,), param_dtype)
+      check_bias(bias, out_features, "QuantizedLinear")
       self.bias = nnx.Param(bias)
     else:
       self.bias = nnx.data(None)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 import cpu_kernels
 from actquant_jax import backends
+from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel, qtype_dtype
 from pallas_kernels import reference as ref
 
@@ -30,13 +31,15 @@ def resolve_backend(backend: str, interpret: bool = False, qtype: str = "int8", 
   """The backend name for a problem on this process's device: backends.choose (a registry
   where each backend says whether it can run the problem and why not; "auto" picks by GPU
   generation and shape, once per problem, logged)."""
+  if in_features > ref.MAX_K:
+    raise QuantizationError(f"K = {in_features} is above the {ref.MAX_K} input features whose int8 "
+                            "accumulation this library keeps exact")
   problem = backends.problem_for(k=in_features, qtype=qtype, m=m, n=n, out_dtype=out_dtype,
                                  interpret=interpret)
   return backends.choose(backend, problem).backend
 
 
-def accumulate(xq: jax.Array, wq: jax.Array, *, backend: str, interpret: bool = False) -> jax.Array:
-  """xq (M, K) @ wq (N, K)^T, int8 -> int32 (fp8 -> f32) on a resolved backend."""
+def _accumulate_chunk(xq: jax.Array, wq: jax.Array, *, backend: str, interpret: bool = False) -> jax.Array:
   if backend == "xla":
     return ref.accumulate_ref(xq, wq)
   if backend == "cpu":
@@ -47,16 +50,34 @@ def accumulate(xq: jax.Array, wq: jax.Array, *, backend: str, interpret: bool = 
   return mm(xq, wq, backend="triton", interpret=interpret)
 
 
+def accumulate(xq: jax.Array, wq: jax.Array, *, backend: str, interpret: bool = False) -> jax.Array:
+  """xq (M, K) @ wq (N, K)^T on a resolved backend: int8 -> int32 for K <= ref.K_CHUNK,
+  beyond it the exact sum rounded once to f32 (int32 chunks, see reference.py); fp8 -> f32."""
+  return ref.accumulate_chunked(xq, wq, functools.partial(_accumulate_chunk, backend=backend, interpret=interpret))
+
+
+def check_bias(bias, out_features: int, name: str):
+  """bias must be None or an (N,) float array; a list or tuple is refused by name."""
+  if bias is None:
+    return
+  if not hasattr(bias, "shape") or not hasattr(bias, "dtype"):
+    raise QuantizationTypeError(f"{name}: bias must be a jax/numpy array of shape ({out_features},), got a "
+                                f"{type(bias).__name__}: pass jnp.asarray(bias, jnp.float32)")
+  if not jnp.issubdtype(bias.dtype, jnp.floating):
+    raise QuantizationTypeError(f"{name}: bias must be floating point, got {bias.dtype}")
+  if tuple(bias.shape) != (out_features,):
+    raise QuantizationError(f"{name}: bias must have shape ({out_features},), got {tuple(bias.shape)}")
+
+
 def _check_inputs(x: jax.Array, qk: QuantizedKernel, bias, name: str):
   if not isinstance(qk, QuantizedKernel):
-    raise TypeError(f"{name}: expected a QuantizedKernel, got {type(qk).__name__}")
+    raise QuantizationTypeError(f"{name}: expected a QuantizedKernel, got {type(qk).__name__}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{name}: activations must be floating point, got {x.dtype}")
+    raise QuantizationTypeError(f"{name}: activations must be floating point, got {x.dtype}")
   if x.ndim < 1 or x.shape[-1] != qk.in_features:
-    raise ValueError(f"{name}: input of shape {x.shape} does not match the kernel: expected last "
-                     f"dim {qk.in_features} (kernel (in, out) = {qk.shape})")
-  if bias is not None and tuple(bias.shape) != (qk.out_features,):
-    raise ValueError(f"{name}: bias must have shape ({qk.out_features},), got {tuple(bias.shape)}")
+    raise QuantizationError(f"{name}: input of shape {x.shape} does not match the kernel: expected last "
+                            f"dim {qk.in_features} (kernel (in, out) = {qk.shape})")
+  check_bias(bias, qk.out_features, name)
 
 
 def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = "xla",
@@ -119,14 +140,16 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   x: (..., K) float, any number of leading batch dims. qk: a QuantizedKernel for a (K, N)
   kernel. Activations are quantized per token (dynamic) or with qk.act_scale (static),
   after multiplying by qk.inv_smooth if present. The product accumulates in int32 (fp8:
-  f32) and is scaled as (acc * sx[m]) * sw[n] + bias in f32, then cast to `out_dtype`
+  f32) and is scaled as (acc * sw[n]) * sx[m] + bias in f32, then cast to `out_dtype`
   (default: x.dtype).
 
   backend: "auto" (by GPU generation and shape, see actquant_jax/backends.py; on CPU the
   native AVX512-VNNI int8 GEMM where it runs, else XLA), "xla", "cpu", "triton" or
   "mosaic" (Hopper wgmma).
   interpret=True runs the Pallas kernels on the CPU (slow; tests).
-  NaN/Inf in x are not checked inside jit: they propagate as NaN (fp8) or garbage (int8).
+  A row of x holding NaN or Inf gives a non-finite output row (its scale is NaN) in every
+  mode and backend. K is unbounded up to reference.MAX_K: beyond 65536 the int8 product is
+  accumulated in int32 chunks and combined exactly (see pallas_kernels/reference.py).
   """
   x = jnp.asarray(x)
   _check_inputs(x, qk, bias, name)
@@ -138,8 +161,11 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   xq, sx = _quantize_shared(x, x2d, qk, backend, interpret)
   if backend == "xla":
     y = _xla_w8a8(xq, sx, qk, bias, out_dtype)
-  elif backend == "cpu":
-    y = ref.epilogue_ref(accumulate(xq, qk.values, backend="cpu"), sx, qk.scale, bias, out_dtype)
+  elif backend == "cpu" or (xq.dtype == jnp.int8 and qk.in_features > ref.K_CHUNK):
+    # (the fused Pallas kernels keep one int32 accumulator: past K_CHUNK their raw
+    # accumulators are taken per chunk and combined, then the same epilogue)
+    y = ref.epilogue_ref(accumulate(xq, qk.values, backend=backend, interpret=interpret), sx, qk.scale, bias,
+                         out_dtype)
   else:
     from pallas_kernels import scaled_matmul
     y = scaled_matmul(xq, qk.values, sx, qk.scale, bias, out_dtype=out_dtype, backend=backend,

@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from actquant_jax.errors import QuantizationError, QuantizationTypeError
+from pallas_kernels import reference as numerics  # the one definition of the formulas
+
 QType = Literal["int8", "float8_e4m3fn"]
 Granularity = Literal["tensor", "channel", "token"]
 
@@ -32,7 +35,7 @@ _QMAX = {"int8": 127.0, "float8_e4m3fn": float(jnp.finfo(jnp.float8_e4m3fn).max)
 
 def check_qtype(qtype: str) -> str:
   if qtype not in QTYPES:
-    raise ValueError(f"qtype must be one of {QTYPES}, got {qtype!r}")
+    raise QuantizationError(f"qtype must be one of {QTYPES}, got {qtype!r}")
   return qtype
 
 
@@ -51,7 +54,7 @@ def qtype_of(dtype) -> str:
   for name, dt in _DTYPES.items():
     if jnp.dtype(dtype) == jnp.dtype(dt):
       return name
-  raise TypeError(f"{jnp.dtype(dtype)} is not a quantized storage dtype; expected one of {QTYPES}")
+  raise QuantizationTypeError(f"{jnp.dtype(dtype)} is not a quantized storage dtype; expected one of {QTYPES}")
 
 
 @jax.tree_util.register_dataclass
@@ -84,55 +87,40 @@ def _reduce_axes(ndim: int, granularity: str, axis: int) -> tuple[int, ...]:
   if granularity == "tensor":
     return tuple(range(ndim))
   if ndim == 0:
-    raise ValueError(f"granularity {granularity!r} needs an array with at least one axis")
+    raise QuantizationError(f"granularity {granularity!r} needs an array with at least one axis")
   if granularity == "token":
     return (ndim - 1,)
   if granularity == "channel":
     if not -ndim <= axis < ndim:
-      raise ValueError(f"channel axis {axis} out of range for an array of rank {ndim}")
+      raise QuantizationError(f"channel axis {axis} out of range for an array of rank {ndim}")
     a = axis % ndim
     return tuple(i for i in range(ndim) if i != a)
-  raise ValueError(f"granularity must be 'tensor', 'channel' or 'token', got {granularity!r}")
+  raise QuantizationError(f"granularity must be 'tensor', 'channel' or 'token', got {granularity!r}")
 
 
 def scale_from_absmax(absmax: jax.Array, qtype: str = "int8") -> jax.Array:
-  """absmax * f32(1/qmax); an all-zero group gets scale 1 so it round-trips to zeros.
-
-  (A zero scale would make x / scale = 0/0 = NaN.) Multiplying by the rounded reciprocal
-  is what compilers turn a division by a constant into; defining the scale that way keeps
-  the XLA path, the kernels and numpy references bit-identical.
-  """
+  """absmax * f32(1/qmax); an all-zero group gets scale 1 so it round-trips to zeros
+  (pallas_kernels/reference.py: dynamic_scale, the formula of every backend)."""
   absmax = jnp.asarray(absmax, jnp.float32)
-  s = absmax * jnp.float32(1.0 / qtype_max(qtype))
-  # A subnormal scale would be flushed to zero (CPU and GPU): such groups (absmax below
-  # qmax * 2^-126) are treated as zero groups and quantize to 0.
-  return jnp.where(s >= jnp.finfo(jnp.float32).tiny, s, jnp.float32(1.0))
+  return numerics.dynamic_scale(absmax * numerics.scale_factor(None, qtype_dtype(qtype)))
 
 
 def compute_scale(x: jax.Array, qtype: str = "int8", *, granularity: str = "tensor",
                   axis: int = -1) -> jax.Array:
-  """The symmetric scale of `x` for `granularity`, keepdims shape, float32."""
+  """The symmetric scale of `x` for `granularity`, keepdims shape, float32 (NaN for a
+  group holding NaN/Inf)."""
   x = jnp.asarray(x)
   axes = _reduce_axes(x.ndim, granularity, axis)
-  absmax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True)
-  return scale_from_absmax(absmax, qtype)
+  x32 = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x32), axis=axes, keepdims=True, initial=0.0)
+  return scale_from_absmax(absmax, qtype) + numerics.nonfinite_probe(x32, axes, keepdims=True)
 
 
 def quantize_with_scale(x: jax.Array, scale: jax.Array, qtype: str = "int8") -> jax.Array:
   """Saturating quantize of x * (1 / scale): int8 rounds half to even and clips to [-127, 127];
-  float8_e4m3fn clips to [-448, 448] then casts (round to nearest even).
-
-  Values outside the scale's range saturate (static scales). NaN inputs stay NaN for
-  fp8 and become an unspecified int8: checked eagerly where data is seen (calibration,
-  weight quantization), not inside jit.
-  """
-  qmax = jnp.float32(qtype_max(qtype))
-  # x * (1/scale), not x / scale: the same numbers as the kernels and the XLA path
-  # (XLA rewrites a division by a broadcast scale into this anyway).
-  y = jnp.clip(jnp.asarray(x, jnp.float32) * (1.0 / jnp.asarray(scale, jnp.float32)), -qmax, qmax)
-  if qtype == "int8":
-    y = jnp.round(y)  # XLA rounds half to even
-  return y.astype(qtype_dtype(qtype))
+  float8_e4m3fn clips to [-448, 448] then casts (round to nearest even)."""
+  y = jnp.asarray(x, jnp.float32) * numerics.quantize_factor(None, jnp.asarray(scale, jnp.float32))
+  return numerics.saturate_cast(y, qtype_dtype(qtype))
 
 
 def quantize(x: jax.Array, qtype: str = "int8", *, granularity: str = "tensor",
@@ -146,7 +134,7 @@ def quantize(x: jax.Array, qtype: str = "int8", *, granularity: str = "tensor",
   check_qtype(qtype)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"quantize expects a floating-point array, got {x.dtype}")
+    raise QuantizationTypeError(f"quantize expects a floating-point array, got {x.dtype}")
   if scale is None:
     scale = compute_scale(x, qtype, granularity=granularity, axis=axis)
   else:
@@ -154,7 +142,9 @@ def quantize(x: jax.Array, qtype: str = "int8", *, granularity: str = "tensor",
     try:
       jnp.broadcast_shapes(scale.shape, x.shape)
     except ValueError:
-      raise ValueError(f"scale of shape {scale.shape} does not broadcast to x of shape {x.shape}") from None
+      raise QuantizationError(f"scale of shape {scale.shape} does not broadcast to x of shape {x.shape}") from None
+    if not isinstance(scale, jax.core.Tracer) and not bool(np.all(np.asarray(scale) > 0)):
+      raise QuantizationError(f"quantize: scale must be > 0 everywhere (1/scale multiplies x), got {np.asarray(scale)}")
   return QArray(quantize_with_scale(x, scale, qtype), scale, qtype)
 
 
@@ -174,7 +164,7 @@ def check_finite(x, what: str) -> None:
   if not np.all(np.isfinite(a)):
     n_nan = int(np.isnan(a).sum())
     n_inf = int(np.isinf(a).sum())
-    raise ValueError(f"{what}: contains {n_nan} NaN and {n_inf} Inf values (shape {a.shape})")
+    raise QuantizationError(f"{what}: contains {n_nan} NaN and {n_inf} Inf values (shape {a.shape})")
 
 
 @jax.tree_util.register_dataclass
@@ -298,11 +288,11 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
   contract, out = tuple(contract), tuple(out)
   if sorted(contract + out) != list(range(original.ndim)) or not contract or not out:
     if (contract, out) == ((0,), (1,)):
-      raise ValueError(f"{name}: expected a 2-D (in, out) Dense kernel, got shape {original.shape}")
-    raise ValueError(f"{name}: contract {contract} and out {out} must split the axes of a weight of shape "
+      raise QuantizationError(f"{name}: expected a 2-D (in, out) Dense kernel, got shape {original.shape}")
+    raise QuantizationError(f"{name}: contract {contract} and out {out} must split the axes of a weight of shape "
                      f"{original.shape}")
   if not jnp.issubdtype(original.dtype, jnp.floating):
-    raise TypeError(f"{name}: expected a floating-point kernel, got {original.dtype}")
+    raise QuantizationTypeError(f"{name}: expected a floating-point kernel, got {original.dtype}")
   check_finite(original, f"{name}: kernel")
   kernel = weight_matrix(original, contract, out)
   k, n = kernel.shape
@@ -311,14 +301,15 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
   if act_scale is not None:
     act_scale = jnp.asarray(act_scale, jnp.float32)
     if act_scale.shape != ():
-      raise ValueError(f"{name}: act_scale must be a scalar (static per-tensor), got shape {act_scale.shape}")
+      raise QuantizationError(f"{name}: act_scale must be a scalar (static per-tensor), got shape {act_scale.shape}")
     check_finite(act_scale, f"{name}: act_scale")
-    if not isinstance(act_scale, jax.core.Tracer) and float(act_scale) <= 0:
-      raise ValueError(f"{name}: act_scale must be > 0, got {float(act_scale)}")
+    if not isinstance(act_scale, jax.core.Tracer) and not 0 < float(act_scale) <= numerics.MAX_SCALE:
+      raise QuantizationError(f"{name}: act_scale must be in (0, 2^126] (its reciprocal multiplies x), "
+                              f"got {float(act_scale)}")
   if inv_smooth is not None:
     inv_smooth = jnp.asarray(inv_smooth, jnp.float32)
     if inv_smooth.shape != (k,):
-      raise ValueError(f"{name}: inv_smooth must have shape ({k},) (the kernel's input dim), got {inv_smooth.shape}")
+      raise QuantizationError(f"{name}: inv_smooth must have shape ({k},) (the kernel's input dim), got {inv_smooth.shape}")
     check_finite(inv_smooth, f"{name}: inv_smooth")
   return QuantizedKernel(q.values, q.scale[:, 0], act_scale, inv_smooth, qtype,
                          activation_key(qtype, act_scale, inv_smooth), original if keep_float else None,

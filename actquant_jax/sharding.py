@@ -6,11 +6,13 @@ kernel's spec onto its QuantizedKernel's fields (the weight is stored transposed
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from actquant_jax.errors import QuantizationError
 from actquant_jax.quant import QuantizedKernel
 
 
@@ -66,7 +68,7 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
 
   ops._check_inputs(x, qk, bias, "sharded_w8a8_dot")
   if x.ndim != 2:
-    raise ValueError(f"sharded_w8a8_dot: x must be (M, K), got shape {x.shape}")
+    raise QuantizationError(f"sharded_w8a8_dot: x must be (M, K), got shape {x.shape}")
   out_dtype = x.dtype if out_dtype is None else out_dtype
   dtype = qtype_dtype(qk.qtype)
   resolved = ops.resolve_backend(backend, interpret, qk.qtype, qk.in_features)
@@ -79,16 +81,16 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   def per_shard(xb, q, b):
     if k_axis is None:  # whole rows here: the plain per-device op (kernels on GPU)
       return ops.w8a8_dot(xb, q, b, out_dtype=out_dtype, backend=backend, interpret=interpret)
-    x32 = xb.astype(jnp.float32)
-    if q.inv_smooth is not None:
-      x32 = x32 * q.inv_smooth[None, :]
-    if q.act_scale is None:
-      sx = ref.row_scale(jax.lax.pmax(jnp.max(jnp.abs(x32), axis=1), k_axis), dtype)
+    # reference.py's formulas; the row maxima and sums are reduced over the K shards.
+    xq, sx = ref.quantize_rows_ref(xb, q.inv_smooth, dtype=dtype, scale=q.act_scale,
+                                   row_max=lambda v: jax.lax.pmax(v, k_axis), row_sum=lambda v: jax.lax.psum(v, k_axis))
+    if dtype == jnp.int8 and qk.in_features > ref.K_CHUNK:  # int32 psum could overflow: psum halves
+      chunk_fn = functools.partial(ops._accumulate_chunk, backend=resolved, interpret=interpret)
+      hi, lo = ref.accumulate_halves(xq, q.values, chunk_fn)
+      acc = ref.combine_acc(jax.lax.psum(hi, k_axis), jax.lax.psum(lo, k_axis))
     else:
-      sx = jnp.broadcast_to(q.act_scale, (xb.shape[0],))
-    xq = ref.saturate_cast(x32 * (1.0 / sx)[:, None], dtype)
-    acc = ops.accumulate(xq, q.values, backend=resolved, interpret=interpret)
-    return ref.epilogue_ref(jax.lax.psum(acc, k_axis), sx, q.scale, b, out_dtype)
+      acc = jax.lax.psum(ops.accumulate(xq, q.values, backend=resolved, interpret=interpret), k_axis)
+    return ref.epilogue_ref(acc, sx, q.scale, b, out_dtype)
 
   f = jax.shard_map(per_shard, mesh=mesh, in_specs=(x_spec, qk_spec, b_spec), out_specs=P(batch_axis, n_axis),
                     check_vma=False)

@@ -20,6 +20,7 @@ from actquant_jax import smooth
 from actquant_jax._capture import layer_name
 from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, layer_dataflow
 from actquant_jax.config import QuantConfig
+from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import (QuantizedKernel, check_finite, quantize_kernel, weight_from_matrix,
                                 weight_matrix)
 
@@ -41,6 +42,7 @@ class LayerReport:
   output_error: float = 0.0      # ||y_q - y|| / ||y|| on calibration rows (this layer alone)
   alpha_errors: dict | None = None  # "auto": error of each grid value (group total)
   reason: str = ""               # why a layer stays float ("rule", or an unsupported layout)
+  note: str = ""                 # why a setting differs from the config (e.g. the alpha="auto" fallback)
 
 
 def _split_root(params):
@@ -49,7 +51,7 @@ def _split_root(params):
     return params["params"], lambda root: {**params, "params": root}
   if isinstance(params, dict):
     return params, lambda root: root
-  raise TypeError(f"quantize_params: params must be a dict (linen variables or a param dict), "
+  raise QuantizationTypeError(f"quantize_params: params must be a dict (linen variables or a param dict), "
                   f"got {type(params).__name__}")
 
 
@@ -109,6 +111,7 @@ class LayerPlan:
   folded: bool             # 1/s folded into the producer (else applied at run time)
   x_absmax: np.ndarray     # calibration absmax of the (unsmoothed) input
   stats: LayerStats
+  note: str = ""
 
 
 def weight_path(layer: str, st: LayerStats) -> str:
@@ -118,13 +121,13 @@ def weight_path(layer: str, st: LayerStats) -> str:
 
 def _check_inputs(params, stats, config):
   if not isinstance(config, QuantConfig):
-    raise TypeError(f"quantize_params: config must be a QuantConfig, got {type(config).__name__}")
+    raise QuantizationTypeError(f"quantize_params: config must be a QuantConfig, got {type(config).__name__}")
   if not isinstance(stats, dict) or not stats:
-    raise ValueError("quantize_params: stats is empty; run aq.calibrate(model, params, batches) first")
+    raise QuantizationError("quantize_params: stats is empty; run aq.calibrate(model, params, batches) first")
   check_stats(stats, "quantize_params")
   fps = {s.fingerprint for s in stats.values()}
   if len(fps) > 1:
-    raise ValueError("quantize_params: stats mix calibrations of different model structures (their fingerprints "
+    raise QuantizationError("quantize_params: stats mix calibrations of different model structures (their fingerprints "
                      "differ); calibrate the model once and use those stats")
   root, rebuild = _split_root(params)
   weights = {weight_path(p, s) for p, s in stats.items()}
@@ -132,27 +135,27 @@ def _check_inputs(params, stats, config):
   for p in dense_kernel_paths(root):
     if (f"{p}/kernel" not in weights and config.settings_for(p).quantize
         and not isinstance(_get(root, p)["kernel"], QuantizedKernel)):
-      raise ValueError(f"quantize_params: layer {p}: no calibration stats (its kernel was not used by any matmul "
+      raise QuantizationError(f"quantize_params: layer {p}: no calibration stats (its kernel was not used by any matmul "
                        f"during calibration). Calibrate it, or keep it in float with LayerRule({p!r}, skip=True)")
   for p, s in stats.items():
     wp = weight_path(p, s)
     k = _get(root, wp)
     if k is None or isinstance(k, dict) or (s.param and layer_name(s.param) != p):
-      raise ValueError(f"quantize_params: layer {p}: in stats but has no kernel (weight {wp}) in params "
+      raise QuantizationError(f"quantize_params: layer {p}: in stats but has no kernel (weight {wp}) in params "
                        "(stats from another model?)")
     if isinstance(k, QuantizedKernel):
-      raise ValueError(f"quantize_params: layer {p}: kernel is already quantized")
+      raise QuantizationError(f"quantize_params: layer {p}: kernel is already quantized")
     if s.reason:
       continue
     shape = tuple(np.shape(k))
     if not s.param and len(shape) != 2:
-      raise ValueError(f"quantize_params: layer {p}: kernel must be 2-D (in, out), got shape {shape}")
+      raise QuantizationError(f"quantize_params: layer {p}: kernel must be 2-D (in, out), got shape {shape}")
     if max(s.contract + s.out) >= len(shape):
-      raise ValueError(f"quantize_params: layer {p}: weight {wp} has shape {shape}, but the stats contract axes "
+      raise QuantizationError(f"quantize_params: layer {p}: weight {wp} has shape {shape}, but the stats contract axes "
                        f"{s.contract} / output axes {s.out} (stats from another model?)")
     kdim = int(np.prod([shape[a] for a in s.contract]))
     if kdim != s.absmax.shape[0]:
-      raise ValueError(f"quantize_params: layer {p}: kernel {shape} has {kdim} inputs but stats "
+      raise QuantizationError(f"quantize_params: layer {p}: kernel {shape} has {kdim} inputs but stats "
                        f"have {s.absmax.shape[0]} channels (stats from another model?)")
     check_finite(k, f"quantize_params: layer {p}: kernel")
   return root, rebuild
@@ -189,18 +192,16 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
     first = settings[quantized[0]]
     for p in quantized[1:]:
       if (settings[p].alpha, settings[p].act_mode, settings[p].qtype) != (first.alpha, first.act_mode, first.qtype):
-        raise ValueError(f"quantize_params: layers {quantized[0]} and {p} read the same input but their "
+        raise QuantizationError(f"quantize_params: layers {quantized[0]} and {p} read the same input but their "
                          "rules give them different alpha/act_mode/qtype; they must share one smoothing")
     st = live[quantized[0]]
     x_absmax = np.max(np.stack([np.asarray(live[p].absmax) for p in quantized]), axis=0)
     # Kernels are read on use (not cached) so no second float copy of the model is held.
     group_kernels = [_matrix(new_root, p, live[p]) for p in quantized]
-    alpha, alpha_errors = first.alpha, None
+    alpha, alpha_errors, note = first.alpha, None, ""
     if alpha == "auto":
-      if np.asarray(st.samples).shape[0] == 0:
-        raise ValueError(f"quantize_params: layer {quantized[0]}: alpha='auto' needs calibration samples")
-      alpha, alpha_errors = smooth.choose_alpha(st.samples, group_kernels, x_absmax, config.alpha_grid,
-                                                first.qtype, first.act_mode)
+      alpha, alpha_errors, note = smooth.auto_alpha(st.samples, group_kernels, x_absmax, config.alpha_grid,
+                                                    first.qtype, first.act_mode)
     s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(group_kernels), alpha)
     del group_kernels
     # Exact only if, at every call, every reader of the producer's output is a quantized
@@ -219,7 +220,7 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
         m = weight_matrix(np.asarray(w, np.float32), live[p].contract, live[p].out) * s[:, None]
         new_root = _set(new_root, wp, weight_from_matrix(m, np.shape(w), live[p].contract, live[p].out
                                                          ).astype(np.asarray(w).dtype))
-      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p])
+      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p], note)
   return rebuild(new_root), plans
 
 
@@ -298,7 +299,7 @@ def _layer_report(p, kernel, qk, plan: LayerPlan) -> LayerReport:
       act_scale=None if qk.act_scale is None else float(qk.act_scale),
       outlier_ratio_before=smooth.outlier_ratio(plan.x_absmax),
       outlier_ratio_after=smooth.outlier_ratio(plan.x_absmax, s),
-      weight_error=_rel_err(deq, w_s), output_error=y_err, alpha_errors=plan.alpha_errors)
+      weight_error=_rel_err(deq, w_s), output_error=y_err, alpha_errors=plan.alpha_errors, note=plan.note)
 
 
 def format_report(report: dict[str, LayerReport]) -> str:
@@ -311,5 +312,6 @@ def format_report(report: dict[str, LayerReport]) -> str:
       continue
     a = "-" if r.alpha is None else f"{r.alpha:.2f}"
     lines.append(f"{p:40s} {r.qtype + ' ' + r.act_mode:22s} {a:>5s} {r.smoothing:9s} "
-                 f"{r.outlier_ratio_before:6.1f}->{r.outlier_ratio_after:6.1f} {r.weight_error:8.2e} {r.output_error:8.2e}")
+                 f"{r.outlier_ratio_before:6.1f}->{r.outlier_ratio_after:6.1f} {r.weight_error:8.2e} {r.output_error:8.2e}"
+                 + (f"  note: {r.note}" if r.note else ""))
   return "\n".join(lines)

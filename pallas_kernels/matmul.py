@@ -1,6 +1,6 @@
 """int8 and fp8 GEMM with outer-dimension scaling, Pallas Triton backend (Ampere+).
 
-  y[m, n] = cast((acc[m, n] * sx[m]) * sw[n] + bias[n], out_dtype)
+  y[m, n] = cast((acc[m, n] * sw[n]) * sx[m] + bias[n], out_dtype)   (reference.scale_acc)
   acc     = sum_k xq[m, k] * wq[n, k]        int8 -> int32 (exact), e4m3 -> f32
 
 xq is (M, K), the weight wq is stored (N, K) (K-major, written once by quantize_params);
@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels import reference as numerics
 from pallas_kernels.reference import scaled_matmul_ref  # noqa: F401  (the reference, beside the kernel)
 
 _MAX_K_INT8 = 2**31 // 127**2  # int32 accumulation of 127*127 products is exact up to this K
@@ -105,7 +106,7 @@ def _scaled_matmul_kernel(x_ref, w_ref, sx_ref, sw_ref, b_ref, o_ref, *, m, n, k
   else:
     sx = _compat.triton_load(sx_ref.at[m_slice], mask=row_ok, other=0.0)
     sw = _compat.triton_load(sw_ref.at[n_slice], mask=col_ok, other=0.0)
-    y = acc.astype(jnp.float32) * sx[:, None] * sw[None, :]
+    y = numerics.scale_acc(acc.astype(jnp.float32), sx[:, None], sw[None, :])
     if b_ref is not None:
       b = _compat.triton_load(b_ref.at[n_slice], mask=col_ok, other=0.0)
       y = y + b.astype(jnp.float32)[None, :]
@@ -182,7 +183,7 @@ def _scaled_matmul(xq, wq, sx, sw, bias, *, dtype, out_dtype, backend, blocks, i
 
 def int8_matmul(xq, wq, sx=None, sw=None, bias=None, *, out_dtype=jnp.bfloat16,
                 backend="triton", blocks=None, interpret=False, debug=False):
-  """int8 xq (M, K) x int8 wq (N, K) -> int32 accumulate -> (acc * sx) * sw + bias, cast.
+  """int8 xq (M, K) x int8 wq (N, K) -> int32 accumulate -> (acc * sw) * sx + bias, cast.
 
   sx (M,) f32 per token (a static per-tensor scale is the same call with a broadcast
   sx), sw (N,) f32 per output channel, bias (N,) or None. With sx = sw = None the raw

@@ -1,7 +1,7 @@
 """int8 / fp8 scaled GEMM for Hopper (sm_90a) on the Mosaic GPU backend: TMA loads into
 swizzled shared memory, a K pipeline of `wgmma` into a register accumulator (s8 x s8 ->
 s32, or e4m3 x e4m3 -> f32), and the outer-dimension epilogue
-`(acc * sx[m]) * sw[n] + bias[n]` on the last K step.
+`(acc * sw[n]) * sx[m] + bias[n]` (reference.scale_acc) on the last K step.
 
 Layout: 8-bit wgmma only accepts K-major operands, so the weight is stored (N, K) (done
 once by quantize_params) and handed to wgmma through `transpose_ref`; no data moves.
@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels import reference as numerics
 from pallas_kernels.reference import scaled_matmul_ref  # noqa: F401  (the reference, beside the kernel)
 
 _SWIZZLE_BYTES = 128
@@ -97,7 +98,7 @@ def _mosaic_matmul_kernel(x_ref, w_ref, sx_ref, sw_ref, b_ref, o_ref, acc_ref, *
     acc = acc_ref[...].astype(jnp.float32)
     sx = _compat.mosaic_load(sx_ref, layout=plgpu.Layout.WGMMA.reduce(1))  # one per row
     sw = _compat.mosaic_load(sw_ref, layout=plgpu.Layout.WGMMA.reduce(0))  # one per column
-    y = acc * lax.broadcast_in_dim(sx, tile, [0]) * lax.broadcast_in_dim(sw, tile, [1])
+    y = numerics.scale_acc(acc, lax.broadcast_in_dim(sx, tile, [0]), lax.broadcast_in_dim(sw, tile, [1]))
     if b_ref is not None:
       b = _compat.mosaic_load(b_ref, layout=plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
       y = y + lax.broadcast_in_dim(b, tile, [1])

@@ -8,7 +8,7 @@ The structure of JAX's own `jax/experimental/pallas/ops/gpu/hopper_matmul_mgpu.p
   of the x and w tiles into a `max_concurrent_steps`-deep ring of swizzled SMEM buffers,
   two consumer warpgroups run `wgmma` on them, each on its own half of the CTA tile (rows:
   `wg_m_slice`) with its own register accumulator, so each holds a 64-row accumulator;
-- epilogue per consumer: `(acc * sx[m]) * sw[n] + bias[n]` in f32, cast, written through
+- epilogue per consumer: `(acc * sw[n]) * sx[m] + bias[n]` in f32, cast, written through
   SMEM and stored by TMA in 64-column slabs while the next tile's loads are in flight.
 
 Layout: 8-bit wgmma takes only K-major operands, so the weight is (N, K) and reaches
@@ -31,6 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels import reference as numerics
 from pallas_kernels.reference import scaled_matmul_ref  # noqa: F401  (the reference, beside the kernel)
 
 _SWIZZLE_BYTES = 128
@@ -123,7 +124,8 @@ def _ws_matmul_kernel(x_gmem, w_gmem, sx_gmem, sw_gmem, b_gmem, o_gmem, *, block
           sx = load(sx_gmem.at[cta_m].at[wg_m], layout=plgpu.Layout.WGMMA.reduce(1))  # one per row
           sw = load(sw_gmem.at[cta_n], layout=plgpu.Layout.WGMMA.reduce(0))  # one per column
           acc = acc_ref[...].astype(jnp.float32)
-          y = acc * lax.broadcast_in_dim(sx, (tile_m, tile_n), [0]) * lax.broadcast_in_dim(sw, (tile_m, tile_n), [1])
+          y = numerics.scale_acc(acc, lax.broadcast_in_dim(sx, (tile_m, tile_n), [0]),
+                                 lax.broadcast_in_dim(sw, (tile_m, tile_n), [1]))
           if b_gmem is not None:
             b = load(b_gmem.at[cta_n], layout=plgpu.Layout.WGMMA.reduce(0))
             y = y + lax.broadcast_in_dim(b, (tile_m, tile_n), [1])

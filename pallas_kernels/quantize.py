@@ -20,9 +20,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels import reference as numerics
 from pallas_kernels.reference import qmax_of, quantize_rows_ref  # noqa: F401 (reference beside kernel)
-
-_TINY = float(jnp.finfo(jnp.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,28 +75,33 @@ def _quantize_rows_kernel(x_ref, s_ref, scale_ref, xq_ref, sx_ref, *, m, k, bloc
     k_slice = pl.ds(i * block_k, block_k)
     x = _compat.triton_load(x_ref.at[m_slice, k_slice], mask=row_ok[:, None] & col_ok[None, :],
                             other=0.0).astype(jnp.float32)
-    if s_ref is not None:
-      x = x * _compat.triton_load(s_ref.at[k_slice], mask=col_ok, other=0.0)[None, :]
-    return x, k_slice, col_ok
+    inv = None if s_ref is None else _compat.triton_load(s_ref.at[k_slice], mask=col_ok, other=0.0)
+    return x, inv, k_slice, col_ok
 
+  # The scalar formulas are reference.py's (the one definition); only the loops are here.
+  zeros = jnp.zeros((block_m,), jnp.float32)
   if scale_ref is None:  # dynamic, per row
-    def absmax_step(i, amax):
-      x, _, _ = load_block(i)
-      return jnp.maximum(amax, jnp.max(jnp.abs(x), axis=1))
-    amax = lax.fori_loop(0, n_k, absmax_step, jnp.zeros((block_m,), jnp.float32))
-    s = amax * jnp.float32(1.0 / qmax_of(xq_ref.dtype))
-    sx = jnp.where(s >= _TINY, s, 1.0)
+    def absmax_step(i, carry):
+      amax, probe = carry
+      x, inv, _, _ = load_block(i)
+      c = numerics.scale_factor(inv, xq_ref.dtype)
+      return (jnp.maximum(amax, jnp.max(jnp.abs(x) * c, axis=1)), probe + numerics.nonfinite_probe(x))
+    amax, probe = lax.fori_loop(0, n_k, absmax_step, (zeros, zeros))
+    sx = numerics.dynamic_scale(amax) + probe
   else:  # static per tensor
     sx = jnp.full((block_m,), _compat.triton_load(scale_ref.at[pl.ds(0, 1)])[0], jnp.float32)
 
-  inv_sx = 1.0 / sx
+  r = 1.0 / sx
 
-  def quantize_step(i, carry):
-    x, k_slice, col_ok = load_block(i)
-    xq = _saturate_cast(x * inv_sx[:, None], xq_ref.dtype)
+  def quantize_step(i, probe):
+    x, inv, k_slice, col_ok = load_block(i)
+    f = r[:, None] if inv is None else inv[None, :] * r[:, None]  # numerics.quantize_factor
+    xq = _saturate_cast(x * f, xq_ref.dtype)
     _compat.triton_store(xq_ref.at[m_slice, k_slice], xq, mask=row_ok[:, None] & col_ok[None, :])
-    return carry
-  lax.fori_loop(0, n_k, quantize_step, 0)
+    return probe if scale_ref is None else probe + numerics.nonfinite_probe(x)
+  probe = lax.fori_loop(0, n_k, quantize_step, zeros)
+  if scale_ref is not None:  # a NaN/Inf row gets a NaN scale, found in the same pass
+    sx = sx + probe
   _compat.triton_store(sx_ref.at[m_slice], sx, mask=row_ok)
 
 

@@ -8,3 +8,20 @@ def lower_for_cuda(f, *args):
   StableHLO text of the lowered module."""
   structs = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args]
   return jax.jit(f).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def pairwise(*factors):
+  """Parameter tuples where every pair of values of any two factors occurs at least once
+  (greedy covering array; deterministic). For interpret-mode sweeps: each interaction of
+  two settings is still run, in far fewer cases than the full cartesian product."""
+  import itertools
+  pairs = list(itertools.combinations(range(len(factors)), 2))
+  uncovered = {(i, a, j, b) for i, j in pairs for a in range(len(factors[i])) for b in range(len(factors[j]))}
+  candidates = list(itertools.product(*(range(len(f)) for f in factors)))
+  rows = []
+  while uncovered:
+    gain = lambda r: sum((i, r[i], j, r[j]) in uncovered for i, j in pairs)
+    best = max(candidates, key=gain)
+    rows.append(best)
+    uncovered -= {(i, best[i], j, best[j]) for i, j in pairs}
+  return [tuple(f[k] for f, k in zip(factors, r)) for r in rows]

@@ -10,7 +10,7 @@ import pytest
 
 import pallas_kernels as pk
 from pallas_kernels.reference import accumulate_ref, quantize_rows_ref
-from tests.kernel_utils import lower_for_cuda
+from tests.kernel_utils import lower_for_cuda, pairwise
 
 SMALL_BLOCKS = pk.MatmulBlocks(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=2)
 CONFIGS = [None, SMALL_BLOCKS, pk.MatmulBlocks(block_m=32, block_n=16, block_k=64, group_m=1)]
@@ -46,9 +46,7 @@ def test_int8_accumulator_extremes_k4096(rng):
   np.testing.assert_array_equal(np.asarray(acc), ref)
 
 
-@pytest.mark.parametrize("shape", SHAPES[:4])
-@pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape,with_bias,out_dtype", pairwise(SHAPES[:4], [False, True], [jnp.float32, jnp.bfloat16]))
 def test_int8_scaled_output(shape, with_bias, out_dtype, rng):
   m, n, k = shape
   xq, wq, sx, sw, bias = _operands(rng, m, n, k, jnp.int8)

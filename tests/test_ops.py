@@ -12,15 +12,18 @@ from actquant_jax import ops
 
 
 def np_quantize_rows(x, inv_smooth=None, static_scale=None, qmax=127.0):
+  # reference.py's definition, written again in numpy: sx = max|x| * (|inv| * f32(1/qmax)),
+  # xq = rint(clip(x * (inv * (1/sx)))).
   x = x.astype(np.float32)
-  if inv_smooth is not None:
-    x = x * inv_smooth.astype(np.float32)
+  inv = np.ones(x.shape[1], np.float32) if inv_smooth is None else inv_smooth.astype(np.float32)
   if static_scale is None:
-    amax = np.abs(x).max(axis=1)
-    sx = np.where(amax > 0, amax * np.float32(1 / qmax), np.float32(1)).astype(np.float32)
+    c = np.abs(inv) * np.float32(1 / qmax) if inv_smooth is not None else np.float32(1 / qmax)
+    amax = (np.abs(x) * c).max(axis=1)
+    sx = np.where(amax > 0, amax, np.float32(1)).astype(np.float32)
   else:
     sx = np.full(x.shape[0], static_scale, np.float32)
-  q = np.clip(x * (np.float32(1) / sx)[:, None], -qmax, qmax)
+  f = (np.float32(1) / sx)[:, None] if inv_smooth is None else inv[None, :] * (np.float32(1) / sx)[:, None]
+  q = np.clip(x * f, -qmax, qmax)
   return np.rint(q).astype(np.int8), sx  # np.rint rounds half to even
 
 
@@ -28,7 +31,7 @@ def np_w8a8(x2d, qk, bias=None):
   xq, sx = np_quantize_rows(x2d, None if qk.inv_smooth is None else np.asarray(qk.inv_smooth),
                             None if qk.act_scale is None else np.float32(qk.act_scale))
   acc = xq.astype(np.int64) @ np.asarray(qk.values).astype(np.int64).T
-  y = acc.astype(np.float32) * sx[:, None] * np.asarray(qk.scale)[None, :]
+  y = acc.astype(np.float32) * np.asarray(qk.scale)[None, :] * sx[:, None]
   if bias is not None:
     y = y + np.asarray(bias, np.float32)
   return xq, sx, acc, y
@@ -48,7 +51,7 @@ def test_int8_matches_numpy(mode, smooth, rng):
   xq, sx = aq.quantize_activations(jnp.asarray(x), qk)
   np.testing.assert_array_equal(np.asarray(xq), xq_np)
   np.testing.assert_array_equal(np.asarray(sx), sx_np)
-  acc = jax.lax.dot_general(xq, qk.values, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+  acc = ops.accumulate(xq, qk.values, backend="xla")
   np.testing.assert_array_equal(np.asarray(acc), acc_np)
   y = jax.jit(aq.w8a8_dot)(jnp.asarray(x), qk, jnp.asarray(b))
   assert y.dtype == jnp.float32
@@ -64,11 +67,12 @@ def test_int32_accumulation_bit_exact_k4096_extremes(rng):
   wq[0] = 127
   sx = rng.uniform(0.01, 1, m).astype(np.float32)
   sw = rng.uniform(0.01, 1, n).astype(np.float32)
-  acc = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())),
-                                                  preferred_element_type=jnp.int32))(xq, wq)
   acc_np = xq.astype(np.int64) @ wq.astype(np.int64).T
   assert acc_np[0, 0] == k * 127 * 127
-  np.testing.assert_array_equal(np.asarray(acc), acc_np)
+  import cpu_kernels
+  for backend in ("xla", "cpu") if cpu_kernels.available() else ("xla",):
+    acc = jax.jit(functools.partial(ops.accumulate, backend=backend))(jnp.asarray(xq), jnp.asarray(wq))
+    np.testing.assert_array_equal(np.asarray(acc), acc_np)
   # And end to end through w8a8_dot: rows whose absmax is 127 * s quantize back to xq.
   x = xq.astype(np.float32) * sx[:, None]
   x[:, 0] = 127 * sx  # pin each row's absmax so sx is reproduced exactly
@@ -144,18 +148,36 @@ def test_bad_inputs():
     ops.resolve_backend("xla", interpret=True)
 
 
-def test_auto_backend_on_cpu():
+def _runs_native_gemm(qtype: str, k: int) -> bool:
+  qk = aq.quantize_kernel(jnp.ones((k, 8)), qtype)
+  return "actquant_s8_gemm" in str(jax.jit(aq.w8a8_dot).lower(jnp.ones((2, k)), qk).as_text())
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU rule of backend='auto'")
+def test_auto_backend_on_cpu_runs_the_native_gemm_where_it_can():
+  # What auto lowers to, not the rule recomputed: the native kernel's custom call is in
+  # the module for int8 with K <= MAX_K, and absent for fp8 and beyond MAX_K.
   import cpu_kernels
-  if jax.default_backend() == "cpu":
-    native = "cpu" if cpu_kernels.available() else "xla"
-    assert ops.resolve_backend("auto", qtype="int8", in_features=4096) == native
-    assert ops.resolve_backend("auto", qtype="float8_e4m3fn", in_features=4096) == "xla"
-    assert ops.resolve_backend("auto", qtype="int8", in_features=cpu_kernels.MAX_K + 1) == "xla"
-  assert ops.resolve_backend("auto", interpret=True) == "triton"
-  with pytest.raises(ValueError, match="int8 kernel"):
+  assert _runs_native_gemm("int8", 256) == cpu_kernels.available()
+  assert not _runs_native_gemm("float8_e4m3fn", 256)
+  assert not _runs_native_gemm("int8", cpu_kernels.MAX_K + 1)
+
+
+def test_backend_errors_name_the_fix():
+  with pytest.raises(aq.BackendError, match="int8 kernel"):
     ops.resolve_backend("cpu", qtype="float8_e4m3fn")
-  with pytest.raises(ValueError, match="interpret"):
+  with pytest.raises(aq.BackendError, match="interpret"):
     ops.resolve_backend("cpu", interpret=True)
+  assert ops.resolve_backend("auto", interpret=True) == "triton"
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the error is for machines without a GPU")
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_pallas_backend_without_gpu_says_interpret(backend):
+  # Before: Pallas's own "Only interpret mode is supported on CPU backend".
+  qk = aq.quantize_kernel(jnp.ones((32, 16)))
+  with pytest.raises(aq.BackendUnavailableError, match="interpret=True"):
+    aq.w8a8_dot(jnp.ones((2, 32)), qk, backend=backend)
 
 
 @pytest.mark.parametrize("qtype", ["int8", "float8_e4m3fn"])
@@ -209,8 +231,18 @@ def test_negative_inv_smooth_absmax(rng):
 
 
 def _count_quantize_passes(f, *args) -> int:
-  # One saturating clip per activation-quantize pass.
-  return str(jax.make_jaxpr(f)(*args)).count("name=clip")
+  """Activation-quantize passes traced by f (calls of ops.quantize_activations)."""
+  calls = []
+  original = ops.quantize_activations
+  def counting(*a, **kw):
+    calls.append(1)
+    return original(*a, **kw)
+  ops.quantize_activations = counting
+  try:
+    jax.make_jaxpr(f)(*args)
+  finally:
+    ops.quantize_activations = original
+  return len(calls)
 
 
 @pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])

@@ -139,7 +139,7 @@ def test_quantize_kernel_layout_and_errors(rng):
     aq.quantize_kernel(jnp.ones((2, 3, 4)), name="fc")
   with pytest.raises(ValueError, match=r"inv_smooth must have shape \(32,\)"):
     aq.quantize_kernel(jnp.asarray(w), inv_smooth=jnp.ones(12))
-  with pytest.raises(ValueError, match="act_scale must be > 0"):
+  with pytest.raises(aq.QuantizationError, match=r"act_scale must be in \(0, 2\^126\]"):
     aq.quantize_kernel(jnp.asarray(w), act_scale=0.0)
   with pytest.raises(ValueError, match="act_scale: contains"):
     aq.quantize_kernel(jnp.asarray(w), act_scale=np.inf)
