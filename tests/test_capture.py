@@ -323,7 +323,9 @@ def test_nnx_containers_and_aliases(container):
   assert tm.int8_matmuls(lambda v: q(v), x) == 2 * 2 + 2  # the head is called twice
   err = _rel(q(x), y_float)
   assert err < 0.05, err
-  np.testing.assert_allclose(nnx.jit(lambda mod, v: mod(v))(q, x), q(x), rtol=1e-5, atol=1e-5)
+  # Under jit XLA CPU contracts the epilogue multiply-add into an FMA, so a value may land
+  # one int8 step apart in a later layer: equal within quantization noise, not in bits.
+  assert _rel(nnx.jit(lambda mod, v: mod(v))(q, x), q(x)) < 1e-3
   assert not isinstance(m.head.kernel.get_value(), aq.QuantizedKernel)  # copy=True left m alone
 
 
