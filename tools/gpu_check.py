@@ -324,12 +324,16 @@ def run_one(cfg: Config, work: Path, tools_dir: Path, timeout: float = 300) -> d
 def registry_rows() -> list[tuple[str, str, str, str]]:
   """(target, qtype, shape, backend) that backend='auto' picks, and the sm_80 fp8 refusal
   as ("sm_80", "fp8", "triton", "refused: why")."""
-  import importlib.util
+  import importlib
+  import types
   import warnings
-  spec = importlib.util.spec_from_file_location("_actquant_backends", ROOT / "actquant_jax" / "backends.py")
-  backends = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = backends  # dataclasses look their module up
-  spec.loader.exec_module(backends)
+  # The registry without the package's __init__ (which imports flax, absent from this venv):
+  # a bare package object whose modules load from the source tree.
+  if "actquant_jax" not in sys.modules:
+    pkg = types.ModuleType("actquant_jax")
+    pkg.__path__ = [str(ROOT / "actquant_jax")]
+    sys.modules["actquant_jax"] = pkg
+  backends = importlib.import_module("actquant_jax.backends")
   rows = []
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the sm_80 fp8 fallback to XLA warns; shown in the table
