@@ -103,14 +103,17 @@ def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
   row_max = row_max or (lambda v: v)
   row_sum = row_sum or (lambda v: v)
   x32 = x.astype(jnp.float32)
-  probe = row_sum(nonfinite_probe(x32))
   if scale is None:
     # |x| * c rather than |x * c|: XLA CPU then computes an expensive producer of x (erf
-    # GELU) once instead of recomputing it in the absmax and the quantize fusions.
-    amax = row_max(jnp.max(jnp.abs(x32) * scale_factor(inv_smooth, dtype), axis=1, initial=0.0))
-    sx = dynamic_scale(amax) + probe
+    # GELU) once instead of recomputing it in the absmax and the quantize fusions. NaN is
+    # read as Inf inside the same max (fused maxima drop NaN), so a non-finite row gets
+    # amax = Inf and dynamic_scale makes its scale NaN: no second pass over x.
+    ax = jnp.where(jnp.isnan(x32), jnp.float32(jnp.inf), jnp.abs(x32))
+    amax = row_max(jnp.max(ax * scale_factor(inv_smooth, dtype), axis=1, initial=0.0))
+    sx = dynamic_scale(amax)
   else:
-    sx = jnp.asarray(scale, jnp.float32) + probe
+    # Static: no reduction over x otherwise, so this probe is a pass of its own.
+    sx = jnp.asarray(scale, jnp.float32) + row_sum(nonfinite_probe(x32))
   f = quantize_factor(inv_smooth, sx)
   return saturate_cast(x32 * (f if inv_smooth is not None else f[:, None]), dtype), sx
 
