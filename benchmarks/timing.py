@@ -24,9 +24,11 @@ def median_seconds(f, *args, reps: int = 15, warmup: int = 2, budget_s: float = 
   return statistics.median(times)
 
 
-def print_table(headers, rows):
+def print_table(headers, rows, *, left_first: bool = False):
+  """A markdown table; numbers right-aligned (left_first: the first column left-aligned)."""
   widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-  line = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"
+  just = lambda i, c, w: str(c).ljust(w) if left_first and i == 0 else str(c).rjust(w)
+  line = lambda cells: "| " + " | ".join(just(i, c, w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
   print(line(headers))
   print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
   for r in rows:

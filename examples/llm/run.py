@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 from actquant_jax.models import llama as L  # noqa: E402
 from benchmarks.timing import interleaved_medians  # noqa: E402
+from benchmarks.timing import print_table as table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = HERE / "model"
@@ -251,12 +252,7 @@ def print_table(records):
            f(r, "prefill_tok_s", "{:.0f}"), f(r, "prefill_vs_f32", "{:.2f}x"), f(r, "prefill_vs_bf16", "{:.2f}x"),
            f(r, "decode_tok_s", "{:.0f}"), f(r, "decode_vs_f32", "{:.2f}x"), f(r, "decode_vs_bf16", "{:.2f}x")]
           for r in records]
-  w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-  fmt = lambda cells: "| " + " | ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
-  print(fmt(cols))
-  print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-  for r in rows:
-    print(fmt(r))
+  table(cols, rows, left_first=True)
 
 
 def main():

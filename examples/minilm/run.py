@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 from actquant_jax.models.bert import load_minilm  # noqa: E402
 from benchmarks.timing import interleaved_medians  # noqa: E402
+from benchmarks.timing import print_table as table  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 FFN_LAYER = "bert/layer_3/intermediate"  # the FFN input (attention LayerNorm output) is plotted
@@ -160,12 +161,7 @@ def print_table(records):
   rows = [[r["mode"], f"{1 - r['mean_cos']:.2e}", f"{r['worst_cos']:.5f}", f"{r['top1_agreement']:.1%}",
            f"{r['weight_bytes_ratio']:.3f}x", f"{r['speed_vs_fp32']:.2f}x" if "speed_vs_fp32" in r else "-"]
           for r in records]
-  w = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
-  fmt = lambda cells: "| " + " | ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells)) + " |"
-  print(fmt(cols))
-  print("|" + "|".join("-" * (x + 2) for x in w) + "|")
-  for r in rows:
-    print(fmt(r))
+  table(cols, rows, left_first=True)
 
 
 def main():
