@@ -26,11 +26,33 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
-from actquant_jax import _capture, _hooks
+from actquant_jax import _capture
 from actquant_jax.errors import CalibrationError, StatsFileError
+
+
+def _is_nnx(model) -> bool:
+  return isinstance(model, nnx.Module)
+
+
+def _call_model(fn, batch):
+  """Batches are an array (fn(x)), a tuple/list (fn(*batch)) or a dict (fn(**batch))."""
+  if isinstance(batch, dict):
+    return fn(**batch)
+  if isinstance(batch, (tuple, list)):
+    return fn(*batch)
+  return fn(batch)
+
+
+def _model_variables(model, params):
+  """What the traced model function takes: linen variables, or the nnx model's state."""
+  if _is_nnx(model):
+    return nnx.state(model)
+  if params is None:
+    raise CalibrationError("calibrate: a linen model needs its params (the variables dict from model.init)")
+  return params
+
 
 FOLDABLE_KINDS = ("layernorm", "rmsnorm", "dense")
 
@@ -102,19 +124,19 @@ def _is_array(x) -> bool:
 
 def model_program(model, variables, forward, batch) -> tuple[_capture.Program, list]:
   """The model's forward on `batch`, traced: (program, its flat inputs)."""
-  if _hooks.is_nnx(model):
+  if _is_nnx(model):
     graphdef = nnx.graphdef(model)
     paths = _capture.nnx_param_paths(variables)
 
     def fn(state, b):
       m = nnx.merge(graphdef, state)
-      return _hooks.call_model(m, b) if forward is None else forward(m, b)
+      return _call_model(m, b) if forward is None else forward(m, b)
   else:
     paths = _capture.linen_param_paths(variables)
 
     def fn(v, b):
       if forward is None:
-        return _hooks.call_model(lambda *a, **k: model.apply(v, *a, **k), b)
+        return _call_model(lambda *a, **k: model.apply(v, *a, **k), b)
       return forward(v, b)
   program = _capture.trace(fn, variables, paths, batch)
   return program, _capture.program_inputs(variables, (batch,))
@@ -341,7 +363,7 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
   input (naming the layer and batch), weights contracted inside a scan (not supported
   yet), and a model with no weight matmul (listing what it saw).
   """
-  variables = _hooks.model_variables(model, params)
+  variables = _model_variables(model, params)
   try:
     total = len(batches)  # type: ignore[arg-type]
   except TypeError:
