@@ -43,7 +43,7 @@ def _accumulate_chunk(xq: jax.Array, wq: jax.Array, *, backend: str, interpret: 
   if backend == "xla":
     return ref.accumulate_ref(xq, wq)
   if backend == "cpu":
-    return cpu_kernels.s8_gemm(xq, wq)
+    return cpu_kernels.s8_gemm(xq, wq)[0]
   from pallas_kernels import fp8_matmul, int8_matmul
   mm = int8_matmul if xq.dtype == jnp.int8 else fp8_matmul
   # The raw accumulator comes from the Triton kernel (the Mosaic one always scales).
@@ -83,10 +83,18 @@ def _check_inputs(x: jax.Array, qk: QuantizedKernel, bias, name: str):
 def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = "xla",
                          interpret: bool = False):
   """(M, K) float -> (xq (M, K), sx (M,)) for `qk`'s activation mode, inverse smoothing
-  applied first."""
+  applied first; a row holding NaN or Inf gets sx = NaN."""
+  return _quantize(x2d, qk, backend if backend != "cpu" else "xla", interpret)
+
+
+def _quantize(x2d, qk: QuantizedKernel, backend: str, interpret: bool):
+  """quantize_activations as the backend's GEMM wants it: for the native CPU GEMM,
+  which flags rows holding reference.NONFINITE_MARK as it reads them, non-finite inputs
+  are marked instead of costing a reduction over x."""
   dtype = qtype_dtype(qk.qtype)
   if backend in ("xla", "cpu"):
-    return ref.quantize_rows_ref(x2d, qk.inv_smooth, dtype=dtype, scale=qk.act_scale)
+    nonfinite = "mark" if backend == "cpu" else "scale"
+    return ref.quantize_rows_ref(x2d, qk.inv_smooth, dtype=dtype, scale=qk.act_scale, nonfinite=nonfinite)
   from pallas_kernels import quantize_rows
   return quantize_rows(x2d, qk.inv_smooth, scale=qk.act_scale, dtype=dtype, backend=backend,
                        interpret=interpret)
@@ -107,7 +115,7 @@ def _drop_shared(dead: weakref.ref, key: int, table=_shared):
 
 def _quantize_shared(x, x2d, qk: QuantizedKernel, backend: str, interpret: bool):
   if not qk.act_key or not isinstance(x, jax.core.Tracer):
-    return quantize_activations(x2d, qk, backend=backend, interpret=interpret)
+    return _quantize(x2d, qk, backend, interpret)
   entry = _shared.get(id(x))
   if entry is None or entry[0]() is not x:
     entry = (weakref.ref(x, functools.partial(_drop_shared, key=id(x))), {})
@@ -116,7 +124,7 @@ def _quantize_shared(x, x2d, qk: QuantizedKernel, backend: str, interpret: bool)
   cached = [r() for r in entry[1].get(key, ())]
   if len(cached) == 2 and all(c is not None for c in cached):
     return tuple(cached)
-  xq, sx = quantize_activations(x2d, qk, backend=backend, interpret=interpret)
+  xq, sx = _quantize(x2d, qk, backend, interpret)
   entry[1][key] = (weakref.ref(xq), weakref.ref(sx))
   return xq, sx
 
@@ -161,7 +169,11 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   xq, sx = _quantize_shared(x, x2d, qk, backend, interpret)
   if backend == "xla":
     y = _xla_w8a8(xq, sx, qk, bias, out_dtype)
-  elif backend == "cpu" or (xq.dtype == jnp.int8 and qk.in_features > ref.K_CHUNK):
+  elif backend == "cpu":
+    # (K <= cpu_kernels.MAX_K here: the backend registry sends larger K to "xla")
+    acc, marked = cpu_kernels.s8_gemm(xq, qk.values)
+    y = ref.epilogue_ref(acc, sx + marked, qk.scale, bias, out_dtype)
+  elif xq.dtype == jnp.int8 and qk.in_features > ref.K_CHUNK:
     # (the fused Pallas kernels keep one int32 accumulator: past K_CHUNK their raw
     # accumulators are taken per chunk and combined, then the same epilogue)
     y = ref.epilogue_ref(accumulate(xq, qk.values, backend=backend, interpret=interpret), sx, qk.scale, bias,

@@ -153,8 +153,10 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
-def s8_gemm(xq: jax.Array, wq: jax.Array) -> jax.Array:
-  """xq (M, K) int8 @ wq (N, K)^T -> (M, N) int32, exact (K <= MAX_K). CPU only."""
+def s8_gemm(xq: jax.Array, wq: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(acc, marked): acc = xq (M, K) int8 @ wq (N, K)^T as (M, N) int32, exact (K <= MAX_K);
+  marked (M,) f32 = NaN for rows of xq holding reference.NONFINITE_MARK (-128), else 0.
+  CPU only."""
   if xq.ndim != 2 or wq.ndim != 2 or xq.shape[1] != wq.shape[1]:
     raise ValueError(f"s8_gemm: expected xq (M, K) and wq (N, K), got {xq.shape} and {wq.shape}")
   if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
@@ -164,5 +166,5 @@ def s8_gemm(xq: jax.Array, wq: jax.Array) -> jax.Array:
   ok, why = _load()
   if not ok:
     raise RuntimeError(f"s8_gemm is not available here: {why}")
-  out = jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), jnp.int32)
-  return jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq)
+  out = (jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), jnp.int32), jax.ShapeDtypeStruct((xq.shape[0],), jnp.float32))
+  return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq))

@@ -2,6 +2,12 @@
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]      x (M, K) int8, w (N, K) int8 (K-major: the
 //                                             QuantizedKernel layout), out (M, N) int32
+//   marked[m] = NaN if row m of x holds -128, else 0     (M,) f32
+//
+// -128 is the mark of a non-finite input (reference.NONFINITE_MARK): the quantizer never
+// emits it otherwise, and `marked` added to the row scales turns such rows into NaN rows.
+// Found while x is read for the offset sums (prefill) or in a pass over the few rows
+// (decode): no extra pass of XLA over the float input.
 //
 // Exact (the same numbers as XLA's int8 dot) for K <= 65536. vpdpbusd multiplies unsigned
 // by signed bytes, so one operand is offset by 128 (xor 0x80) and 128 times the sums of
@@ -27,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <string>
 #include <thread>
@@ -213,15 +220,27 @@ void PackPanel(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
   }
 }
 
-VNNI void RowSums(const int8_t* x, int64_t K, int64_t m0, int64_t m1, int32_t* comp) {
-  const __m512i ones = _mm512_set1_epi8(1);
+// 128 * sum_k x[m, k] into comp (when given) and the mark flags of rows [m0, m1).
+VNNI void RowSums(const int8_t* x, int64_t K, int64_t m0, int64_t m1, int32_t* comp, float* marked) {
+  const __m512i ones = _mm512_set1_epi8(1), mark = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t m = m0; m < m1; ++m) {
     const int8_t* row = x + m * K;
     __m512i acc = _mm512_setzero_si512();
+    __mmask64 seen = 0;
     int64_t k = 0;
-    for (; k + 64 <= K; k += 64) Dp(acc, ones, _mm512_loadu_si512(row + k));
-    if (k < K) Dp(acc, ones, _mm512_maskz_loadu_epi8((1ULL << (K - k)) - 1, row + k));
-    comp[m] = 128 * _mm512_reduce_add_epi32(acc);
+    for (; k + 64 <= K; k += 64) {
+      const __m512i v = _mm512_loadu_si512(row + k);
+      seen |= _mm512_cmpeq_epi8_mask(v, mark);
+      if (comp) Dp(acc, ones, v);
+    }
+    if (k < K) {
+      const __mmask64 tail = (1ULL << (K - k)) - 1;
+      const __m512i v = _mm512_maskz_loadu_epi8(tail, row + k);
+      seen |= _mm512_mask_cmpeq_epi8_mask(tail, v, mark);
+      if (comp) Dp(acc, ones, v);
+    }
+    if (comp) comp[m] = 128 * _mm512_reduce_add_epi32(acc);
+    marked[m] = seen ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
   }
 }
 
@@ -318,7 +337,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64
 }
 
 ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buffer<ffi::S8> w_buf,
-                      ffi::ResultBuffer<ffi::S32> out_buf) {
+                      ffi::ResultBuffer<ffi::S32> out_buf, ffi::ResultBuffer<ffi::F32> marked_buf) {
   auto xd = x_buf.dimensions(), wd = w_buf.dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
     return ffi::Error::InvalidArgument("actquant s8_gemm: expected x (M, K) and w (N, K)");
@@ -328,12 +347,15 @@ ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buf
   const int8_t* x = x_buf.typed_data();
   const int8_t* w = w_buf.typed_data();
   int32_t* out = out_buf->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
-  if (K == 0) {
+  float* marked = marked_buf->typed_data();
+  if (M == 0) return ffi::Error::Success();
+  if (N == 0 || K == 0) {
     std::fill(out, out + M * N, 0);
+    RowSums(x, K, 0, M, nullptr, marked);
     return ffi::Error::Success();
   }
   if (!UsePacked(M, N, K)) {
+    RowSums(x, K, 0, M, nullptr, marked);  // few rows: M * K bytes, next to N * K of weight
     const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
     ParallelFor(pool, row_blocks * ((N + kColBlock - 1) / kColBlock), [&](int64_t c) {
       const int64_t mb = c % row_blocks, nb = c / row_blocks;
@@ -351,7 +373,7 @@ ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buf
       PackPanel(w, N, K, c, packed.get() + c * panel_bytes);
     } else {
       const int64_t mb = c - panels;
-      RowSums(x, K, mb * kRowBlockP, std::min(M, (mb + 1) * kRowBlockP), comp.get());
+      RowSums(x, K, mb * kRowBlockP, std::min(M, (mb + 1) * kRowBlockP), comp.get(), marked);
     }
   });
   ParallelFor(pool, row_blocks * panels, [&](int64_t c) {
@@ -368,4 +390,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantS8Gemm, S8GemmImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>());
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

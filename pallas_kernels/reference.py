@@ -91,31 +91,54 @@ def saturate_cast(y: jax.Array, dtype) -> jax.Array:
   return y.astype(dtype)
 
 
+# int8 quantization never emits -128 (saturate_cast clips to +-127). With
+# nonfinite="mark" a non-finite input element is quantized to it, and the consumer turns
+# rows holding it into NaN rows (marked_rows_ref; the native CPU GEMM while it reads x).
+NONFINITE_MARK = -128
+
+
 def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
-                      dtype=jnp.int8, scale: jax.Array | None = None, row_max=None, row_sum=None):
+                      dtype=jnp.int8, scale: jax.Array | None = None, row_max=None, row_sum=None,
+                      nonfinite: str = "scale"):
   """(M, K) float -> (xq (M, K) int8/fp8, sx (M,) f32).
 
   Dynamic per token (scale None): one scale per row from its absmax.
   Static (scale given, a scalar): that scale for every row; values beyond it saturate.
-  Either way a row holding NaN or Inf gets sx = NaN. row_max / row_sum: applied to the
-  per-row maxima / sums before they are used (the sharded path: pmax / psum over K shards).
+  A row holding NaN or Inf is signalled by `nonfinite`: "scale" gives it sx = NaN;
+  "mark" (int8) quantizes those elements to NONFINITE_MARK and needs no reduction for it
+  (sx may stay finite: the consumer must apply marked_rows_ref).
+  row_max / row_sum: applied to the per-row maxima / sums before they are used (the
+  sharded path: pmax / psum over K shards).
   """
   row_max = row_max or (lambda v: v)
   row_sum = row_sum or (lambda v: v)
+  mark = nonfinite == "mark"
+  if nonfinite not in ("scale", "mark") or (mark and jnp.dtype(dtype) != jnp.dtype(jnp.int8)):
+    raise ValueError(f"nonfinite must be 'scale' or (int8 only) 'mark', got {nonfinite!r} for {jnp.dtype(dtype)}")
   x32 = x.astype(jnp.float32)
   if scale is None:
     # |x| * c rather than |x * c|: XLA CPU then computes an expensive producer of x (erf
     # GELU) once instead of recomputing it in the absmax and the quantize fusions. NaN is
     # read as Inf inside the same max (fused maxima drop NaN), so a non-finite row gets
     # amax = Inf and dynamic_scale makes its scale NaN: no second pass over x.
-    ax = jnp.where(jnp.isnan(x32), jnp.float32(jnp.inf), jnp.abs(x32))
+    ax = jnp.abs(x32) if mark else jnp.where(jnp.isnan(x32), jnp.float32(jnp.inf), jnp.abs(x32))
     amax = row_max(jnp.max(ax * scale_factor(inv_smooth, dtype), axis=1, initial=0.0))
     sx = dynamic_scale(amax)
+  elif mark:
+    sx = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), x32.shape[:1])
   else:
     # Static: no reduction over x otherwise, so this probe is a pass of its own.
     sx = jnp.asarray(scale, jnp.float32) + row_sum(nonfinite_probe(x32))
   f = quantize_factor(inv_smooth, sx)
-  return saturate_cast(x32 * (f if inv_smooth is not None else f[:, None]), dtype), sx
+  xq = saturate_cast(x32 * (f if inv_smooth is not None else f[:, None]), dtype)
+  if mark:
+    xq = jnp.where(jnp.isfinite(x32), xq, jnp.int8(NONFINITE_MARK))
+  return xq, sx
+
+
+def marked_rows_ref(xq: jax.Array) -> jax.Array:
+  """(M,) f32: NaN for rows of xq holding NONFINITE_MARK, else 0 (added to their scales)."""
+  return jnp.where(jnp.any(xq == NONFINITE_MARK, axis=1), jnp.float32(jnp.nan), jnp.float32(0.0))
 
 
 def split_acc(p):

@@ -25,3 +25,16 @@ def pairwise(*factors):
     rows.append(best)
     uncovered -= {(i, best[i], j, best[j]) for i, j in pairs}
   return [tuple(f[k] for f, k in zip(factors, r)) for r in rows]
+
+
+def count_quantize_passes(f, *args) -> int:
+  """Activation-quantize passes traced by f (calls of actquant_jax.ops._quantize)."""
+  from actquant_jax import ops
+  calls = []
+  original = ops._quantize
+  ops._quantize = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+  try:
+    jax.make_jaxpr(f)(*args)
+  finally:
+    ops._quantize = original
+  return len(calls)

@@ -90,17 +90,30 @@ def test_nonfinite_token_gives_nonfinite_row(backend, act_scale, smooth, rng):
   np.testing.assert_array_equal(y[[0, 2]], y_clean[[0, 2]])  # the other tokens are untouched
 
 
+@pytest.mark.parametrize("backend", ["xla", pytest.param("cpu", marks=CPU_NATIVE)])
 @pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])
-def test_nonfinite_token_at_any_column_of_a_large_input(act_scale):
+def test_nonfinite_token_at_any_column_of_a_large_input(act_scale, backend):
   # XLA CPU's fused (YNNPACK) float max drops NaN wherever it sits in the row: the scale
-  # must not depend on it (reference.nonfinite_probe).
+  # must not depend on it (reference.nonfinite_probe). 256 rows: the native GEMM's packed
+  # path, which flags marked rows (reference.NONFINITE_MARK) while it sums them.
   qk = aq.quantize_kernel(jnp.ones((1024, 64)), act_scale=act_scale, inv_smooth=jnp.full(1024, 0.5))
-  f = jax.jit(functools.partial(aq.w8a8_dot, backend="xla"))
+  f = jax.jit(functools.partial(aq.w8a8_dot, backend=backend))
   for col in (0, 17, 500, 1023):
     x = np.ones((256, 1024), np.float32)
     x[3, col], x[5, col], x[9, col] = np.nan, np.inf, -np.inf
     y = np.asarray(f(jnp.asarray(x), qk))
     assert not np.isfinite(y[[3, 5, 9]]).any() and np.isfinite(np.delete(y, [3, 5, 9], axis=0)).all()
+
+
+@pytest.mark.parametrize("backend", ["xla", "auto"])
+def test_nonfinite_token_in_a_later_k_chunk(backend):
+  # K above K_CHUNK (the accumulator summed over chunks), a NaN in the second chunk only.
+  k = ref.K_CHUNK + 300
+  qk = aq.quantize_kernel(jnp.ones((k, 8)), act_scale=0.05)
+  x = np.ones((3, k), np.float32)
+  x[1, ref.K_CHUNK + 7] = np.nan
+  y = np.asarray(jax.jit(functools.partial(aq.w8a8_dot, backend=backend))(jnp.asarray(x), qk))
+  assert np.isnan(y[1]).all() and np.isfinite(y[[0, 2]]).all()
 
 
 @pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])

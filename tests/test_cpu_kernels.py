@@ -1,4 +1,5 @@
-"""cpu_kernels.s8_gemm (AVX512-VNNI) against XLA's int8 dot: bit-exact, ragged shapes."""
+"""cpu_kernels.s8_gemm (AVX512-VNNI) against XLA's int8 dot: bit-exact, ragged shapes; its
+marked-row flags against reference.marked_rows_ref."""
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +29,24 @@ def _ints(rng, shape):
                                    (300, 130, 200), (487, 1027, 130)])
 def test_matches_xla_int8_dot(m, k, n, rng):
   x, w = _ints(rng, (m, k)), _ints(rng, (n, k))
-  np.testing.assert_array_equal(np.asarray(gemm(x, w)), np.asarray(expect(x, w)))
+  acc, marked = gemm(x, w)
+  np.testing.assert_array_equal(np.asarray(acc), np.asarray(expect(x, w)))
+  np.testing.assert_array_equal(np.asarray(marked), np.zeros(m, np.float32))
+
+
+# Both paths (decode: few rows; packed: many), the mark in a full 64-byte step, in the
+# masked tail, first and last byte; N = 0 still flags.
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(5, 130, 9), (300, 130, 70), (200, 1000, 3), (7, 64, 0)])
+def test_flags_rows_holding_the_nonfinite_mark(m, k, n, rng):
+  x = np.array(_ints(rng, (m, k)))
+  marks = {1: 0, 3: k - 1, m - 1: min(70, k - 1)}
+  for row, col in marks.items():
+    x[row, col] = ref.NONFINITE_MARK
+  acc, marked = gemm(jnp.asarray(x), _ints(rng, (n, k)))
+  want = np.where(np.isin(np.arange(m), list(marks)), np.nan, 0.0).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(marked), want)
+  np.testing.assert_array_equal(np.asarray(marked), np.asarray(ref.marked_rows_ref(jnp.asarray(x))))
 
 
 @needs_kernel
@@ -38,15 +56,15 @@ def test_extremes_do_not_overflow(k):
   # intermediate is within 1.5% of 2^31.
   for xv, wv in [(127, 127), (-127, 127), (127, -127), (-127, -127)]:
     x, w = jnp.full((3, k), xv, jnp.int8), jnp.full((5, k), wv, jnp.int8)
-    got = np.asarray(gemm(x, w))
+    got = np.asarray(gemm(x, w)[0])
     assert (got == xv * wv * k).all(), (xv, wv, got[0, 0])
 
 
 @needs_kernel
 def test_empty_and_batched(rng):
-  assert gemm(jnp.zeros((0, 8), jnp.int8), jnp.zeros((4, 8), jnp.int8)).shape == (0, 4)
+  assert gemm(jnp.zeros((0, 8), jnp.int8), jnp.zeros((4, 8), jnp.int8))[0].shape == (0, 4)
   x, w = _ints(rng, (3, 2, 40)), _ints(rng, (6, 40))
-  got = jax.vmap(cpu_kernels.s8_gemm, in_axes=(0, None))(x, w)
+  got = jax.vmap(cpu_kernels.s8_gemm, in_axes=(0, None))(x, w)[0]
   np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(ref.accumulate_ref, in_axes=(0, None))(x, w)))
 
 

@@ -7,6 +7,7 @@ from flax import nnx
 
 import actquant_jax as aq
 from tests import toy_models as tm
+from tests.kernel_utils import count_quantize_passes
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +107,6 @@ def test_errors():
     aq.quantize_model(tm.TinyGPT(), {}, aq.QuantConfig())
 
 
-def _count_quantize_passes(f, *args) -> int:
-  """Activation-quantize passes traced by f (calls of ops.quantize_activations)."""
-  from actquant_jax import ops
-  calls = []
-  original = ops.quantize_activations
-  ops.quantize_activations = lambda *a, **kw: calls.append(1) or original(*a, **kw)
-  try:
-    jax.make_jaxpr(f)(*args)
-  finally:
-    ops.quantize_activations = original
-  return len(calls)
-
-
 def test_qkv_share_one_quantize_pass():
   # Post-LN BERT with runtime smoothing: q/k/v read one LayerNorm output with equal
   # act_key, so one quantize pass serves all three (4 per block instead of 6), and the
@@ -137,7 +125,7 @@ def test_qkv_share_one_quantize_pass():
     assert len({kernels(qparams)[f"layer_0/{n}"].act_key for n in "qkv"}) == 1
     unshared = jax.tree.map(lambda q: dataclasses.replace(q, act_key="") if isinstance(q, aq.QuantizedKernel) else q,
                             qparams, is_leaf=lambda n: isinstance(n, aq.QuantizedKernel))
-    passes = lambda qp: _count_quantize_passes(f, qp, x)
+    passes = lambda qp: count_quantize_passes(f, qp, x)
     assert (passes(qparams), passes(unshared)) == (8, 12)
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(qparams, x)), np.asarray(jax.jit(f)(unshared, x)))
 

@@ -9,6 +9,7 @@ import pytest
 
 import actquant_jax as aq
 from actquant_jax import ops
+from tests.kernel_utils import count_quantize_passes
 
 
 def np_quantize_rows(x, inv_smooth=None, static_scale=None, qmax=127.0):
@@ -230,21 +231,6 @@ def test_negative_inv_smooth_absmax(rng):
   np.testing.assert_array_equal(np.asarray(sx), sx_np)
 
 
-def _count_quantize_passes(f, *args) -> int:
-  """Activation-quantize passes traced by f (calls of ops.quantize_activations)."""
-  calls = []
-  original = ops.quantize_activations
-  def counting(*a, **kw):
-    calls.append(1)
-    return original(*a, **kw)
-  ops.quantize_activations = counting
-  try:
-    jax.make_jaxpr(f)(*args)
-  finally:
-    ops.quantize_activations = original
-  return len(calls)
-
-
 @pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])
 def test_layers_with_equal_act_key_share_one_quantize_pass(act_scale, rng):
   # q/k/v: three kernels with equal smoothing/static scale read one x -> one quantize pass
@@ -261,7 +247,7 @@ def test_layers_with_equal_act_key_share_one_quantize_pass(act_scale, rng):
 
   def qkv(x, kernels, other):
     return [aq.w8a8_dot(x, qk) for qk in kernels] + [aq.w8a8_dot(x, other), aq.w8a8_dot(x + 1, kernels[0])]
-  assert _count_quantize_passes(qkv, x, kernels, other) == 3  # shared, other key, other input
+  assert count_quantize_passes(qkv, x, kernels, other) == 3  # shared, other key, other input
   eager = qkv(x, kernels, other)
   for got, want in zip(jax.jit(qkv)(x, kernels, other), eager):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
