@@ -13,6 +13,16 @@ every spelling (aliases bound at import time included), no global patching, thre
 safe, and lifted transforms are plain nested jaxprs (jit and remat are inlined here),
 so statistics leave through the program's outputs, never through Python state.
 
+Scans (`nn.scan`, `nnx.scan`, `jax.lax.scan` over stacked layer params): a `scan` whose
+body has a matmul is interpreted, not inlined. A param fed to it as a scanned operand
+(`xs`, leading axis L) is seen in the body as a *view*: the same param path, one layer
+of it; its contraction is a site with `stack` = L and `scan` = which scan slices it. A
+param fed as a loop-invariant operand (`consts`) is the same node in the body (one
+weight called L times). `evaluate` runs the scan as a `lax.scan` whose body is the
+interpreter again: the handler of a stacked site gets the iteration's layer index, and
+what it records leaves as the scan's stacked outputs (per layer), never through Python
+state.
+
 Two passes over one traced program, in the same order:
 - `analyze`: a symbolic run giving the flat dataflow graph -- the contraction sites and,
   for folding, which op produced each activation and who else reads it.
@@ -70,7 +80,20 @@ def _inlined(eqn):
   return None
 
 
-def _interpret(jaxpr, consts, args, bind, lift_const):
+def runs_scan(eqn) -> bool:
+  """A scan whose body runs a matmul: interpreted (per-layer weights), not bound as is."""
+  return eqn.primitive.name == "scan" and _has_dot(_jaxpr_of(eqn.params["jaxpr"])[0])
+
+
+def _scan_parts(eqn):
+  """(body jaxpr, its consts, number of consts, number of carries): a scan's operands are
+  consts (loop-invariant), then the carries, then the scanned xs (leading axis: length)."""
+  body, bconsts = _jaxpr_of(eqn.params["jaxpr"])
+  nc, ncar = eqn.params["num_consts"], eqn.params["num_carry"]
+  return body, bconsts, nc, ncar
+
+
+def _interpret(jaxpr, consts, args, bind, lift_const, scan=None):
   env: dict = {}
   read = lambda v: v.val if isinstance(v, Literal) else env[v]
   for v, c in zip(jaxpr.constvars, consts):
@@ -82,7 +105,9 @@ def _interpret(jaxpr, consts, args, bind, lift_const):
     sub = _inlined(eqn)
     if sub is not None:
       j, c = sub
-      outs = _interpret(j, [lift_const(x) for x in c], ins, bind, lift_const)
+      outs = _interpret(j, [lift_const(x) for x in c], ins, bind, lift_const, scan)
+    elif scan is not None and runs_scan(eqn):
+      outs = scan(eqn, ins)
     else:
       outs = bind(eqn, ins)
     for v, o in zip(eqn.outvars, outs):
@@ -157,11 +182,13 @@ def program_inputs(variables, rest) -> list:
 class Node:
   """A value of the flattened program: made by `prim` from `inputs`."""
 
-  __slots__ = ("prim", "params", "inputs", "shape", "param", "out_index", "readers", "site")
+  __slots__ = ("prim", "params", "inputs", "shape", "param", "out_index", "readers", "site", "scan", "stack")
 
   def __init__(self, prim, params=None, inputs=(), shape=(), param=None, out_index=0):
     self.prim, self.params, self.inputs, self.shape = prim, params or {}, list(inputs), tuple(shape)
     self.param, self.out_index, self.readers, self.site = param, out_index, [], None
+    # A param view inside a scan body: which scan slices the stacked param, and its length.
+    self.scan, self.stack = -1, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +206,10 @@ class Contraction:
   weight_lhs: the weight was the left operand.
   perm:       operand axis i is weight axis perm[i] (layout ops between them).
   reason:     None when quantizable, else why it stays float.
+  stack:      0, or L: the weight is one layer of a param stacked along a leading axis of
+              L layers that a scan slices (param_shape, contract and out are then the
+              layer's: the stacked param is (L,) + param_shape).
+  scan:       which scan (in program order) slices it, or -1.
   """
 
   index: int
@@ -192,6 +223,8 @@ class Contraction:
   weight_lhs: bool
   perm: tuple
   reason: str | None = None
+  stack: int = 0
+  scan: int = -1
 
 
 def layer_name(param: str) -> str:
@@ -223,8 +256,29 @@ class Graph:
   x_node: dict          # index -> the activation Node
   out_node: dict        # index -> the output Node
   params: dict          # param path -> Node
-  outputs: list         # the program's output Nodes
-  seen_inside: dict     # param path -> primitive (scan, while, cond) it is contracted in
+  outputs: list         # the program's output Nodes, and every scan body's (read by the next iteration)
+  seen_inside: dict     # param path -> primitive (while, cond, ...) it is contracted in: not supported
+  views: dict = dataclasses.field(default_factory=dict)  # param path -> its Nodes inside scan bodies
+
+
+def param_nodes(graph: Graph, param: str) -> list:
+  """The param's node and its views inside scan bodies (a loop-invariant param is the
+  same node inside the body)."""
+  return [graph.params[param]] + graph.views.get(param, [])
+
+
+def param_readers(graph: Graph, param: str) -> list:
+  return [r for n in param_nodes(graph, param) for r in n.readers]
+
+
+def _sliced_param(node: Node):
+  """The param node if `node` is a param seen through dtype casts only (a scan slices its
+  leading axis: a transpose would change which axis that is), else None."""
+  while node.param is None:
+    if node.prim not in ("convert_element_type", "copy", "copy_p") or not node.inputs:
+      return None
+    node = node.inputs[0]
+  return node
 
 
 def analyze(program: Program) -> Graph:
@@ -236,11 +290,43 @@ def analyze(program: Program) -> Graph:
     if p:
       params[p] = n
     args.append(n)
-  sites, x_node, out_node, seen_inside = {}, {}, {}, {}
-  counter = [0]
+  sites, x_node, out_node, seen_inside, views = {}, {}, {}, {}, {}
+  escapes: list = []
+  counter, scans = [0], [0]
 
   def lift_const(c):
     return Node("const", shape=np.shape(c))
+
+  def scan(eqn, ins):
+    sid = scans[0]
+    scans[0] += 1
+    body, bconsts, nc, ncar = _scan_parts(eqn)
+    ins_n = [x if isinstance(x, Node) else Node("literal") for x in ins]
+    body_args, forwarded = [], set()
+    for i, (x, v) in enumerate(zip(ins_n, body.invars)):
+      shape = getattr(v.aval, "shape", ())
+      src = _sliced_param(x) if i >= nc + ncar else None
+      if i < nc:  # loop-invariant: the same value at every iteration
+        body_args.append(x)
+        forwarded.add(i)
+      elif src is not None and src.scan < 0:  # a stacked param: one layer per iteration
+        view = Node("param", shape=shape, param=src.param)
+        view.scan, view.stack = sid, int(eqn.params["length"])
+        views.setdefault(src.param, []).append(view)
+        body_args.append(view)
+        forwarded.add(i)
+      else:
+        if src is not None:  # a layer of a layer: nested stacking
+          seen_inside.setdefault(src.param, "scan (nested: a scan over a weight already sliced by an outer scan)")
+        body_args.append(Node("carry" if i < nc + ncar else "xs", shape=shape))
+    outs_b = _interpret(body, [lift_const(c) for c in bconsts], body_args, bind, lift_const, scan)
+    escapes.extend(o for o in outs_b if isinstance(o, Node))
+    outs = [Node("scan", eqn.params, ins_n, getattr(v.aval, "shape", ()), out_index=i)
+            for i, v in enumerate(eqn.outvars)]
+    for i, x in enumerate(ins_n):
+      if i not in forwarded:
+        x.readers.append(outs[0] if outs else None)
+    return outs
 
   def bind(eqn, ins):
     ins_n = [x if isinstance(x, Node) else Node("literal") for x in ins]
@@ -264,8 +350,8 @@ def analyze(program: Program) -> Graph:
           seen_inside.setdefault(src[0].param, eqn.primitive.name)
     return outs
 
-  outputs = _interpret(jaxpr, [lift_const(c) for c in consts], args, bind, lift_const)
-  return Graph(sites, x_node, out_node, params, outputs, seen_inside)
+  outputs = _interpret(jaxpr, [lift_const(c) for c in consts], args, bind, lift_const, scan)
+  return Graph(sites, x_node, out_node, params, outputs + escapes, seen_inside, views)
 
 
 def _site(idx, eqn, ins) -> Contraction | None:
@@ -288,7 +374,7 @@ def _site(idx, eqn, ins) -> Contraction | None:
   elif not out:
     reason = "weight has no output axis (a matrix-vector reduction)"
   return Contraction(idx, pnode.param, layer_name(pnode.param), pnode.shape, contract, tuple(xc), out, batch,
-                     w_lhs, perm, reason)
+                     w_lhs, perm, reason, stack=pnode.stack, scan=pnode.scan)
 
 
 # ---------------------------------------------------------------- concrete run
@@ -301,11 +387,22 @@ class Absent:
     self.aval = aval
 
 
-def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: dict):
+def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: dict, *,
+             reduce_aux: Callable | None = None):
   """Run the program on flat `inputs`; at each site in `sites` call
-  on_contraction(site, x, w, run) -> y (run(x, w) is the original float matmul; w may
-  be an Absent). Returns the flat outputs."""
-  counter = [0]
+  on_contraction(site, x, w, run, layer) -> y (run(x, w) is the original float matmul; w
+  may be an Absent; layer: for a stacked site (site.stack > 0), the iteration's layer
+  index, a traced int32 scalar, else None). Returns the flat outputs.
+
+  With reduce_aux, on_contraction returns (y, aux), aux a pytree of arrays about that
+  call, and evaluate returns (outputs, {site index: aux}). A site inside a scan runs once
+  per iteration: its aux leaves the scan as a scan output, stacked along a new leading
+  axis -- kept for a stacked site of that scan (per layer), else merged by
+  reduce_aux(site, stacked aux) (the calls of one weight).
+  """
+  counter, scans = [0], [0]
+  iters: dict = {}    # scan id -> the current iteration's index (inside its body)
+  aux: list = [{}]    # recorded aux, innermost scan body last
 
   def bind(eqn, ins):
     params = eqn.primitive.get_bind_params(eqn.params)
@@ -316,7 +413,11 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
       site = sites.get(idx)
       if site is not None and site.reason is None:
         x, w = (ins[1], ins[0]) if site.weight_lhs else (ins[0], ins[1])
-        return [on_contraction(site, x, w, run)]
+        r = on_contraction(site, x, w, run, iters[site.scan] if site.stack else None)
+        if reduce_aux is None:
+          return [r]
+        aux[-1][idx] = r[1]
+        return [r[0]]
     if any(isinstance(a, Absent) for a in ins):
       if eqn.primitive.name in _LAYOUT:
         return [Absent(v.aval) for v in eqn.outvars]
@@ -324,7 +425,47 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
     out = run(*ins)
     return out if eqn.primitive.multiple_results else [out]
 
-  return _interpret(program.closed.jaxpr, list(program.closed.consts), inputs, bind, lambda c: c)
+  def scan(eqn, ins):
+    sid = scans[0]
+    scans[0] += 1
+    body, bconsts, nc, ncar = _scan_parts(eqn)
+    length = int(eqn.params["length"])
+    consts, init, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
+    if any(isinstance(a, Absent) for a in init):
+      raise ValueError("a quantized weight without its float copy is a scan's carry")
+    absent = [isinstance(a, Absent) for a in xs]
+    start, end = (counter[0], scans[0]), {}
+
+    def step(carry, t):
+      # (lax.scan may trace the body twice: every trace numbers the sites the same way)
+      counter[0], scans[0] = start
+      iters[sid] = t[0]
+      aux.append({})
+      it = iter(t[1])
+      body_xs = [Absent(jax.ShapeDtypeStruct(a.aval.shape[1:], a.aval.dtype)) if ab else next(it)
+                 for a, ab in zip(xs, absent)]
+      outs = _interpret(body, list(bconsts), list(consts) + list(carry) + body_xs, bind, lambda c: c, scan)
+      if any(isinstance(o, Absent) for o in outs[:ncar]):
+        raise ValueError("a quantized weight without its float copy is a scan's carry")
+      # An absent weight passed through (nnx returns its module state) stays absent, stacked.
+      end["ys"] = [o.aval if isinstance(o, Absent) else None for o in outs[ncar:]]
+      end["at"] = counter[0], scans[0]
+      del iters[sid]
+      return outs[:ncar], ([o for o in outs[ncar:] if not isinstance(o, Absent)], aux.pop())
+
+    carry, (ys, body_aux) = jax.lax.scan(
+        step, list(init), (np.arange(length, dtype=np.int32), [a for a, ab in zip(xs, absent) if not ab]),
+        length=length, reverse=bool(eqn.params["reverse"]), unroll=eqn.params.get("unroll", 1))
+    counter[0], scans[0] = end["at"]
+    for idx, a in body_aux.items():
+      aux[-1][idx] = a if sites[idx].scan == sid else reduce_aux(sites[idx], a)
+    it = iter(ys)
+    ys = [next(it) if a is None else Absent(jax.ShapeDtypeStruct((length,) + tuple(a.shape), a.dtype))
+          for a in end["ys"]]
+    return list(carry) + ys
+
+  outs = _interpret(program.closed.jaxpr, list(program.closed.consts), inputs, bind, lambda c: c, scan)
+  return outs if reduce_aux is None else (outs, aux[0])
 
 
 def unflatten_output(program: Program, flat):

@@ -8,7 +8,8 @@ The dataflow comes from the traced program, not from names or classes: a produce
 foldable when its output is `h * g (+ b)` for parameter vectors g, b along the channel
 axis (any norm, whatever library wrote it) or a weight matmul (+ bias), and its params
 serve nothing else. Statistics are outputs of the one jitted program per batch shape
-(remat and jit inside the model are inlined), so no tracer leaves a transform.
+(remat and jit inside the model are inlined; a scan over layers returns each layer's
+statistics as its stacked outputs), so no tracer leaves a transform.
 """
 
 from __future__ import annotations
@@ -84,6 +85,9 @@ class LayerStats:
             lookup): the float weight is kept beside the quantized one.
   reason:   non-empty for a weight matmul that stays float (its layout is not supported
             yet); such entries have empty arrays.
+  layers:   0, or L for a weight stacked over L layers that a scan slices (nn.scan,
+            nnx.scan, lax.scan over stacked params): absmax is then (L, K) and samples
+            (L, S, K), one statistic per layer; tokens counts one layer's rows.
   """
 
   absmax: jax.Array
@@ -101,6 +105,7 @@ class LayerStats:
   fingerprint: str = dataclasses.field(default="", metadata=dict(static=True))
   keep_float: bool = dataclasses.field(default=False, metadata=dict(static=True))
   reason: str = dataclasses.field(default="", metadata=dict(static=True))
+  layers: int = dataclasses.field(default=0, metadata=dict(static=True))
 
   @property
   def foldable(self) -> bool:
@@ -109,7 +114,7 @@ class LayerStats:
 
 Stats = dict  # {layer name: LayerStats}
 _FACT_FIELDS = ("group", "producer", "producer_kind", "exclusive", "param", "contract", "out", "producers",
-                "fold_params", "fingerprint", "keep_float", "reason")
+                "fold_params", "fingerprint", "keep_float", "reason", "layers")
 
 
 def facts_of(s: LayerStats) -> dict:
@@ -158,7 +163,7 @@ _BROADCAST = ("reshape", "broadcast_in_dim", "convert_element_type", "expand_dim
 
 
 def _param_vector(node, k: int):
-  """The param path of a (K,) vector broadcast along the last axis to make `node`, or None."""
+  """The param node of a (K,) vector broadcast along the last axis to make `node`, or None."""
   while node.param is None:
     if node.prim not in _BROADCAST or not node.inputs or len(node.readers) > 1:
       return None
@@ -169,11 +174,11 @@ def _param_vector(node, k: int):
     node = node.inputs[0]
   if node.shape != (k,):
     return None
-  return node.param
+  return node
 
 
 def _norm_scale(node, k: int, top: bool = False):
-  """The param g if node = (... * g) through a chain of single-reader muls, else None."""
+  """The param node g if node = (... * g) through a chain of single-reader muls, else None."""
   if node.prim != "mul" or (len(node.readers) > 1 and not top) or len(node.inputs) != 2:
     return None
   for a, b in (node.inputs, node.inputs[::-1]):
@@ -196,21 +201,20 @@ def _producer(x, graph, k: int):
       if pb is not None:
         node, bias = a, pb
         break
+  name = lambda n: n.param.rpartition("/")[2]
+  module = lambda n: n.param.rpartition("/")[0]
   if node.site is not None:  # a weight matmul (+ bias): fold into its output columns
     site = graph.sites[node.site]
     if (site.reason is None and len(site.param_shape) == 2 and site.contract == (0,) and site.out == (1,)
         and (bias is None or len(node.readers) == 1)):
-      names = (site.param.rpartition("/")[2],) + (() if bias is None else (bias.rpartition("/")[2],))
-      module = site.param.rpartition("/")[0]
-      if bias is None or bias.rpartition("/")[0] == module:
-        return module, "dense", names, [site.param] + ([bias] if bias else [])
+      w = _capture.weight_source(node.inputs[0 if site.weight_lhs else 1])[0]
+      if bias is None or module(bias) == module(w):
+        return module(w), "dense", (name(w),) + (() if bias is None else (name(bias),)), [w] + ([bias] if bias else [])
     return "", "op", (), []
   g = _norm_scale(node, k, top=bias is None) if (bias is None or len(node.readers) == 1) else None
-  if g is not None:
-    module = g.rpartition("/")[0]
-    if bias is None or bias.rpartition("/")[0] == module:
-      names = (g.rpartition("/")[2],) + (() if bias is None else (bias.rpartition("/")[2],))
-      return module, "rmsnorm" if bias is None else "layernorm", names, [g] + ([bias] if bias else [])
+  if g is not None and (bias is None or module(bias) == module(g)):
+    return (module(g), "rmsnorm" if bias is None else "layernorm", (name(g),) + (() if bias is None else (name(bias),)),
+            [g] + ([bias] if bias else []))
   return "", "op", (), []
 
 
@@ -231,19 +235,26 @@ def dataflow_facts(graph: _capture.Graph) -> dict[str, DataflowFacts]:
   for i, s in sites.items():
     x = graph.x_node[i]
     readers = [r for r in x.readers]
-    reader_layers = [sites[r.site].layer if (r is not None and r.site in sites
-                                             and graph.x_node[r.site] is x) else None for r in readers]
-    for other in reader_layers:
-      if other is not None:
-        a, b = find(s.layer), find(other)
+    reader_sites = [sites[r.site] if (r is not None and r.site in sites
+                                      and graph.x_node[r.site] is x) else None for r in readers]
+    reader_layers = [None if r is None else r.layer for r in reader_sites]
+    # One smoothing per group: the layers of one scan's layer stack (per layer), or plain
+    # weights; readers of both kinds cannot share one, so the producer cannot fold.
+    mixed = any(r is not None and (r.scan, r.stack) != (s.scan, s.stack) for r in reader_sites)
+    for other in reader_sites:
+      if other is not None and (other.scan, other.stack) == (s.scan, s.stack):
+        a, b = find(s.layer), find(other.layer)
         if a != b:
           parent[max(a, b, key=order.get)] = min(a, b, key=order.get)
-    exclusive = id(x) not in outputs and all(r is not None for r in reader_layers)
+    exclusive = id(x) not in outputs and all(r is not None for r in reader_layers) and not mixed
     k = math.prod(x.shape[a] for a in s.x_contract)
     folds_last_axis = s.x_contract == (len(x.shape) - 1,)
     prod, kind, names, pnodes = _producer(x, graph, k) if folds_last_axis else ("", "op", (), [])
-    # The producer's params may serve nothing else (a norm called twice cannot fold).
-    if any(len(graph.params[p].readers) > 1 for p in pnodes):
+    # The producer's params may serve nothing else (a norm called twice cannot fold); a
+    # layer stack's per-layer 1/s folds only into params stacked by the same scan.
+    if any(len(_capture.param_readers(graph, n.param)) > 1 for n in pnodes):
+      exclusive = False
+    if s.stack and any(n.scan != s.scan for n in pnodes):
       exclusive = False
     per_call.setdefault(s.layer, []).append((prod, kind, names, exclusive))
   facts = {}
@@ -272,14 +283,14 @@ def fingerprint(graph: _capture.Graph, facts: dict) -> str:
   h = hashlib.sha256()
   for i, s in sorted(graph.sites.items()):
     f = facts.get(s.layer)
-    h.update(repr((s.param, s.param_shape, s.contract, s.out, s.reason,
-                   None if f is None else dataclasses.astuple(f))).encode())
+    key = (s.param, s.param_shape, s.contract, s.out, s.reason, None if f is None else dataclasses.astuple(f))
+    h.update(repr(key + ((s.stack,) if s.stack else ())).encode())
   return h.hexdigest()[:16]
 
 
 def read_elsewhere(graph: _capture.Graph, param: str) -> bool:
   """True when the weight feeds anything but weight matmuls (through layout ops)."""
-  todo = list(graph.params[param].readers)
+  todo = _capture.param_readers(graph, param)
   while todo:
     r = todo.pop()
     if r is None:
@@ -306,26 +317,40 @@ def describe_sites(graph: _capture.Graph) -> str:
 def _batch_stats_fn(program: _capture.Program, graph: _capture.Graph, num_samples: int):
   sites = {i: s for i, s in graph.sites.items() if s.reason is None}
 
+  def thin(samples):
+    """At most num_samples rows (axis -2), evenly spaced."""
+    rows = samples.shape[-2]
+    idx = np.linspace(0, rows - 1, min(rows, num_samples)).round().astype(np.int32)
+    return samples if len(idx) == rows else jnp.take(samples, idx, axis=-2)
+
+  def on_contraction(site, x, w, run, layer):
+    k = math.prod(x.shape[a] for a in site.x_contract)
+    rest = [a for a in range(x.ndim) if a not in site.x_contract]
+    x2 = jnp.transpose(x, rest + list(site.x_contract)).reshape(-1, k).astype(jnp.float32)
+    finite = jnp.isfinite(x2)
+    absmax = jnp.max(jnp.where(finite, jnp.abs(x2), 0.0), axis=0, initial=0.0)
+    entry = dict(absmax=absmax, nonfinite=jnp.sum(~finite), tokens=jnp.int32(x2.shape[0]), samples=thin(x2))
+    return (run(x, w) if not site.weight_lhs else run(w, x)), entry
+
+  def merge_iterations(site, e):
+    """The calls of one weight inside a scan that does not slice it (a loop-invariant
+    weight: one statistic over its L calls)."""
+    return dict(absmax=jnp.max(e["absmax"], axis=0), nonfinite=jnp.sum(e["nonfinite"], axis=0),
+                tokens=jnp.sum(e["tokens"], axis=0),
+                samples=thin(jnp.moveaxis(e["samples"], 0, -3).reshape(*e["samples"].shape[1:-2], -1,
+                                                                        e["samples"].shape[-1])))
+
   def stats(inputs):
+    _, per_site = _capture.evaluate(program, inputs, on_contraction, sites, reduce_aux=merge_iterations)
     out: dict[str, dict] = {}
-
-    def on_contraction(site, x, w, run):
-      k = math.prod(x.shape[a] for a in site.x_contract)
-      rest = [a for a in range(x.ndim) if a not in site.x_contract]
-      x2 = jnp.transpose(x, rest + list(site.x_contract)).reshape(-1, k).astype(jnp.float32)
-      finite = jnp.isfinite(x2)
-      absmax = jnp.max(jnp.where(finite, jnp.abs(x2), 0.0), axis=0, initial=0.0)
-      rows = x2.shape[0]
-      idx = np.linspace(0, rows - 1, min(rows, num_samples)).round().astype(np.int32)
-      entry = dict(absmax=absmax, nonfinite=jnp.sum(~finite), tokens=jnp.int32(rows), samples=x2[idx])
-      if site.layer in out:  # a layer called more than once per forward
-        prev = out[site.layer]
-        entry = dict(absmax=jnp.maximum(prev["absmax"], absmax), nonfinite=prev["nonfinite"] + entry["nonfinite"],
-                     tokens=prev["tokens"] + rows, samples=jnp.concatenate([prev["samples"], entry["samples"]]))
-      out[site.layer] = entry
-      return run(x, w) if not site.weight_lhs else run(w, x)
-
-    _capture.evaluate(program, inputs, on_contraction, sites)
+    for i, entry in sorted(per_site.items()):
+      layer = sites[i].layer
+      if layer in out:  # a layer called more than once per forward
+        prev = out[layer]
+        entry = dict(absmax=jnp.maximum(prev["absmax"], entry["absmax"]),
+                     nonfinite=prev["nonfinite"] + entry["nonfinite"], tokens=prev["tokens"] + entry["tokens"],
+                     samples=jnp.concatenate([prev["samples"], entry["samples"]], axis=-2))
+      out[layer] = entry
     return out
 
   order = []
@@ -336,14 +361,16 @@ def _batch_stats_fn(program: _capture.Program, graph: _capture.Graph, num_sample
 
 
 def _merge_samples(a, ta, b, tb, cap, rng):
-  """Keep `cap` rows of a (standing for ta tokens) and b (tb tokens) in proportion."""
+  """Keep `cap` rows (axis -2: a layer stack's samples are (L, S, K), the same rows of
+  every layer kept) of a (standing for ta tokens) and b (tb tokens) in proportion."""
+  rows = lambda x: x.shape[-2]
+  pick = lambda x, n: np.take(x, np.sort(rng.choice(rows(x), n, replace=False)), axis=-2)
   if a is None:
-    return b if len(b) <= cap else b[np.sort(rng.choice(len(b), cap, replace=False))]
-  n_a = min(len(a), int(round(cap * ta / max(ta + tb, 1))))
-  n_b = min(len(b), cap - n_a)
-  n_a = min(len(a), cap - n_b)
-  pick = lambda x, n: x[np.sort(rng.choice(len(x), n, replace=False))]
-  return np.concatenate([pick(a, n_a), pick(b, n_b)])
+    return b if rows(b) <= cap else pick(b, cap)
+  n_a = min(rows(a), int(round(cap * ta / max(ta + tb, 1))))
+  n_b = min(rows(b), cap - n_a)
+  n_a = min(rows(a), cap - n_b)
+  return np.concatenate([pick(a, n_a), pick(b, n_b)], axis=-2)
 
 
 def calibrate(model, params, batches: Iterable, *, forward: Callable | None = None,
@@ -356,12 +383,15 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
   as model(x), model(*b), model(**b)); forward(variables, batch) (linen) or
   forward(module, batch) (nnx) overrides how a batch is fed. Each batch runs jitted;
   batches of one shape compile once. jit and remat (nn.remat, nnx.remat,
-  jax.checkpoint) inside the model are fine. progress: print a line per batch to stderr
-  (default: when there are more than 4 batches).
+  jax.checkpoint) inside the model are fine. A scan over stacked layer params (nn.scan,
+  nnx.scan, lax.scan with the params as scanned operands) gives per-layer statistics
+  (LayerStats.layers = L); a weight the scan closes over gets one statistic over its
+  calls. progress: print a line per batch to stderr (default: when there are more than
+  4 batches).
 
   Raises ValueError on an empty iterable, a batch with 0 rows, NaN/Inf in any layer
-  input (naming the layer and batch), weights contracted inside a scan (not supported
-  yet), and a model with no weight matmul (listing what it saw).
+  input (naming the layer and batch), weights contracted inside a while loop or cond
+  (not supported), and a model with no weight matmul (listing what it saw).
   """
   variables = _model_variables(model, params)
   try:
@@ -385,9 +415,10 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       graph = _capture.analyze(program)
       if graph.seen_inside:
         prim = next(iter(graph.seen_inside.values()))
-        raise CalibrationError(f"calibrate: params {', '.join(sorted(graph.seen_inside))} go into a `{prim}` "
-                         "(nn.scan / nnx.scan / lax.scan / a loop) that runs matmuls: weights inside a scan are not "
-                         "supported yet. Unroll the layers (a Python loop over modules) to calibrate and quantize them")
+        raise CalibrationError(f"calibrate: params {', '.join(sorted(graph.seen_inside))} are contracted inside a "
+                               f"`{prim}` (a while loop / fori_loop with a traced trip count, a cond or switch): "
+                               "not supported. Write the loop over layers as a scan (nn.scan, nnx.scan, "
+                               "jax.lax.scan over the stacked params) or unroll it (a Python loop over modules)")
       if not any(s.reason is None for s in graph.sites.values()):
         raise CalibrationError("calibrate: the model has no weight matmul to quantize (no Dense or other contraction "
                          f"of an activation with a parameter). Saw: {describe_sites(graph)}")
@@ -400,12 +431,14 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
     out = jax.device_get(stats_fn(inputs))
     for path in call_order:  # in call order, so a NaN is reported where it first appears
       e = out[path]
-      if int(e["nonfinite"]):
-        raise CalibrationError(f"calibrate: layer {path}: input has {int(e['nonfinite'])} NaN/Inf values "
+      bad = np.asarray(e["nonfinite"])
+      if bad.any():
+        where = f"{path}[{int(np.flatnonzero(bad)[0])}] (of a layer stack)" if bad.ndim else path
+        raise CalibrationError(f"calibrate: layer {where}: input has {int(bad.sum())} NaN/Inf values "
                          f"in batch {n}")
       a = acc.get(path)
       samples = np.asarray(e["samples"], np.float32)
-      t_new = int(e["tokens"])
+      t_new = int(np.asarray(e["tokens"]).reshape(-1)[0])  # (a stacked layer: every layer sees as many)
       if a is None:
         acc[path] = dict(absmax=np.asarray(e["absmax"]), tokens=t_new,
                          samples=_merge_samples(None, 0, samples, t_new, num_samples, rng))
@@ -430,10 +463,10 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       a = acc[path]
       out[path] = LayerStats(jnp.asarray(a["absmax"], jnp.float32), jnp.asarray(a["tokens"], int_t),
                              jnp.asarray(a["samples"], jnp.float32), **dataclasses.asdict(facts[path]),
-                             keep_float=read_elsewhere(first_graph, s.param), **common)
+                             keep_float=read_elsewhere(first_graph, s.param), layers=s.stack, **common)
     else:  # seen, but its layout stays float: accounted for, with the reason
       out[path] = LayerStats(jnp.zeros((0,), jnp.float32), jnp.asarray(0, int_t), jnp.zeros((0, 0), jnp.float32),
-                             group=path, reason=s.reason or "not supported", **common)
+                             group=path, reason=s.reason or "not supported", layers=s.stack, **common)
   return dict(sorted(out.items()))
 
 
@@ -524,5 +557,9 @@ def check_stats(stats: Stats, where: str = "stats") -> None:
     a = np.asarray(s.absmax)
     if not np.all(np.isfinite(a)):
       raise CalibrationError(f"{where}: layer {path}: absmax contains NaN/Inf")
-    if math.prod(a.shape) == 0 or a.ndim != 1:
+    if s.layers:
+      if math.prod(a.shape) == 0 or a.shape[:1] != (s.layers,) or a.ndim != 2:
+        raise CalibrationError(f"{where}: layer {path}: absmax of a stack of {s.layers} layers must be a non-empty "
+                               f"({s.layers}, K) array, got {a.shape}")
+    elif math.prod(a.shape) == 0 or a.ndim != 1:
       raise CalibrationError(f"{where}: layer {path}: absmax must be a non-empty (K,) vector, got {a.shape}")

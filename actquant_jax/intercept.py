@@ -9,6 +9,8 @@ How: the call is traced once with float stand-ins for the quantized weights (zer
 which XLA drops, or the kept float weight of a tied embedding) and the traced program
 is run again with the matmuls replaced. Works under jax.jit (the tracing is trace-time
 only), with any apply arguments (`mutable=["cache"]` for KV-cache decoding, methods).
+A scan over layers stays a scan: a stacked weight's QuantizedKernel (leading layer axis
+on every array) is indexed by the iteration's layer inside the body.
 
 linen: `quantized_apply(model)` gives apply(qparams, ...) like model.apply;
 `with quantized(model):` makes model.apply itself take qparams (HF `generate`).
@@ -19,6 +21,7 @@ Params and makes the model's calls run this way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -44,6 +47,14 @@ def _stand_in(qk: QuantizedKernel):
   """What the model's code is traced with: the kept float weight, or just its shape (the
   program then runs with the weight absent: never materialized)."""
   return qk.kept if qk.kept is not None else _stand_in_spec(qk)
+
+
+def _layer(qk: QuantizedKernel, layer) -> QuantizedKernel:
+  """One layer of a stacked QuantizedKernel (every array's leading axis), or qk itself."""
+  if layer is None:
+    return qk
+  one = jax.tree_util.tree_map(lambda a: a[layer], qk)
+  return dataclasses.replace(one, param_shape=tuple(qk.param_shape)[1:])
 
 
 def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret):
@@ -86,13 +97,20 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
       if site.reason is not None:
         raise QuantizationError(f"{where}: layer {site.layer}: weight {site.param} is quantized but this model uses it "
                          f"in a matmul that cannot run quantized ({site.reason})")
+      stacked = qks[site.param].values.ndim - 2
+      if stacked != (1 if site.stack else 0) or (site.stack and qks[site.param].values.shape[0] != site.stack):
+        what = (lambda n: f"one weight of a stack of {n} scanned layers" if n else "an unstacked weight")
+        raise QuantizationError(f"{where}: layer {site.layer}: this model uses weight {site.param} as "
+                                f"{what(site.stack)}, but its QuantizedKernel was made for "
+                                f"{what(qks[site.param].values.shape[0] if stacked else 0)} (qparams from another "
+                                "model?)")
       routed[i] = site
   for p, qk in qks.items():
     if p not in graph.params:
       continue
     if p in graph.seen_inside:
       raise QuantizationError(f"{where}: weight {p} is quantized but contracted inside a `{graph.seen_inside[p]}` "
-                       "(scan / loop): not supported yet")
+                              "(a while loop or cond): not supported; write the loop as a scan or unroll it")
     if qk.kept is None and _read_by_other_ops(graph, p):
       raise QuantizationError(f"{where}: weight {p} is quantized without its float copy, but this model also reads it "
                        "outside a matmul (qparams from another model's stats?)")
@@ -104,7 +122,8 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
   inputs = (jax.tree_util.tree_leaves(absent, is_leaf=lambda x: isinstance(x, _capture.Absent))
             + _capture.program_inputs({}, (args, kwargs)))
   flat = _capture.evaluate(program, inputs,
-                           lambda site, x, w, run: _matmul(site, qks[site.param], x, w, run, backend, interpret),
+                           lambda site, x, w, run, layer: _matmul(site, _layer(qks[site.param], layer), x, w, run,
+                                                                  backend, interpret),
                            routed)
   return _capture.unflatten_output(program, flat)
 

@@ -200,6 +200,11 @@ class QuantizedKernel:
               would be wrong: qparams from another model's stats).
   dataflow:   static; a digest of the layer's calibrated dataflow (producers, whether
               its input is read elsewhere, contraction); running the model checks it.
+
+  A weight stacked over the L layers of a scan (nn.scan / nnx.scan) is one QuantizedKernel
+  whose arrays all have a leading layer axis (values (L, N, K), scale (L, N), act_scale
+  (L,), inv_smooth (L, K)); param_shape is the stacked weight's, contract / out one
+  layer's axes. `jax.tree.map(lambda a: a[l], qk)` is layer l's arrays.
   """
 
   values: jax.Array
@@ -218,11 +223,11 @@ class QuantizedKernel:
 
   @property
   def in_features(self) -> int:
-    return self.values.shape[1]
+    return self.values.shape[-1]
 
   @property
   def out_features(self) -> int:
-    return self.values.shape[0]
+    return self.values.shape[-2]
 
   @property
   def shape(self):
@@ -240,9 +245,9 @@ class QuantizedKernel:
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The (K, N) float kernel this computes with, inverse smoothing included."""
-    w = self.values.astype(jnp.float32).T * self.scale[None, :]
+    w = jnp.swapaxes(self.values.astype(jnp.float32), -1, -2) * self.scale[..., None, :]
     if self.inv_smooth is not None:
-      w = w * self.inv_smooth[:, None]
+      w = w * self.inv_smooth[..., :, None]
     return w.astype(dtype)
 
 

@@ -22,7 +22,9 @@ def quantized_partition_specs(qparams, float_specs):
   float_specs: the same tree as the float params, a PartitionSpec per leaf. A Dense kernel
   (K, N) with spec (k_axis, n_axis) becomes a QuantizedKernel whose values (N, K) get
   (n_axis, k_axis), per-output-channel scales (n_axis,) -- they follow the weight's
-  output axis -- the inverse-smoothing vector (k_axis,), and the scalar act_scale ().
+  output axis -- the inverse-smoothing vector (k_axis,), and the scalar act_scale (). A
+  scan's layer stack (L, K, N) with spec (l_axis, k_axis, n_axis) keeps l_axis first on
+  every field.
   """
   def go(q, s, path):
     if isinstance(q, QuantizedKernel):
@@ -30,11 +32,13 @@ def quantized_partition_specs(qparams, float_specs):
       # (output) axis -- a flattened group of axes is left unsharded.
       rank = len(q.float_shape)
       spec = tuple(s) + (None,) * (rank - len(tuple(s)))
-      k_axis = spec[q.contract[0]] if len(q.contract) == 1 else None
-      n_axis = spec[q.out[0]] if len(q.out) == 1 else None
-      return dataclasses.replace(q, values=P(n_axis, k_axis), scale=P(n_axis),
-                                 act_scale=None if q.act_scale is None else P(),
-                                 inv_smooth=None if q.inv_smooth is None else P(k_axis),
+      lead = rank - len(q.contract) - len(q.out)  # layer axes of a stacked weight
+      layer, axes = spec[:lead], spec[lead:]
+      k_axis = axes[q.contract[0]] if len(q.contract) == 1 else None
+      n_axis = axes[q.out[0]] if len(q.out) == 1 else None
+      return dataclasses.replace(q, values=P(*layer, n_axis, k_axis), scale=P(*layer, n_axis),
+                                 act_scale=None if q.act_scale is None else P(*layer),
+                                 inv_smooth=None if q.inv_smooth is None else P(*layer, k_axis),
                                  kept=None if q.kept is None else P(*spec))
     if isinstance(q, dict):
       if not isinstance(s, dict) or set(s) != set(q):

@@ -6,6 +6,11 @@ with the contraction it serves, per-output-channel scales, the static activation
 None, the runtime inverse-smoothing vector or None). Producers that absorbed 1/s (a
 norm's scale and bias, a Dense's output columns) are rewritten in place in the copy. Nothing else changes, so sharding rules and checkpoint tools that
 key on paths keep working.
+
+A weight stacked over the L layers of a scan (LayerStats.layers = L) becomes one
+QuantizedKernel with a leading layer axis on every array (values (L, N, K), scale (L, N),
+act_scale (L,), inv_smooth (L, K)): each layer has its own smoothing, scales and static
+activation scale; 1/s folds per layer into producers stacked by the same scan.
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from actquant_jax._capture import layer_name
 from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, layer_dataflow
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
-from actquant_jax.quant import (QuantizedKernel, check_finite, quantize_kernel, weight_from_matrix,
-                                weight_matrix)
+from actquant_jax.quant import (QuantizedKernel, activation_key, check_finite, quantize_kernel,
+                                weight_from_matrix, weight_matrix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +48,8 @@ class LayerReport:
   alpha_errors: dict | None = None  # "auto": error of each grid value (group total)
   reason: str = ""               # why a layer stays float ("rule", or an unsupported layout)
   note: str = ""                 # why a setting differs from the config (e.g. the alpha="auto" fallback)
+  layers: int = 0                # a stack of L scanned layers: errors and ratios are the worst layer's,
+                                 # act_scale the largest, alpha a tuple when the layers' differ
 
 
 def _split_root(params):
@@ -148,22 +155,81 @@ def _check_inputs(params, stats, config):
     if s.reason:
       continue
     shape = tuple(np.shape(k))
+    if s.layers:
+      if shape[:1] != (s.layers,):
+        raise QuantizationError(f"quantize_params: layer {p}: the stats are for a stack of {s.layers} scanned layers, "
+                                f"but weight {wp} has shape {shape} (stats from another model?)")
+      shape = shape[1:]
     if not s.param and len(shape) != 2:
       raise QuantizationError(f"quantize_params: layer {p}: kernel must be 2-D (in, out), got shape {shape}")
     if max(s.contract + s.out) >= len(shape):
       raise QuantizationError(f"quantize_params: layer {p}: weight {wp} has shape {shape}, but the stats contract axes "
                        f"{s.contract} / output axes {s.out} (stats from another model?)")
     kdim = int(np.prod([shape[a] for a in s.contract]))
-    if kdim != s.absmax.shape[0]:
+    if kdim != s.absmax.shape[-1]:
       raise QuantizationError(f"quantize_params: layer {p}: kernel {shape} has {kdim} inputs but stats "
-                       f"have {s.absmax.shape[0]} channels (stats from another model?)")
+                       f"have {s.absmax.shape[-1]} channels (stats from another model?)")
     check_finite(k, f"quantize_params: layer {p}: kernel")
   return root, rebuild
 
 
 def _matrix(root, p, st):
-  """The layer's weight as its (K, N) matrix, float32 numpy."""
-  return weight_matrix(np.asarray(_get(root, weight_path(p, st)), np.float32), st.contract, st.out)
+  """The layer's weight as its (K, N) matrix, float32 numpy ((L, K, N) for a layer stack)."""
+  w = np.asarray(_get(root, weight_path(p, st)), np.float32)
+  if st.layers:
+    return np.stack([weight_matrix(w[i], st.contract, st.out) for i in range(st.layers)])
+  return weight_matrix(w, st.contract, st.out)
+
+
+def _smoothed_weight(w, s, st):
+  """The weight with its contracted (input) channels multiplied by s, in its own layout
+  and dtype (per layer for a layer stack: s (L, K))."""
+  w32 = np.asarray(w, np.float32)
+  one = lambda v, s_: weight_from_matrix(weight_matrix(v, st.contract, st.out) * s_[:, None], np.shape(v),
+                                         st.contract, st.out)
+  m = np.stack([one(w32[i], s[i]) for i in range(st.layers)]) if st.layers else one(w32, s)
+  return m.astype(np.asarray(w).dtype)
+
+
+def _stack_smoothing(first, config, st, kernels, x_absmax):
+  """alpha, alpha_errors, note and s (L, K) of a layer stack's group: each layer its own
+  (alpha="auto" searched per layer on that layer's calibration rows)."""
+  alphas, errors, notes, ss = [], [], [], []
+  samples = np.asarray(st.samples)
+  for i in range(st.layers):
+    ks = [k[i] for k in kernels]
+    a, e, note = first.alpha, None, ""
+    if a == "auto":
+      a, e, note = smooth.auto_alpha(samples[i], ks, x_absmax[i], config.alpha_grid, first.qtype, first.act_mode)
+    alphas.append(a)
+    errors.append(e)
+    notes.append(note)
+    ss.append(None if a is None else smooth.smoothing_factors(x_absmax[i], smooth.weight_row_absmax(ks), a))
+  s = None if all(v is None for v in ss) else np.stack(
+      [np.ones(x_absmax.shape[-1], np.float32) if v is None else v for v in ss])
+  alpha = alphas[0] if len(set(alphas)) == 1 else tuple(alphas)
+  alpha_errors = None if any(e is None for e in errors) else {a: sum(e[a] for e in errors) for a in errors[0]}
+  return alpha, alpha_errors, next((n for n in notes if n), ""), s
+
+
+def _fold(kind, producer_params, s, names, layers):
+  """smooth.fold_inverse; per layer for a layer stack (s (L, K), the producer's params
+  stacked by the same scan)."""
+  if not layers:
+    return smooth.fold_inverse(kind, producer_params, s, names)
+  out = dict(producer_params)
+  for n in names or smooth.FOLD_PARAMS[kind]:
+    if n in out:
+      v = out[n]
+      out[n] = jax.numpy.stack([smooth.fold_inverse(kind, {n: v[i]}, s[i], (n,))[n] for i in range(layers)])
+  return out
+
+
+def _can_fold(kind, producer_params, names, layers):
+  if not smooth.can_fold(kind, producer_params, names):
+    return False
+  return not layers or all(np.shape(producer_params[n])[:1] == (layers,)
+                           for n in (names or smooth.FOLD_PARAMS[kind]) if n in producer_params)
 
 
 def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig()):
@@ -199,27 +265,28 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
     # Kernels are read on use (not cached) so no second float copy of the model is held.
     group_kernels = [_matrix(new_root, p, live[p]) for p in quantized]
     alpha, alpha_errors, note = first.alpha, None, ""
-    if alpha == "auto":
-      alpha, alpha_errors, note = smooth.auto_alpha(st.samples, group_kernels, x_absmax, config.alpha_grid,
-                                                    first.qtype, first.act_mode)
-    s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(group_kernels), alpha)
+    if st.layers:  # a scan's layer stack: one smoothing per layer
+      alpha, alpha_errors, note, s = _stack_smoothing(first, config, st, group_kernels, x_absmax)
+    else:
+      if alpha == "auto":
+        alpha, alpha_errors, note = smooth.auto_alpha(st.samples, group_kernels, x_absmax, config.alpha_grid,
+                                                      first.qtype, first.act_mode)
+      s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(group_kernels),
+                                                              alpha)
     del group_kernels
     # Exact only if, at every call, every reader of the producer's output is a quantized
     # layer of this group (a float-kept reader would see X / s), and every producer can take it.
     producers = sorted({q for p in quantized for q in (live[p].producers or (live[p].producer,))})
     names = st.fold_params or smooth.FOLD_PARAMS.get(st.producer_kind, ())
     fold = (s is not None and len(quantized) == len(members) and all(live[p].foldable for p in quantized)
-            and all(q and smooth.can_fold(st.producer_kind, _get(new_root, q), names) for q in producers))
+            and all(q and _can_fold(st.producer_kind, _get(new_root, q), names, st.layers) for q in producers))
     if fold:
       for q in producers:
-        new_root = _set(new_root, q, smooth.fold_inverse(st.producer_kind, _get(new_root, q), s, names))
+        new_root = _set(new_root, q, _fold(st.producer_kind, _get(new_root, q), s, names, st.layers))
     for p in quantized:
       if s is not None:  # input channels of W times s (the current weight: a producer's fold may have hit it)
         wp = weight_path(p, live[p])
-        w = _get(new_root, wp)
-        m = weight_matrix(np.asarray(w, np.float32), live[p].contract, live[p].out) * s[:, None]
-        new_root = _set(new_root, wp, weight_from_matrix(m, np.shape(w), live[p].contract, live[p].out
-                                                         ).astype(np.asarray(w).dtype))
+        new_root = _set(new_root, wp, _smoothed_weight(_get(new_root, wp), s, live[p]))
       plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p], note)
   return rebuild(new_root), plans
 
@@ -246,10 +313,13 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
     st = plan.stats
     wp = weight_path(p, st)
     qt, mode = plan.settings.qtype, plan.settings.act_mode
-    act_scale = smooth.static_act_scale(plan.x_absmax, plan.s, qt) if mode == "static" else None
-    inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
-    qk = quantize_kernel(_get(root, wp), qt, act_scale=act_scale, inv_smooth=inv, name=p, contract=st.contract,
-                         out=st.out)
+    if st.layers:
+      qk = _quantize_stack(_get(root, wp), plan, p)
+    else:
+      act_scale = smooth.static_act_scale(plan.x_absmax, plan.s, qt) if mode == "static" else None
+      inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
+      qk = quantize_kernel(_get(root, wp), qt, act_scale=act_scale, inv_smooth=inv, name=p, contract=st.contract,
+                           out=st.out)
     # Other readers (a tied embedding's lookup) keep the original float weight: the int8
     # copy alone carries the smoothing.
     qk = dataclasses.replace(qk, kept=jax.numpy.asarray(_get(orig_root, wp)) if st.keep_float else None,
@@ -259,9 +329,41 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
                                                      st.contract, st.out) if st.producers else "")
     root = _set(root, wp, qk)
     if return_report:
-      report[p] = _layer_report(p, _matrix(orig_root, p, st), qk, plan)
+      report[p] = (_stack_report if st.layers else _layer_report)(p, _matrix(orig_root, p, st), qk, plan)
   qparams = rebuild(root)
   return (qparams, report) if return_report else qparams
+
+
+def _quantize_stack(w, plan: LayerPlan, p: str) -> QuantizedKernel:
+  """A layer stack's weight (L, ...) quantized layer by layer into one QuantizedKernel
+  with a leading layer axis on every array."""
+  st, qt, mode = plan.stats, plan.settings.qtype, plan.settings.act_mode
+  per = []
+  for i in range(st.layers):
+    s = None if plan.s is None else plan.s[i]
+    act_scale = smooth.static_act_scale(plan.x_absmax[i], s, qt) if mode == "static" else None
+    inv = None if (s is None or plan.folded) else (1.0 / s).astype(np.float32)
+    per.append(quantize_kernel(w[i], qt, act_scale=act_scale, inv_smooth=inv, name=f"{p}[{i}]", contract=st.contract,
+                               out=st.out))
+  stack = lambda f: None if getattr(per[0], f) is None else jax.numpy.stack([getattr(q, f) for q in per])
+  act_scale, inv = stack("act_scale"), stack("inv_smooth")
+  return dataclasses.replace(per[0], values=stack("values"), scale=stack("scale"), act_scale=act_scale,
+                             inv_smooth=inv, act_key=activation_key(qt, act_scale, inv),
+                             param_shape=tuple(np.shape(w)))
+
+
+def _stack_report(p, kernels, qk, plan: LayerPlan) -> LayerReport:
+  """The report of a layer stack: each layer's, the worst layer's errors and ratios."""
+  rs = []
+  for i in range(plan.stats.layers):
+    one = dataclasses.replace(jax.tree_util.tree_map(lambda a: a[i], qk), param_shape=tuple(qk.param_shape)[1:])
+    st = dataclasses.replace(plan.stats, absmax=plan.stats.absmax[i], samples=plan.stats.samples[i], layers=0)
+    rs.append(_layer_report(p, kernels[i], one, dataclasses.replace(
+        plan, s=None if plan.s is None else plan.s[i], x_absmax=plan.x_absmax[i], stats=st)))
+  worst = {f: max(getattr(r, f) for r in rs)
+           for f in ("outlier_ratio_before", "outlier_ratio_after", "weight_error", "output_error")}
+  return dataclasses.replace(rs[0], act_scale=None if qk.act_scale is None else float(np.max(qk.act_scale)),
+                             layers=plan.stats.layers, **worst)
 
 
 def report_summary(report: dict[str, LayerReport]) -> str:
@@ -269,7 +371,13 @@ def report_summary(report: dict[str, LayerReport]) -> str:
   q = [r for r in report.values() if r.quantized]
   folded = {r.path for r in q if r.smoothing == "folded"}
   runtime = {r.path for r in q if r.smoothing == "runtime"}
-  line = (f"quantized {len(q)} of {len(report)} weight matmuls; {len(folded)} smoothing vectors folded, "
+  stacks: dict[int, int] = {}
+  for r in q:
+    if r.layers:
+      stacks[r.layers] = stacks.get(r.layers, 0) + 1
+  scanned = ", ".join(f"{n} of them stacked weights x {k} scanned layers" for k, n in stacks.items())
+  scanned = f" ({scanned})" if scanned else ""
+  line = (f"quantized {len(q)} of {len(report)} weight matmuls{scanned}; {len(folded)} smoothing vectors folded, "
           f"{len(runtime)} at run time")
   reasons = {}
   for r in report.values():
@@ -310,7 +418,8 @@ def format_report(report: dict[str, LayerReport]) -> str:
     if not r.quantized:
       lines.append(f"{p:40s} {'float (' + (r.reason or 'rule') + ')':22s}")
       continue
-    a = "-" if r.alpha is None else f"{r.alpha:.2f}"
+    a = "-" if r.alpha is None else ("var" if isinstance(r.alpha, tuple) else f"{r.alpha:.2f}")
+    p = f"{p} (x{r.layers})" if r.layers else p
     lines.append(f"{p:40s} {r.qtype + ' ' + r.act_mode:22s} {a:>5s} {r.smoothing:9s} "
                  f"{r.outlier_ratio_before:6.1f}->{r.outlier_ratio_after:6.1f} {r.weight_error:8.2e} {r.output_error:8.2e}"
                  + (f"  note: {r.note}" if r.note else ""))

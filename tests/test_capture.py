@@ -226,44 +226,6 @@ def test_shared_module_folds_into_every_call_site():
   assert err < 0.05
 
 
-def test_scan_is_a_clear_error():
-  class ScanNet(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      ScanBlock = nn.scan(_ScanBody, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-      return ScanBlock(name="layers")(x, None)[0]
-
-  x = tm.batches(1, d=D)[0]
-  m = ScanNet()
-  params = m.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"params .*layers/block/up/m/kernel.* go into a `scan`.*Unroll"):
-    aq.calibrate(m, params, [x], progress=False)
-
-
-def test_nnx_scan_is_a_clear_error():
-  class ScanNNX(nnx.Module):
-    def __init__(self, rngs):
-      @nnx.split_rngs(splits=2)
-      @nnx.vmap(in_axes=(0,), out_axes=0)
-      def make(rngs):
-        return nnx.Linear(D, D, rngs=rngs)
-      self.layers = make(rngs)
-
-    def __call__(self, x):
-      @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-      def body(layer, x):
-        return layer(x)
-      return body(self.layers, x)
-  with pytest.raises(ValueError, match=r"params .*layers/kernel.* go into a `scan`.*Unroll"):
-    aq.calibrate(ScanNNX(nnx.Rngs(0)), None, [jnp.ones((2, D))], progress=False)
-
-
-class _ScanBody(nn.Module):
-  @nn.compact
-  def __call__(self, x, _):
-    return Block("dense", name="block")(x), None
-
-
 def test_no_weight_matmul_lists_what_it_saw():
   class AttnOnly(nn.Module):
     @nn.compact
