@@ -56,7 +56,7 @@ def _skeleton(node, path: str, leaves: list):
   if isinstance(node, QuantizedKernel):
     layout = {f: list(getattr(node, f)) if isinstance(getattr(node, f), tuple) else getattr(node, f)
               for f in _QK_LAYOUT}
-    return {"__quantized_kernel__": {"qtype": node.qtype, "act_key": node.act_key, "layout": layout, **{
+    return {"__quantized_kernel__": {"qtype": node.qtype, "act_group": node.act_group, "layout": layout, **{
         f: None if getattr(node, f) is None else _skeleton(getattr(node, f), f"{path}/{f}", leaves)
         for f in _QK_FIELDS}}}
   if isinstance(node, dict):
@@ -87,7 +87,7 @@ def _abstract(skel, shardings, path: str):
     q = skel["__quantized_kernel__"]
     layout = {f: tuple(v) if isinstance(v, list) else v for f, v in q.get("layout", {}).items() if f in _QK_LAYOUT}
     return QuantizedKernel(**{f: _abstract(q.get(f), sub(f), f"{path}/{f}") for f in _QK_FIELDS}, qtype=q["qtype"],
-                           act_key=q.get("act_key", ""), **layout)
+                           act_group=q.get("act_group", ""), **layout)
   if isinstance(shardings, dict) and set(shardings) != set(skel):
     raise CheckpointError(f"restore_checkpoint: {path or '/'}: the shardings tree does not match the checkpoint")
   return {k: _abstract(v, sub(k), f"{path}/{k}") for k, v in skel.items()}

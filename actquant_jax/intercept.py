@@ -29,10 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from actquant_jax import _capture
+from actquant_jax import _capture, ops
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
-from actquant_jax.ops import w8a8_dot
 from actquant_jax.quant import QuantizedKernel
 from actquant_jax.transform import quantize_params
 
@@ -57,7 +56,23 @@ def _layer(qk: QuantizedKernel, layer) -> QuantizedKernel:
   return dataclasses.replace(one, param_shape=tuple(qk.param_shape)[1:])
 
 
-def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret):
+def _shared_quantize(shared: dict, x, site: _capture.Contraction):
+  """The activation quantization of a weight matmul reading x: once per (x, layout,
+  act_group, backend) in one model call (q/k/v, a gated MLP's gate/up), with the settings
+  of the group's first layer (the others' must equal them: see settings_mismatch)."""
+  def quantize(x2d, qk: QuantizedKernel, backend: str, interpret: bool):
+    if not qk.act_group:
+      return ops._quantize(x2d, qk, backend, interpret)
+    key = (id(x), tuple(site.x_contract), qk.act_group, backend, interpret)
+    if key not in shared:  # (x is kept in the entry: its id stays unique while the call runs)
+      shared[key] = (x, qk, *ops._quantize(x2d, qk, backend, interpret))
+      return shared[key][2:]
+    _, first, xq, sx = shared[key]
+    return xq, sx + ops.settings_mismatch(qk, first)
+  return quantize
+
+
+def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret, shared: dict):
   """The float contraction run(x, w) as one 2-D w8a8_dot: contracted axes of x moved last
   and flattened to K (in the weight's pairing order), the output (x's free axes, then the
   weight's output axes) as the dot would lay it out."""
@@ -69,11 +84,9 @@ def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend,
   # (An Absent weight is never read: the quantized copy replaces it.)
   out_dtype = jax.eval_shape(run, x, w_spec).dtype
   rest = [a for a in range(x.ndim) if a not in site.x_contract]
-  # A Dense-like x (..., K) goes in as is: w8a8_dot shares one quantize pass among the
-  # layers reading the same x (q, k, v).
   x2 = x if tuple(site.x_contract) == (x.ndim - 1,) else jnp.transpose(x, rest + list(site.x_contract))
-  y = w8a8_dot(x2.reshape(x2.shape[:len(rest)] + (qk.in_features,)), qk, out_dtype=out_dtype, backend=backend,
-               interpret=interpret, name=site.layer)
+  y = ops._w8a8_dot(x2.reshape(x2.shape[:len(rest)] + (qk.in_features,)), qk, None, out_dtype, backend, interpret,
+                    site.layer, _shared_quantize(shared, x, site))
   return y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
 
 
@@ -121,9 +134,10 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
   absent = jax.tree_util.tree_map(lambda x: x.kept if _is_qk(x) else x, absent, is_leaf=_is_qk)
   inputs = (jax.tree_util.tree_leaves(absent, is_leaf=lambda x: isinstance(x, _capture.Absent))
             + _capture.program_inputs({}, (args, kwargs)))
+  shared = {}  # activation quantizations of this call, by input and act_group
   flat = _capture.evaluate(program, inputs,
                            lambda site, x, w, run, layer: _matmul(site, _layer(qks[site.param], layer), x, w, run,
-                                                                  backend, interpret),
+                                                                  backend, interpret, shared),
                            routed)
   return _capture.unflatten_output(program, flat)
 

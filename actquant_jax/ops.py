@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from typing import Literal
 
 import jax
@@ -87,6 +86,21 @@ def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = 
   return _quantize(x2d, qk, backend if backend != "cpu" else "xla", interpret)
 
 
+def settings_mismatch(qk: QuantizedKernel, first: QuantizedKernel) -> jax.Array:
+  """0, or NaN where qk's activation settings differ from those of `first`, the member of
+  its act_group whose quantization it shares (added to the shared scales: an edited
+  member gives NaN outputs, never another layer's quantization). A comparison of two
+  (K,) vectors: nothing over x."""
+  if (qk.qtype, qk.act_scale is None, qk.inv_smooth is None) != (first.qtype, first.act_scale is None,
+                                                                  first.inv_smooth is None):
+    return jnp.float32(jnp.nan)
+  same = jnp.bool_(True)
+  for a, b in ((qk.act_scale, first.act_scale), (qk.inv_smooth, first.inv_smooth)):
+    if a is not None:
+      same &= jnp.all(a == b)
+  return jnp.where(same, jnp.float32(0.0), jnp.float32(jnp.nan))
+
+
 def _quantize(x2d, qk: QuantizedKernel, backend: str, interpret: bool):
   """quantize_activations as the backend's GEMM wants it: for the native CPU GEMM,
   which flags rows holding reference.NONFINITE_MARK as it reads them, non-finite inputs
@@ -98,35 +112,6 @@ def _quantize(x2d, qk: QuantizedKernel, backend: str, interpret: bool):
   from pallas_kernels import quantize_rows
   return quantize_rows(x2d, qk.inv_smooth, scale=qk.act_scale, dtype=dtype, backend=backend,
                        interpret=interpret)
-
-
-# Quantized activations shared within a trace by Dense layers that read the same input
-# tracer with kernels of equal act_key (q/k/v of attention, a gated MLP's two input
-# projections). XLA cannot merge these passes itself: each layer's smoothing vector and
-# static scale is a separate parameter. Only weak references are held: an entry is used
-# while its tracers are alive (a jit trace keeps them until it ends) and dropped with x.
-_shared: dict[int, tuple[weakref.ref, dict]] = {}
-
-
-def _drop_shared(dead: weakref.ref, key: int, table=_shared):
-  if table.get(key, (None,))[0] is dead:
-    del table[key]
-
-
-def _quantize_shared(x, x2d, qk: QuantizedKernel, backend: str, interpret: bool):
-  if not qk.act_key or not isinstance(x, jax.core.Tracer):
-    return _quantize(x2d, qk, backend, interpret)
-  entry = _shared.get(id(x))
-  if entry is None or entry[0]() is not x:
-    entry = (weakref.ref(x, functools.partial(_drop_shared, key=id(x))), {})
-    _shared[id(x)] = entry
-  key = (qk.act_key, backend, interpret, x2d.shape, x2d.dtype)
-  cached = [r() for r in entry[1].get(key, ())]
-  if len(cached) == 2 and all(c is not None for c in cached):
-    return tuple(cached)
-  xq, sx = _quantize(x2d, qk, backend, interpret)
-  entry[1][key] = (weakref.ref(xq), weakref.ref(sx))
-  return xq, sx
 
 
 def _xla_w8a8(xq, sx, qk: QuantizedKernel, bias, out_dtype):
@@ -159,6 +144,12 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   mode and backend. K is unbounded up to reference.MAX_K: beyond 65536 the int8 product is
   accumulated in int32 chunks and combined exactly (see pallas_kernels/reference.py).
   """
+  return _w8a8_dot(x, qk, bias, out_dtype, backend, interpret, name, _quantize)
+
+
+def _w8a8_dot(x, qk: QuantizedKernel, bias, out_dtype, backend: str, interpret: bool, name: str, quantize):
+  """w8a8_dot with its activation quantization given as quantize(x2d, qk, backend,
+  interpret) -> (xq, sx): the intercept shares one among the layers of an act_group."""
   x = jnp.asarray(x)
   _check_inputs(x, qk, bias, name)
   out_dtype = x.dtype if out_dtype is None else out_dtype
@@ -166,7 +157,7 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
                             n=qk.out_features, out_dtype=out_dtype)
   lead = x.shape[:-1]
   x2d = x.reshape(-1, qk.in_features)
-  xq, sx = _quantize_shared(x, x2d, qk, backend, interpret)
+  xq, sx = quantize(x2d, qk, backend, interpret)
   if backend == "xla":
     y = _xla_w8a8(xq, sx, qk, bias, out_dtype)
   elif backend == "cpu":

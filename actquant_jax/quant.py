@@ -14,7 +14,6 @@ A scale is kept with reduced axes as size 1 (keepdims), so `values * scale` broa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from typing import Literal
 
 import jax
@@ -182,11 +181,12 @@ class QuantizedKernel:
   inv_smooth: (K,) float32 runtime inverse smoothing vector (multiplied into x before it
               is quantized), or None when smoothing is off or was folded into the producer.
   qtype:      static; the activations are quantized to the same type.
-  act_key:    static; a digest of (qtype, act_scale, inv_smooth) that quantize_kernel
-              takes from their concrete values, or "" (unknown: never shared). Dense
-              layers whose kernels have the same act_key quantize the same input
-              identically, so w8a8_dot quantizes an input read by several of them (q, k,
-              v) once per trace. Replacing act_scale or inv_smooth by hand must reset it.
+  act_group:  static; "" or the name of the layers quantize_params smoothed together
+              (one input, one smoothing vector, one static scale: equal in every
+              member). In quantized_apply / quantize_model the members reading one
+              input share one quantization of it, with the settings of the first; a
+              member whose act_scale / inv_smooth were changed by hand alone gives NaN
+              outputs there (change every member, or set its act_group to "").
   kept:       the float weight, kept only when other ops read it too (a tied embedding:
               the lookup reads it, the head's matmul runs in int8), else None.
   contract, out: static; the weight's contracted axes (flattened, in order, to K) and
@@ -212,7 +212,7 @@ class QuantizedKernel:
   act_scale: jax.Array | None = None
   inv_smooth: jax.Array | None = None
   qtype: str = dataclasses.field(default="int8", metadata=dict(static=True))
-  act_key: str = dataclasses.field(default="", metadata=dict(static=True))
+  act_group: str = dataclasses.field(default="", metadata=dict(static=True))
   kept: jax.Array | None = None
   contract: tuple = dataclasses.field(default=(0,), metadata=dict(static=True))
   out: tuple = dataclasses.field(default=(1,), metadata=dict(static=True))
@@ -316,17 +316,6 @@ def quantize_kernel(kernel: jax.Array, qtype: str = "int8", *,
     if inv_smooth.shape != (k,):
       raise QuantizationError(f"{name}: inv_smooth must have shape ({k},) (the kernel's input dim), got {inv_smooth.shape}")
     check_finite(inv_smooth, f"{name}: inv_smooth")
-  return QuantizedKernel(q.values, q.scale[:, 0], act_scale, inv_smooth, qtype,
-                         activation_key(qtype, act_scale, inv_smooth), original if keep_float else None,
+  return QuantizedKernel(q.values, q.scale[:, 0], act_scale, inv_smooth, qtype, "", original if keep_float else None,
                          contract, out, tuple(original.shape), jnp.dtype(original.dtype).name)
 
-
-def activation_key(qtype: str, act_scale, inv_smooth) -> str:
-  """QuantizedKernel.act_key: a digest of what the activation quantization depends on,
-  "" when a value is not concrete (inside jit)."""
-  parts = [qtype.encode()]
-  for a in (act_scale, inv_smooth):
-    if isinstance(a, jax.core.Tracer):
-      return ""
-    parts.append(b"-" if a is None else np.asarray(a, np.float32).tobytes())
-  return hashlib.sha256(b"|".join(parts)).hexdigest()[:16]

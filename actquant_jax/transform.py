@@ -26,7 +26,7 @@ from actquant_jax._capture import layer_name
 from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, layer_dataflow
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
-from actquant_jax.quant import (QuantizedKernel, activation_key, check_finite, quantize_kernel,
+from actquant_jax.quant import (QuantizedKernel, check_finite, quantize_kernel,
                                 weight_from_matrix, weight_matrix)
 
 
@@ -309,6 +309,9 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
     if p not in plans:
       report[p] = LayerReport(p, quantized=False, producer=st.producer, producer_kind=st.producer_kind,
                               reason=st.reason or "rule")
+  group_sizes: dict[str, int] = {}
+  for plan in plans.values():
+    group_sizes[plan.stats.group] = group_sizes.get(plan.stats.group, 0) + 1
   for p, plan in plans.items():
     st = plan.stats
     wp = weight_path(p, st)
@@ -322,7 +325,9 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
                            out=st.out)
     # Other readers (a tied embedding's lookup) keep the original float weight: the int8
     # copy alone carries the smoothing.
-    qk = dataclasses.replace(qk, kept=jax.numpy.asarray(_get(orig_root, wp)) if st.keep_float else None,
+    # Layers smoothed together (one input, one s, one static scale) share its quantization.
+    qk = dataclasses.replace(qk, act_group=st.group if group_sizes[st.group] > 1 else "",
+                             kept=jax.numpy.asarray(_get(orig_root, wp)) if st.keep_float else None,
                              folded_into=tuple(sorted(set(st.producers or (st.producer,)))) if plan.folded else (),
                              dataflow=layer_dataflow(DataflowFacts(st.group, st.producer, st.producer_kind,
                                                                    st.exclusive, st.producers, st.fold_params),
@@ -348,7 +353,7 @@ def _quantize_stack(w, plan: LayerPlan, p: str) -> QuantizedKernel:
   stack = lambda f: None if getattr(per[0], f) is None else jax.numpy.stack([getattr(q, f) for q in per])
   act_scale, inv = stack("act_scale"), stack("inv_smooth")
   return dataclasses.replace(per[0], values=stack("values"), scale=stack("scale"), act_scale=act_scale,
-                             inv_smooth=inv, act_key=activation_key(qt, act_scale, inv),
+                             inv_smooth=inv,
                              param_shape=tuple(np.shape(w)))
 
 

@@ -9,7 +9,6 @@ import pytest
 
 import actquant_jax as aq
 from actquant_jax import ops
-from tests.kernel_utils import count_quantize_passes
 
 
 def np_quantize_rows(x, inv_smooth=None, static_scale=None, qmax=127.0):
@@ -229,43 +228,3 @@ def test_negative_inv_smooth_absmax(rng):
   xq_np, sx_np = np_quantize_rows(x, inv)
   np.testing.assert_array_equal(np.asarray(xq), xq_np)
   np.testing.assert_array_equal(np.asarray(sx), sx_np)
-
-
-@pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])
-def test_layers_with_equal_act_key_share_one_quantize_pass(act_scale, rng):
-  # q/k/v: three kernels with equal smoothing/static scale read one x -> one quantize pass
-  # under jit, bit-identical to quantizing per layer (eager: no sharing).
-  k = 64
-  inv = rng.uniform(0.5, 2, k).astype(np.float32)
-  x = jnp.asarray(rng.standard_normal((2, 5, k)), jnp.float32)
-  kernels = [aq.quantize_kernel(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), act_scale=act_scale,
-                                inv_smooth=inv) for n in (32, 32, 48)]
-  assert len({qk.act_key for qk in kernels}) == 1 and kernels[0].act_key
-  other = aq.quantize_kernel(jnp.asarray(rng.standard_normal((k, 32)), jnp.float32), act_scale=act_scale,
-                             inv_smooth=inv * np.float32(1.5))
-  assert other.act_key != kernels[0].act_key
-
-  def qkv(x, kernels, other):
-    return [aq.w8a8_dot(x, qk) for qk in kernels] + [aq.w8a8_dot(x, other), aq.w8a8_dot(x + 1, kernels[0])]
-  assert count_quantize_passes(qkv, x, kernels, other) == 3  # shared, other key, other input
-  eager = qkv(x, kernels, other)
-  for got, want in zip(jax.jit(qkv)(x, kernels, other), eager):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  import gc
-  gc.collect()
-  assert not ops._shared  # entries die with their trace
-
-
-def test_act_key_tracks_activation_settings(rng):
-  w = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
-  inv = jnp.linspace(0.5, 2, 16)
-  keys = [aq.quantize_kernel(w, "int8").act_key, aq.quantize_kernel(w, "float8_e4m3fn").act_key,
-          aq.quantize_kernel(w, act_scale=0.1).act_key, aq.quantize_kernel(w, act_scale=0.2).act_key,
-          aq.quantize_kernel(w, inv_smooth=inv).act_key]
-  assert len(set(keys)) == len(keys)
-  assert aq.quantize_kernel(w * 3, inv_smooth=inv).act_key == keys[-1]  # the weight does not matter
-  # Inside jit the activation params are abstract: no key, never shared.
-  traced = []
-  jax.jit(lambda s: traced.append(aq.quantize_kernel(w, act_scale=s).act_key))(0.1)
-  assert traced == [""]
-  assert aq.QuantizedKernel(jnp.zeros((8, 16), jnp.int8), jnp.ones(8)).act_key == ""
