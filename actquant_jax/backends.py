@@ -12,7 +12,9 @@ auto, per platform (numbers in the README table, proven by `make gpu-check`):
                    fp8, any M: mosaic (QGMMA); triton next (QGMMA for M >= 64 too)
   Ada/Ampere       triton (IMMA); fp8 needs sm_89+ (Ada), else xla
   CPU              int8: cpu (native AVX512-VNNI GEMM) where it runs, else xla (warned
-                   once); fp8: xla
+                   once); with AMX-INT8 (Sapphire Rapids and later) xla from M >= 3:
+                   XLA's int8 dot (YNNPACK) then outruns the VNNI kernel (2.5x at M >= 64,
+                   measured), which keeps decode's M <= 2; fp8: xla
   interpret=True   triton (the Pallas kernels run on the CPU; tests)
 
 This module imports no kernel code: asking which backend runs loads no GPU backend.
@@ -21,6 +23,7 @@ This module imports no kernel code: asking which backend runs loads no GPU backe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import warnings
@@ -33,6 +36,7 @@ logger = logging.getLogger("actquant_jax")
 
 NAMES = ("auto", "xla", "cpu", "triton", "mosaic")
 _DECODE_M = 64  # wgmma's M per warpgroup: smaller M would be padding
+_AMX_NATIVE_MAX_M = 2  # on AMX CPUs the native GEMM is faster up to here (M=1: 1.6x), XLA's beyond
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Problem:
   platform: str = "cpu"
   compute_capability: tuple[int, int] | None = None
   interpret: bool = False
+  cpu_amx: bool = False  # the CPU has AMX-INT8 tile instructions
 
   @property
   def is_fp8(self) -> bool:
@@ -62,7 +67,7 @@ class Problem:
 
   def describe(self) -> str:
     where = "interpret mode" if self.interpret else (
-        f"{self.platform} {self.sm}" if self.platform == "gpu" else self.platform)
+        f"{self.platform} {self.sm}" if self.platform == "gpu" else self.platform + (" (AMX)" if self.cpu_amx else ""))
     return f"{self.qtype} M={self.m} N={self.n} K={self.k} -> {self.out_dtype} on {where}"
 
 
@@ -85,7 +90,17 @@ def problem_for(*, k: int, qtype: str = "int8", m: int | None = None, n: int | N
   cc = _parse_cc(getattr(device, "compute_capability", None)) if platform == "gpu" else None
   out = "bfloat16" if out_dtype is None else jax.numpy.dtype(out_dtype).name
   return Problem(k=int(k), qtype=str(qtype), m=m, n=n, out_dtype=out, platform=platform,
-                 compute_capability=cc, interpret=bool(interpret))
+                 compute_capability=cc, interpret=bool(interpret), cpu_amx=platform == "cpu" and cpu_has_amx())
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+  """Whether this machine's CPU has AMX-INT8 (Linux: its /proc/cpuinfo flags)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return any(line.startswith("flags") and "amx_int8" in line.split() for line in f)
+  except OSError:
+    return False
 
 
 def _itemsize(dtype_name: str) -> int:
@@ -175,6 +190,8 @@ def preference(p: Problem) -> tuple[str, ...]:
       return ("triton", "mosaic", "xla")
     return ("triton", "xla")
   if p.platform == "cpu" and not p.is_fp8:
+    if p.cpu_amx and (p.m is None or p.m > _AMX_NATIVE_MAX_M):
+      return ("xla", "cpu")
     return ("cpu", "xla")
   return ("xla",)
 
