@@ -116,6 +116,29 @@ def test_generation_cache_and_sampling():
     L.generate(lm.model, lm.params, ids, 8, max_len=10)
 
 
+@pytest.mark.parametrize("window", [None, 4], ids=["causal", "sliding-window"])
+def test_blocked_attention_and_chunked_prefill_match_one_block(window, monkeypatch):
+  # Causal attention runs in query blocks (each reads only the keys up to its last query)
+  # and a prompt after earlier cache entries merges its own blocks with the cache's part.
+  # With 3-query blocks: full forward, a 5 + 7 token chunked prefill (the second chunk at
+  # index 5) and decode steps all equal the one-block forward.
+  import dataclasses
+  lm = L.load_llama(mr.TINY_DIR)
+  model = L.LlamaForCausalLM(dataclasses.replace(lm.model.cfg, sliding_window=window))
+  ids = np.random.default_rng(0).integers(0, 97, (2, 14)).astype(np.int32)
+  forward = lambda: np.asarray(jax.jit(lambda p, x: model.apply(p, x))(lm.params, jnp.asarray(ids)))  # a new trace
+  one_block = forward()
+  monkeypatch.setattr(L, "_BLOCK_Q", 3)
+  np.testing.assert_allclose(forward(), one_block, atol=2e-5)
+  apply = lambda *a, **k: model.apply(*a, **k)
+  cache = L.init_cache(model, 2, 16)
+  first, cache = L.prefill(apply, lm.params, cache, jnp.asarray(ids[:, :5]))
+  second, cache = L.prefill(apply, lm.params, cache, jnp.asarray(ids[:, 5:12]))
+  step, _ = L.decode_step(apply, lm.params, cache, jnp.asarray(ids[:, 12]))
+  for got, pos in [(first, 4), (second, 11), (step, 12)]:
+    np.testing.assert_allclose(np.asarray(got), one_block[:, pos], atol=2e-5)
+
+
 def test_loader_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.json"):
     L.load_llama(tmp_path)

@@ -163,6 +163,62 @@ def apply_rope(x, positions, inv_freq):
   return x * cos + rot * sin
 
 
+# ------------------------------------------------------------------ attention
+
+_NEG = float(np.finfo(np.float32).min)  # a masked score (finite: exp(_NEG - max) is 0, never NaN)
+_BLOCK_Q = 256  # queries per causal block: each sees only the keys up to its last position
+
+
+def _window(allowed, k_pos, q_pos, window):
+  return allowed if window is None else allowed & (k_pos[None, :] > q_pos[:, None] - window)
+
+
+def _partial_attention(qg, keys, values, allowed):
+  """Softmax attention of qg (b, t, kv, g, d) over keys/values (b, s, kv, d) where
+  allowed (t, s), left unnormalized: (row max, row sum (b, kv, t, g), context (b, t, kv,
+  g, d) f32); _merge combines parts and normalizes. Scores in the dot's own output order
+  (b, kv, t, g, s): a (b, kv, g, t, s) order cost a transposed copy of the largest
+  tensor here (a third of the non-matmul time of a 512-token CPU prefill, measured)."""
+  scores = jnp.einsum("btkgd,bskd->bktgs", qg, keys.astype(qg.dtype)).astype(jnp.float32)
+  scores = jnp.where(allowed[:, None, :], scores / np.sqrt(qg.shape[-1]), _NEG)
+  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
+  e = jnp.exp(scores - m[..., None])
+  ctx = jnp.einsum("bktgs,bskd->btkgd", e.astype(qg.dtype), values.astype(qg.dtype),
+                   preferred_element_type=jnp.float32)
+  return m, jnp.sum(e, axis=-1), ctx
+
+
+def _causal_blocks(qg, k, v, window):
+  """_partial_attention of t queries at positions 0..t-1 over their own keys, causal, in
+  blocks of _BLOCK_Q queries: a block reads only the keys up to its last query (half the
+  work of the full square at length, and score tiles that stay in cache)."""
+  t = qg.shape[1]
+  parts = []
+  for start in range(0, t, _BLOCK_Q):
+    stop = min(start + _BLOCK_Q, t)
+    lo = 0 if window is None else max(0, start - window + 1)
+    q_pos, k_pos = np.arange(start, stop), np.arange(lo, stop)
+    allowed = _window(k_pos[None, :] <= q_pos[:, None], k_pos, q_pos, window)
+    parts.append(_partial_attention(qg[:, start:stop], k[:, lo:stop], v[:, lo:stop], jnp.asarray(allowed)))
+  if len(parts) == 1:
+    return parts[0]
+  return tuple(jnp.concatenate([p[i] for p in parts], axis=1 if i == 2 else 2) for i in range(3))
+
+
+def _merge(parts):
+  """The normalized context (b, t, kv, g, d) f32 from _partial_attention parts over
+  disjoint key sets (the log-sum-exp merge)."""
+  m = parts[0][0]
+  for p in parts[1:]:
+    m = jnp.maximum(m, p[0])
+  num = den = 0.0
+  for pm, pl, pctx in parts:
+    w = jnp.exp(pm - m)
+    den = den + pl * w
+    num = num + pctx * jnp.moveaxis(w, 1, 2)[..., None]
+  return num / jnp.moveaxis(den, 1, 2)[..., None]
+
+
 # ------------------------------------------------------------------ modules
 
 class Attention(nn.Module):
@@ -177,6 +233,8 @@ class Attention(nn.Module):
     k = nn.Dense(kv * hd, use_bias=c.qkv_bias, name="k_proj")(x).reshape(b, t, kv, hd)
     v = nn.Dense(kv * hd, use_bias=c.qkv_bias, name="v_proj")(x).reshape(b, t, kv, hd)
     inv_freq = rope_inv_freq(c)
+    window = c.sliding_window
+    qg = lambda q: q.reshape(b, t, kv, h // kv, hd)  # GQA: h/kv query heads per key/value head
     if decode:
       # The cache holds this layer's keys/values for positions [0, max_len); this call's
       # tokens go at `index`, and the queries see keys at positions <= their own.
@@ -184,38 +242,33 @@ class Attention(nn.Module):
       ck = self.variable("cache", "k", jnp.zeros, (b, t, kv, hd), k.dtype)
       cv = self.variable("cache", "v", jnp.zeros, (b, t, kv, hd), v.dtype)
       ci = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+      index = ci.value if initialized else jnp.int32(0)
+      q_pos = index + jnp.arange(t)
+      q, k = apply_rope(q, jnp.broadcast_to(q_pos[None], (b, t)), inv_freq), apply_rope(
+          k, jnp.broadcast_to(q_pos[None], (b, t)), inv_freq)
       if not initialized:  # init: the shapes are all that is wanted
-        positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        keys, values, k_pos = k, v, positions[0]
+        ctx = _merge([_causal_blocks(qg(q), k, v, window)])
       else:
-        index = ci.value
-        positions = jnp.broadcast_to(index + jnp.arange(t)[None], (b, t))
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        keys = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, index, 0, 0))
-        values = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, index, 0, 0))
-        ck.value, cv.value, ci.value = keys, values, index + t
-        k_pos = jnp.arange(keys.shape[1])
+        past_k, past_v = ck.value, cv.value
+        ck.value = jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), (0, index, 0, 0))
+        cv.value = jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), (0, index, 0, 0))
+        ci.value = index + t
+        k_pos = jnp.arange(past_k.shape[1])
+        if t == 1:  # a decode step: the one query over the updated cache
+          allowed = _window(k_pos[None, :] <= q_pos[:, None], k_pos, q_pos, window)
+          ctx = _merge([_partial_attention(qg(q), ck.value, cv.value, allowed)])
+        else:  # a prompt: causal blocks over its own keys, plus the cache before it (if any)
+          def past(q):
+            allowed = _window(jnp.broadcast_to(k_pos[None, :] < index, (t, k_pos.size)), k_pos, q_pos, window)
+            return _partial_attention(q, past_k, past_v, allowed)
+          empty = jax.eval_shape(past, qg(q))
+          nothing = lambda q: tuple(jnp.full(e.shape, _NEG if i == 0 else 0, e.dtype) for i, e in enumerate(empty))
+          ctx = _merge([_causal_blocks(qg(q), k, v, window), jax.lax.cond(index > 0, past, nothing, qg(q))])
     else:
+      # positions are 0..t-1 (LlamaForCausalLM's own)
       q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-      keys, values, k_pos = k, v, positions[0]
-    q_pos = positions[0]
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if c.sliding_window is not None:
-      allowed &= k_pos[None, :] > q_pos[:, None] - c.sliding_window
-    # GQA: each group of h/kv query heads reads one key/value head (no repeat copies).
-    # Scores in the dot's own output order (batch b, k; then t, g; then s): a (b, k, g,
-    # t, s) order would cost a transposed copy of the largest tensor here (measured: a
-    # third of the non-matmul time of a 512-token prefill on CPU).
-    qg = q.reshape(b, t, kv, h // kv, hd)
-    scores = jnp.einsum("btkgd,bskd->bktgs", qg, keys.astype(q.dtype)).astype(jnp.float32)
-    scores = jnp.where(allowed[:, None, :], scores / np.sqrt(hd), jnp.finfo(jnp.float32).min)
-    # Softmax normalized after the second matmul (on the (.., hd) context, not the
-    # (.., s) weights): one pass less over the scores.
-    e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    ctx = jnp.einsum("bktgs,bskd->btkgd", e.astype(q.dtype), values.astype(q.dtype),
-                     preferred_element_type=jnp.float32)
-    ctx = (ctx / jnp.moveaxis(jnp.sum(e, axis=-1), 1, 2)[..., None]).astype(q.dtype).reshape(b, t, h * hd)
+      ctx = _merge([_causal_blocks(qg(q), k, v, window)])
+    ctx = ctx.astype(q.dtype).reshape(b, t, h * hd)
     return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(ctx)
 
 
