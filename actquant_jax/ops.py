@@ -104,9 +104,14 @@ def settings_mismatch(qk: QuantizedKernel, first: QuantizedKernel) -> jax.Array:
 def _marks_nonfinite(qk: QuantizedKernel, backend: str) -> bool:
   """Whether non-finite inputs are quantized to reference.NONFINITE_MARK (the GEMM step
   then flags those rows) rather than found by the scale: on the native GEMM, which flags
-  them while it reads x, always; on XLA in static mode, where a reduction over the int8
-  xq costs less than the float probe (this CPU: 1.00-1.12x of no check vs 1.06-1.37x)."""
-  return qk.qtype == "int8" and (backend == "cpu" or (backend == "xla" and qk.act_scale is not None))
+  them while it reads x, always; on XLA in static mode where the native library can scan
+  the int8 xq (cpu_kernels.marked_rows, one pass over bytes). An XLA reduction for it, or
+  the float probe, cost MiniLM static 1.5x vs 2.5x FP32 unchecked (XLA fused x's
+  producers into it)."""
+  if qk.qtype != "int8" or backend not in ("cpu", "xla"):
+    return False
+  return backend == "cpu" or (qk.act_scale is not None and jax.default_backend() == "cpu"
+                              and cpu_kernels.available())
 
 
 def _quantize(x2d, qk: QuantizedKernel, backend: str, interpret: bool):
@@ -165,7 +170,7 @@ def _w8a8_dot(x, qk: QuantizedKernel, bias, out_dtype, backend: str, interpret: 
   x2d = x.reshape(-1, qk.in_features)
   xq, sx = quantize(x2d, qk, backend, interpret)
   if backend == "xla":
-    y = _xla_w8a8(xq, sx + ref.marked_rows_ref(xq) if _marks_nonfinite(qk, backend) else sx, qk, bias, out_dtype)
+    y = _xla_w8a8(xq, sx + cpu_kernels.marked_rows(xq) if _marks_nonfinite(qk, backend) else sx, qk, bias, out_dtype)
   elif backend == "cpu":
     # (K <= cpu_kernels.MAX_K here: the backend registry sends larger K to "xla")
     acc, marked = cpu_kernels.s8_gemm(xq, qk.values)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 _SOURCE = Path(__file__).with_name("s8_gemm.cc")
 _TARGET = "actquant_s8_gemm"
+_MARKED_TARGET = "actquant_marked_rows"
 MAX_K = 65536  # the u8-offset intermediate 255 * 128 * K stays below 2^31
 
 
@@ -130,6 +131,7 @@ def _load() -> tuple[bool, str]:
   if not lib.actquant_cpu_has_vnni():
     return False, "the CPU lacks AVX512-VNNI (avx512f/bw/vl/vnni)"
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ActquantS8Gemm), platform="cpu")
+  jax.ffi.register_ffi_target(_MARKED_TARGET, jax.ffi.pycapsule(lib.ActquantMarkedRows), platform="cpu")
   return True, ""
 
 
@@ -168,3 +170,15 @@ def s8_gemm(xq: jax.Array, wq: jax.Array) -> tuple[jax.Array, jax.Array]:
     raise RuntimeError(f"s8_gemm is not available here: {why}")
   out = (jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), jnp.int32), jax.ShapeDtypeStruct((xq.shape[0],), jnp.float32))
   return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq))
+
+
+def marked_rows(xq: jax.Array) -> jax.Array:
+  """(M,) f32: NaN for rows of int8 xq (M, K) holding reference.NONFINITE_MARK, else 0 --
+  s8_gemm's second output alone, for an xq that another GEMM consumes. CPU only."""
+  if xq.ndim != 2 or xq.dtype != jnp.int8:
+    raise ValueError(f"marked_rows: expected an int8 (M, K) array, got {xq.dtype} {xq.shape}")
+  ok, why = _load()
+  if not ok:
+    raise RuntimeError(f"marked_rows is not available here: {why}")
+  return jax.ffi.ffi_call(_MARKED_TARGET, jax.ShapeDtypeStruct(xq.shape[:1], jnp.float32),
+                          vmap_method="sequential")(xq)

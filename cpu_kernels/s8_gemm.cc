@@ -389,7 +389,30 @@ ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buf
   return ffi::Error::Success();
 }
 
+// marked[m] alone (the S8Gemm output), for an int8 x another GEMM consumes (XLA's on
+// AMX CPUs): one pass over the bytes, in row blocks over the pool.
+ffi::Error MarkedRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::ResultBuffer<ffi::F32> marked_buf) {
+  auto xd = x_buf.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("actquant marked_rows: expected x (M, K)");
+  const int64_t M = xd[0], K = xd[1];
+  const int8_t* x = x_buf.typed_data();
+  float* marked = marked_buf->typed_data();
+  const int64_t blocks = (M + kRowBlockP - 1) / kRowBlockP;
+  if (blocks > 0) {
+    ParallelFor(pool, blocks, [&](int64_t c) {
+      RowSums(x, K, c * kRowBlockP, std::min(M, (c + 1) * kRowBlockP), nullptr, marked);
+    });
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantMarkedRows, MarkedRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantS8Gemm, S8GemmImpl,
                               ffi::Ffi::Bind()

@@ -47,6 +47,7 @@ def test_flags_rows_holding_the_nonfinite_mark(m, k, n, rng):
   want = np.where(np.isin(np.arange(m), list(marks)), np.nan, 0.0).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(marked), want)
   np.testing.assert_array_equal(np.asarray(marked), np.asarray(ref.marked_rows_ref(jnp.asarray(x))))
+  np.testing.assert_array_equal(np.asarray(jax.jit(cpu_kernels.marked_rows)(jnp.asarray(x))), want)
 
 
 @needs_kernel
