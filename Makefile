@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo llm test bench bench-llm install clean gpu-check
+.PHONY: demo llm test bench bench-llm bench-quantize install clean gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py cpu_kernels/s8_gemm.cc
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ bench: $(VENV)/.installed
 # decode and prefill, W8A8 vs f32 / bf16 (~10 min).
 bench-llm: $(VENV)/.installed
 	$(PY) benchmarks/bench_llm.py --layers 8 --prefill 512
+
+# quantize_params on a random-init 268M Llama: time and peak memory, alpha=0.5 vs "auto"
+# (~1 min; --size 1b for Llama-3.2-1B shapes).
+bench-quantize: $(VENV)/.installed
+	$(PY) benchmarks/bench_quantize.py
 
 clean:
 	rm -rf $(VENV) $(GPUCHECK_VENV) .pytest_cache .hypothesis

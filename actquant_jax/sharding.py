@@ -10,10 +10,42 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax.errors import QuantizationError
 from actquant_jax.quant import QuantizedKernel
+
+
+def kernel_axes(spec, rank: int, contract, out):
+  """(k_axis, n_axis): the mesh axes of a weight's K and N from its PartitionSpec -- the
+  spec of its single contracted (output) axis; a flattened group of axes is left
+  unsharded (None)."""
+  spec = tuple(spec) + (None,) * (rank - len(tuple(spec)))
+  return (spec[contract[0]] if len(contract) == 1 else None,
+          spec[out[0]] if len(out) == 1 else None)
+
+
+def placement(like, spec: P = P()):
+  """Where a small array derived from the array `like` (a weight) should live: `spec` on
+  like's mesh for a NamedSharding, replicated over like's devices otherwise; None when
+  `like` is not a jax.Array (host data: jax places it)."""
+  sharding = getattr(like, "sharding", None)
+  if not isinstance(like, jax.Array) or sharding is None:
+    return None
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, spec)
+  devices = sharding._device_assignment
+  if len(devices) == 1:
+    return jax.sharding.SingleDeviceSharding(devices[0])
+  return NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), P())
+
+
+def put_like(x, like, spec: P = P()):
+  """Host data x onto `like`'s devices (see placement): an explicit transfer, so it runs
+  under jax.transfer_guard("disallow")."""
+  where = placement(like, spec)
+  return jax.device_put(x) if where is None else jax.device_put(x, where)
 
 
 def quantized_partition_specs(qparams, float_specs):
@@ -29,13 +61,13 @@ def quantized_partition_specs(qparams, float_specs):
   def go(q, s, path):
     if isinstance(q, QuantizedKernel):
       # The float weight's spec per axis; K (N) takes the spec of a single contracted
-      # (output) axis -- a flattened group of axes is left unsharded.
+      # (output) axis -- a flattened group of axes is left unsharded. A scan's layer
+      # stack keeps its leading layer axes' specs first on every field.
       rank = len(q.float_shape)
       spec = tuple(s) + (None,) * (rank - len(tuple(s)))
       lead = rank - len(q.contract) - len(q.out)  # layer axes of a stacked weight
-      layer, axes = spec[:lead], spec[lead:]
-      k_axis = axes[q.contract[0]] if len(q.contract) == 1 else None
-      n_axis = axes[q.out[0]] if len(q.out) == 1 else None
+      layer = spec[:lead]
+      k_axis, n_axis = kernel_axes(spec[lead:], rank - lead, q.contract, q.out)
       return dataclasses.replace(q, values=P(*layer, n_axis, k_axis), scale=P(*layer, n_axis),
                                  act_scale=None if q.act_scale is None else P(*layer),
                                  inv_smooth=None if q.inv_smooth is None else P(*layer, k_axis),

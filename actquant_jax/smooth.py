@@ -5,16 +5,28 @@ X W = (X diag(s)^-1) (diag(s) W),  s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)
 Dividing channel j of X by s_j shrinks outlier channels and multiplying row j of W by
 s_j grows the matching weights, moving quantization difficulty from activations (hard:
 dynamic, outlier channels) to weights (easy: static, per-output-channel scales).
-All functions here are pure (numpy/jnp in, out).
+All functions here are pure (numpy/jnp in, out). The (K,) vector math (s, 1/s, static
+scales) runs on the host in numpy; everything that reads a weight runs jitted on the
+weight's own devices (see WeightRef).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax.ops import w8a8_dot
-from actquant_jax.quant import qtype_max, quantize_kernel
+from actquant_jax.quant import (QuantizedKernel, qtype_dtype, qtype_max, quantize_with_scale, scale_from_absmax,
+                                weight_matrix)
+from actquant_jax.sharding import kernel_axes, put_like
+from pallas_kernels import reference as numerics
 
 S_MIN, S_MAX = 1e-5, 1e5
 
@@ -36,11 +48,6 @@ def smoothing_factors(x_absmax, w_absmax, alpha: float) -> np.ndarray:
   return np.clip(s, S_MIN, S_MAX).astype(np.float32)
 
 
-def weight_row_absmax(kernels) -> np.ndarray:
-  """max_j over the rows (input channels) of every (K, N) kernel of a group."""
-  return np.max(np.stack([np.max(np.abs(np.asarray(k, np.float32)), axis=1) for k in kernels]), axis=0)
-
-
 def static_act_scale(x_absmax, s, qtype: str) -> np.float32:
   """Per-tensor static scale of X / s from per-channel calibration absmax (exact: the
   max of X_j / s_j is max|X_j| / s_j)."""
@@ -51,41 +58,285 @@ def static_act_scale(x_absmax, s, qtype: str) -> np.float32:
   return np.float32(amax / qtype_max(qtype) if amax > 0 else 1.0)
 
 
-def quantize_smoothed(kernel, x_absmax, s, qtype: str, act_mode: str, *, runtime_inv: bool, name: str):
-  """The QuantizedKernel of one layer: diag(s) W quantized per output channel, with a
-  static activation scale if asked, and 1/s kept as a runtime vector if not folded."""
-  k = np.asarray(kernel, np.float32)
-  if s is not None:
-    k = k * np.asarray(s, np.float32)[:, None]
-  act_scale = static_act_scale(x_absmax, s, qtype) if act_mode == "static" else None
-  inv = (1.0 / np.asarray(s, np.float32)).astype(np.float32) if (s is not None and runtime_inv) else None
-  return quantize_kernel(jnp.asarray(k), qtype, act_scale=act_scale, inv_smooth=inv, name=name)
+# ---------------------------------------------------------------- reading weights on device
+# Everything that reads a weight runs jitted where the weight lives (a sharded weight is
+# read shard by shard, never gathered); only (K,) vectors and scalars cross to the host,
+# where s, 1/s and the static scales are computed as above. Jitted per weight shape: a
+# model's identical layers compile once.
+
+@dataclasses.dataclass(frozen=True)
+class WeightRef:
+  """A layer's weight as smoothing and quantization read it: the param leaf as stored
+  (any layout, any float dtype), its contraction (see QuantizedKernel), and the updates
+  smoothing made to it that are not applied yet, in order: ("rows", s) multiplies its
+  contracted (input) channels by s, ("cols", 1/s) its last axis by 1/s (a Dense
+  producer's output channels absorbing the next layer's 1/s). Each update is computed in
+  float32 and cast back to the weight's dtype, as an eager update would be; applying
+  them only inside the jitted reader keeps no smoothed float copy of the model."""
+
+  leaf: Any
+  contract: tuple = (0,)
+  out: tuple = (1,)
+  ops: tuple = ()
+
+  @property
+  def kinds(self) -> tuple:
+    return tuple(kind for kind, _ in self.ops)
+
+  def vectors(self) -> tuple:
+    """The updates' vectors on the weight's devices (explicit transfers)."""
+    return tuple(put_like(np.asarray(v, np.float32), self.leaf) for _, v in self.ops)
+
+  @property
+  def shape(self) -> tuple:
+    """(K, N) of the matrix it contracts as."""
+    shape = np.shape(self.leaf)
+    return (math.prod(shape[a] for a in self.contract), math.prod(shape[a] for a in self.out))
+
+
+def as_ref(kernel) -> WeightRef:
+  return kernel if isinstance(kernel, WeightRef) else WeightRef(kernel)
+
+
+# Weights are read in their own layout: XLA CPU fuses an f32 transpose into a reduction
+# or a quantize pass badly (a tied (32000, 1024) embedding read as its (1024, 32000)
+# matrix took 1.9 s to quantize, 0.1 s in place). Elementwise products and max/sum
+# reductions give the same bits in any layout; only the int8 values are transposed.
+
+def _along(v, shape, axes):
+  """A vector over the flattened `axes` of `shape` (in their order), broadcastable
+  against an array of that shape."""
+  t = v.reshape([shape[a] for a in axes]).transpose(np.argsort(axes))
+  return t.reshape([shape[i] if i in axes else 1 for i in range(len(shape))])
+
+
+def _apply_ops(w, vecs, kinds, contract, out):
+  for kind, v in zip(kinds, vecs):
+    if kind == "rows":  # the contracted (input) channels times s
+      w = (w.astype(jnp.float32) * _along(v, w.shape, contract)).astype(w.dtype)
+    else:  # "cols": the last axis
+      w = (w.astype(jnp.float32) * v).astype(w.dtype)
+  return w
+
+
+def _current32(w, vecs, kinds, contract, out):
+  """The weight with its updates, float32, in its own layout (traced)."""
+  return _apply_ops(jnp.asarray(w), vecs, kinds, contract, out).astype(jnp.float32)
+
+
+def _row_absmax_of(w32, contract, out):
+  """max over the output axes: (K,), contracted axes flattened in their order."""
+  r = jnp.max(jnp.abs(w32), axis=tuple(out))  # the contracted axes, in increasing order
+  return r.transpose([sorted(contract).index(a) for a in contract]).reshape(-1)
+
+
+def _channel_scale(w32, axis: int, qtype: str):
+  """compute_scale(w32, qtype, granularity="channel", axis=axis), the same bits: NaN is
+  read as Inf inside the one max (reference.quantize_rows_ref's way), so a group holding
+  NaN or Inf gets a NaN scale without compute_scale's second reduction (nonfinite_probe),
+  with which XLA CPU's fusion of a weight's column reduction ran 6x slower."""
+  ax = jnp.where(jnp.isnan(w32), jnp.float32(jnp.inf), jnp.abs(w32))
+  reduced = tuple(i for i in range(w32.ndim) if i != axis)
+  return scale_from_absmax(jnp.max(ax, axis=reduced, keepdims=True, initial=0.0), qtype)
+
+
+def _quantize_in_place(w32, qtype: str, contract, out):
+  """A float32 weight quantized per output channel: (values (N, K), scale (N,)), bit for
+  bit what quantize_kernel gives (quant.quantize of its (N, K) matrix, channel axis 0),
+  but reduced and rounded in the weight's layout and transposed once, in 8 bits."""
+  if len(out) != 1:
+    return _quantize_in_place(weight_matrix(w32, contract, out), qtype, (0,), (1,))
+  scale = _channel_scale(w32, out[0], qtype)
+  # The barrier keeps XLA from fusing the transpose into the quantize pass (a
+  # transposed read of the f32 weight: 4x slower); the int8 transpose alone is cheap.
+  values = jax.lax.optimization_barrier(quantize_with_scale(w32, scale, qtype))
+  return weight_matrix(values, out, contract), scale.reshape(-1)  # (N, K): output axes first
+
+
+_STATIC = ("kinds", "contract", "out")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _updated(w, vecs, *, kinds, contract, out):
+  return _apply_ops(jnp.asarray(w), vecs, kinds, contract, out)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _row_absmax(w, vecs, *, kinds, contract, out):
+  return _row_absmax_of(_current32(w, vecs, kinds, contract, out), contract, out)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("qtype", "values_sharding", "scale_sharding"))
+def _quantize_weight(w, vecs, *, kinds, contract, out, qtype, values_sharding, scale_sharding):
+  values, scale = _quantize_in_place(_current32(w, vecs, kinds, contract, out), qtype, contract, out)
+  if values_sharding is not None:  # (N, K): the weight's own sharding, transposed
+    values = jax.lax.with_sharding_constraint(values, values_sharding)
+    scale = jax.lax.with_sharding_constraint(scale, scale_sharding)
+  return values, scale
+
+
+def apply_updates(ref: WeightRef):
+  """The weight with its pending updates applied, in its own layout and dtype."""
+  if not ref.ops:
+    return ref.leaf
+  return _updated(ref.leaf, ref.vectors(), kinds=ref.kinds, contract=ref.contract, out=ref.out)
+
+
+def weight_row_absmax(kernels) -> np.ndarray:
+  """max_j over the rows (input channels) of every (K, N) kernel (or WeightRef) of a
+  group: reduced on the weights' devices, the (K,) result on the host."""
+  refs = [as_ref(k) for k in kernels]
+  maxima = [_row_absmax(r.leaf, r.vectors(), kinds=r.kinds, contract=r.contract, out=r.out) for r in refs]
+  return np.max(np.stack([np.asarray(m) for m in jax.device_get(maxima)]), axis=0).astype(np.float32)
+
+
+def quantize_weight(ref: WeightRef, qtype: str):
+  """(values (N, K), scale (N,)) of the weight with its updates, quantized per output
+  channel (bit for bit what quantize_kernel gives), on the weight's devices; a
+  weight with a NamedSharding gives values with its spec transposed and scales with its
+  output axis's."""
+  vs = ss = None
+  sharding = getattr(ref.leaf, "sharding", None)
+  if isinstance(ref.leaf, jax.Array) and isinstance(sharding, NamedSharding):
+    k_axis, n_axis = kernel_axes(sharding.spec, ref.leaf.ndim, ref.contract, ref.out)
+    vs, ss = NamedSharding(sharding.mesh, P(n_axis, k_axis)), NamedSharding(sharding.mesh, P(n_axis))
+  return _quantize_weight(ref.leaf, ref.vectors(), kinds=ref.kinds, contract=ref.contract, out=ref.out, qtype=qtype,
+                          values_sharding=vs, scale_sharding=ss)
+
+
+def _as_2d(w32, contract, out):
+  """(w, k_axis): a 2-D weight as it is ((K, N) or (N, K)), any other as its (K, N)
+  matrix (an f32 transpose: slow on XLA CPU, but only DenseGeneral-like weights)."""
+  if w32.ndim == 2:
+    return w32, contract[0]
+  return weight_matrix(w32, contract, out), 0
+
+
+def _w8a8_in_place(x, w2, k_axis: int, s, inv, act_scale, qtype: str, act_mode: str):
+  """x @ diag(s) W through the library's W8A8 numbers (ops.w8a8_dot's XLA path:
+  reference.py's quantize_rows_ref, exact int8 accumulation, epilogue_ref), with 1/s at
+  run time -- the weight quantized and contracted in its own 2-D layout (traced). XLA
+  CPU ran the int8 dot of a weight quantized in place and transposed to (N, K) 17x
+  slower than this contraction over its own K axis; the int32 sums are the same."""
+  ws = w2 * (s[:, None] if k_axis == 0 else s[None, :])
+  scale = _channel_scale(ws, 1 - k_axis, qtype)
+  dtype = qtype_dtype(qtype)
+  xq, sx = numerics.quantize_rows_ref(x, inv, dtype=dtype, scale=act_scale if act_mode == "static" else None)
+  if dtype == jnp.int8 and x.shape[1] > numerics.K_CHUNK:  # chunked exact accumulation: the library's own path
+    values = quantize_with_scale(ws, scale, qtype)
+    qk = QuantizedKernel(values=values if k_axis == 1 else values.T, scale=scale.reshape(-1), qtype=qtype,
+                         act_scale=act_scale if act_mode == "static" else None, inv_smooth=inv)
+    return w8a8_dot(x, qk, backend="xla")
+  acc = jax.lax.dot_general(xq, quantize_with_scale(ws, scale, qtype), (((1,), (k_axis,)), ((), ())),
+                            preferred_element_type=jnp.int32 if dtype == jnp.int8 else jnp.float32)
+  return numerics.epilogue_ref(acc, sx, scale.reshape(-1), None, x.dtype)
+
+
+def _error_terms(x, w32, contract, out):
+  """(the weight in 2-D, its K axis, y = x @ W, sum y^2)."""
+  w2, k_axis = _as_2d(w32, contract, out)
+  y = jax.lax.dot_general(x, w2, (((1,), (k_axis,)), ((), ())))
+  return w2, k_axis, y, jnp.sum(jnp.sum(y * y, axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("kinds", "contracts", "outs", "qtype", "act_mode"))
+def _grid_errors(samples, leaves, vecs, s_grid, inv_grid, act_grid, *, kinds, contracts, outs, qtype, act_mode):
+  total = jnp.zeros(s_grid.shape[0], jnp.float32)
+  for x, w, v, kind, contract, out in zip(samples, leaves, vecs, kinds, contracts, outs):
+    x = x.astype(jnp.float32)
+    w2, k_axis, y, den = _error_terms(x, _current32(w, v, kind, contract, out), contract, out)
+
+    def err(a):
+      d = _w8a8_in_place(x, w2, k_axis, *a, qtype, act_mode) - y
+      return jnp.sum(jnp.sum(d * d, axis=1))
+    # One candidate at a time (lax.map, inside the one jitted call): vmap over the grid
+    # ran 2x slower here and would hold every candidate's smoothed copy of the weight.
+    num = jax.lax.map(err, (s_grid, inv_grid, act_grid))
+    total = total + jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+  return total
+
+
+def _put_rows(x, ref: WeightRef):
+  """Calibration rows (S, K) (host or device data: moved by an explicit transfer, never
+  through the host when on a device) on the weight's devices, K split like the weight's K: the
+  partitioner then contracts each shard locally and sums (S, N) partials, instead of
+  gathering the weight's K to match replicated rows."""
+  sharding = getattr(ref.leaf, "sharding", None)
+  if isinstance(ref.leaf, jax.Array) and isinstance(sharding, NamedSharding):
+    return put_like(x, ref.leaf, P(None, kernel_axes(sharding.spec, ref.leaf.ndim, ref.contract, ref.out)[0]))
+  return put_like(x, ref.leaf)
+
+
+def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: str) -> np.ndarray:
+  """For each smoothing vector of `svecs` (None = no smoothing): the sum over a group's
+  layers of ||y_q - y||^2 / ||y||^2 on calibration rows, y_q being the library's own
+  W8A8 path with 1/s at run time. One jitted call on the weights' devices for the whole
+  candidate list; the (G,) errors come back to the host."""
+  refs = [as_ref(k) for k in kernels]
+  k = refs[0].shape[0]
+  s_grid = np.stack([np.ones(k, np.float32) if s is None else np.asarray(s, np.float32) for s in svecs])
+  inv_grid = (1.0 / s_grid).astype(np.float32)  # 1/1 = 1: "no smoothing" computes as None does, bit for bit
+  act_grid = np.array([static_act_scale(x_absmax, s, qtype) for s in svecs], np.float32)
+  like = refs[0].leaf
+  errs = _grid_errors(tuple(_put_rows(samples, r) for r in refs), tuple(r.leaf for r in refs),
+                      tuple(r.vectors() for r in refs), put_like(s_grid, like), put_like(inv_grid, like),
+                      put_like(act_grid, like), kinds=tuple(r.kinds for r in refs),
+                      contracts=tuple(r.contract for r in refs), outs=tuple(r.out for r in refs), qtype=qtype,
+                      act_mode=act_mode)
+  return np.asarray(jax.device_get(errs), np.float64)
 
 
 def output_error(samples, kernels, x_absmax, s, qtype: str, act_mode: str) -> float:
-  """Sum over a group's layers of ||y_q - y||^2 / ||y||^2 on calibration rows, y_q being
-  the library's own W8A8 path (so the error is the one inference will have)."""
-  x = jnp.asarray(samples, jnp.float32)
-  err = 0.0
-  for kern in kernels:
-    y = np.asarray(x @ jnp.asarray(kern, jnp.float32), np.float64)
-    qk = quantize_smoothed(kern, x_absmax, s, qtype, act_mode, runtime_inv=True, name="alpha search")
-    yq = np.asarray(w8a8_dot(x, qk, backend="xla"), np.float64)
-    den = float(np.sum(y * y))
-    err += float(np.sum((yq - y) ** 2)) / den if den > 0 else 0.0
-  return err
+  """Sum over a group's layers of ||y_q - y||^2 / ||y||^2 on calibration rows for one
+  smoothing vector s (None: none)."""
+  return float(smoothing_errors(samples, kernels, x_absmax, [s], qtype, act_mode)[0])
 
 
 def choose_alpha(samples, kernels, x_absmax, grid, qtype: str, act_mode: str):
   """The grid value (None = no smoothing) with the least output error; returns
-  (alpha, {alpha: error})."""
+  (alpha, {alpha: error}). kernels: the group's (K, N) kernels or WeightRefs."""
   w_absmax = weight_row_absmax(kernels)
-  errors = {}
-  for a in grid:
-    s = None if a is None else smoothing_factors(x_absmax, w_absmax, a)
-    errors[a] = output_error(samples, kernels, x_absmax, s, qtype, act_mode)
+  svecs = [None if a is None else smoothing_factors(x_absmax, w_absmax, a) for a in grid]
+  errs = smoothing_errors(samples, kernels, x_absmax, svecs, qtype, act_mode)
+  errors = {a: float(e) for a, e in zip(grid, errs)}
   best = min(grid, key=lambda a: (errors[a], -1 if a is None else a))
   return best, errors
+
+
+def _rel(a, b):
+  d = jnp.sqrt(jnp.sum(jnp.sum(b * b, axis=-1)))
+  return jnp.where(d > 0, jnp.sqrt(jnp.sum(jnp.sum((a - b) ** 2, axis=-1))) / jnp.where(d > 0, d, 1.0), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("contract", "out", "qtype", "act_mode"))
+def _layer_errors(w, values, scale, s, inv, act_scale, samples, *, contract, out, qtype, act_mode):
+  w32 = jnp.asarray(w).astype(jnp.float32)
+  # ||dq(W') - W'|| in the (N, K) layout of values: W' transposed in f32 (a report only)
+  weight_err = _rel(values.astype(jnp.float32) * scale[:, None],
+                    weight_matrix(w32, out, contract) * s[None, :])
+  if samples.shape[0] == 0:
+    return weight_err, jnp.float32(0.0)
+  x = samples.astype(jnp.float32)
+  w2, k_axis, y, den = _error_terms(x, w32, contract, out)
+  d = _w8a8_in_place(x, w2, k_axis, s, inv, act_scale, qtype, act_mode) - y
+  e = jnp.sum(jnp.sum(d * d, axis=1))
+  return weight_err, jnp.where(den > 0, jnp.sqrt(e) / jnp.sqrt(jnp.where(den > 0, den, 1.0)), 0.0)
+
+
+def layer_errors(weight, values, scale, s, samples, x_absmax, qtype: str, act_mode: str) -> tuple[float, float]:
+  """(||dq(W') - W'|| / ||W'||, ||y_q - y|| / ||y|| on calibration rows) of one layer:
+  W' = diag(s) W (the float weight's matrix, before any update), (values, scale) its
+  quantized weight, y_q the layer alone in W8A8 with 1/s at run time (equal to a folded
+  producer's output up to float rounding). On the weight's devices; two floats back."""
+  ref = as_ref(weight)
+  k = ref.shape[0]
+  sv = np.ones(k, np.float32) if s is None else np.asarray(s, np.float32)
+  like = ref.leaf
+  errs = _layer_errors(ref.leaf, values, scale, put_like(sv, like), put_like((1.0 / sv).astype(np.float32), like),
+                       put_like(static_act_scale(x_absmax, s, qtype), like),
+                       _put_rows(samples, ref), contract=ref.contract, out=ref.out,
+                       qtype=qtype, act_mode=act_mode)
+  return tuple(float(e) for e in jax.device_get(errs))
 
 
 # alpha="auto" fits one value out of the grid to the calibration rows; with a handful of
@@ -140,5 +391,10 @@ def fold_inverse(kind: str, producer_params: dict, s, names: tuple | None = None
   for name in names or FOLD_PARAMS[kind]:
     if name in out:
       v = out[name]
-      out[name] = (jnp.asarray(v, jnp.float32) * inv).astype(jnp.asarray(v).dtype)  # last axis = channels
+      # last axis = channels; 1/s placed like it (a sharded param is updated where it lives)
+      sharding = getattr(v, "sharding", None)
+      spec = P()
+      if isinstance(sharding, NamedSharding):
+        spec = P((tuple(sharding.spec) + (None,) * v.ndim)[v.ndim - 1])
+      out[name] = (jnp.asarray(v, jnp.float32) * put_like(inv, v, spec)).astype(jnp.asarray(v).dtype)
   return out

@@ -10,7 +10,17 @@ key on paths keep working.
 A weight stacked over the L layers of a scan (LayerStats.layers = L) becomes one
 QuantizedKernel with a leading layer axis on every array (values (L, N, K), scale (L, N),
 act_scale (L,), inv_smooth (L, K)): each layer has its own smoothing, scales and static
-activation scale; 1/s folds per layer into producers stacked by the same scan.
+activation scale; 1/s folds per layer into producers stacked by the same scan. A stack
+is planned and quantized layer by layer, each layer's slice read by the same functions as
+an unstacked weight (below), so its numbers are exactly the unrolled model's.
+
+Memory and placement: quantize_params holds no float copy of the model. Smoothing is
+planned on the host from (K,) vectors (calibration absmax, each weight's row absmax,
+reduced on its devices); every weight is then read once by a function jitted per shape
+that applies its smoothing and quantizes it where it lives, so the peak is the float
+params plus the int8 copy plus one layer's temporaries, and a sharded weight is quantized
+shard by shard into a QuantizedKernel sharded the same way (values with the weight's spec
+transposed, scales with its output axis's), never gathered to one device or the host.
 """
 
 from __future__ import annotations
@@ -19,15 +29,18 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax import smooth
 from actquant_jax._capture import layer_name
 from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, layer_dataflow
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
-from actquant_jax.quant import (QuantizedKernel, check_finite, quantize_kernel,
-                                weight_from_matrix, weight_matrix)
+from actquant_jax.quant import QuantizedKernel, check_finite
+from actquant_jax.sharding import kernel_axes, put_like
+from pallas_kernels import reference as numerics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +114,6 @@ def dense_kernel_paths(root: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def _rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  d = float(np.linalg.norm(b))
-  return float(np.linalg.norm(a - b)) / d if d > 0 else 0.0
-
-
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
   """What smoothing decided for one quantized layer."""
@@ -131,7 +138,8 @@ def _check_inputs(params, stats, config):
     raise QuantizationTypeError(f"quantize_params: config must be a QuantConfig, got {type(config).__name__}")
   if not isinstance(stats, dict) or not stats:
     raise QuantizationError("quantize_params: stats is empty; run aq.calibrate(model, params, batches) first")
-  check_stats(stats, "quantize_params")
+  with jax.transfer_guard("allow"):  # the (K,) absmax vectors are checked on the host
+    check_stats(stats, "quantize_params")
   fps = {s.fingerprint for s in stats.values()}
   if len(fps) > 1:
     raise QuantizationError("quantize_params: stats mix calibrations of different model structures (their fingerprints "
@@ -169,42 +177,54 @@ def _check_inputs(params, stats, config):
     if kdim != s.absmax.shape[-1]:
       raise QuantizationError(f"quantize_params: layer {p}: kernel {shape} has {kdim} inputs but stats "
                        f"have {s.absmax.shape[-1]} channels (stats from another model?)")
-    check_finite(k, f"quantize_params: layer {p}: kernel")
+    dtype = k.dtype if hasattr(k, "dtype") else np.asarray(k).dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise QuantizationTypeError(f"{p}: expected a floating-point kernel, got {dtype}")
+    _check_finite(k, f"quantize_params: layer {p}: kernel")
   return root, rebuild
 
 
-def _matrix(root, p, st):
-  """The layer's weight as its (K, N) matrix, float32 numpy ((L, K, N) for a layer stack)."""
-  w = np.asarray(_get(root, weight_path(p, st)), np.float32)
-  if st.layers:
-    return np.stack([weight_matrix(w[i], st.contract, st.out) for i in range(st.layers)])
-  return weight_matrix(w, st.contract, st.out)
+@jax.jit
+def _all_finite(x):
+  return jnp.all(jnp.isfinite(x))
 
 
-def _smoothed_weight(w, s, st):
-  """The weight with its contracted (input) channels multiplied by s, in its own layout
-  and dtype (per layer for a layer stack: s (L, K))."""
-  w32 = np.asarray(w, np.float32)
-  one = lambda v, s_: weight_from_matrix(weight_matrix(v, st.contract, st.out) * s_[:, None], np.shape(v),
-                                         st.contract, st.out)
-  m = np.stack([one(w32[i], s[i]) for i in range(st.layers)]) if st.layers else one(w32, s)
-  return m.astype(np.asarray(w).dtype)
+def _check_finite(x, what: str):
+  """check_finite, reduced on the array's own devices (one bool to the host; the host
+  copy is made only to count the bad values of a failing weight)."""
+  if isinstance(x, jax.Array) and bool(jax.device_get(_all_finite(x))):
+    return
+  check_finite(x, what)
 
 
-def _stack_smoothing(first, config, st, kernels, x_absmax):
+def _host(x) -> np.ndarray:
+  """A stats vector on the host (an explicit transfer)."""
+  return np.asarray(jax.device_get(x))
+
+
+def _layer_ref(ref: smooth.WeightRef, i: int) -> smooth.WeightRef:
+  """Layer i of a scan's stacked weight: its slice (one layer's temporaries) and its
+  pending updates' vectors for that layer (a stack's updates are (L, K) / (L, N); a
+  (K,) / (N,) one, from an unstacked group, applies to every layer)."""
+  return smooth.WeightRef(ref.leaf[i], ref.contract, ref.out,
+                          tuple((kind, v[i] if np.ndim(v) == 2 else v) for kind, v in ref.ops))
+
+
+def _stack_smoothing(first, config, st, refs, x_absmax):
   """alpha, alpha_errors, note and s (L, K) of a layer stack's group: each layer its own
-  (alpha="auto" searched per layer on that layer's calibration rows)."""
+  (alpha="auto" searched per layer on that layer's calibration rows), each computed on
+  its layer's slice of the weights as an unstacked layer's would be."""
   alphas, errors, notes, ss = [], [], [], []
-  samples = np.asarray(st.samples)
   for i in range(st.layers):
-    ks = [k[i] for k in kernels]
+    ks = [_layer_ref(r, i) for r in refs]
     a, e, note = first.alpha, None, ""
     if a == "auto":
-      a, e, note = smooth.auto_alpha(samples[i], ks, x_absmax[i], config.alpha_grid, first.qtype, first.act_mode)
+      a, e, note = smooth.auto_alpha(st.samples[i], ks, x_absmax[i], config.alpha_grid, first.qtype, first.act_mode)
     alphas.append(a)
     errors.append(e)
     notes.append(note)
     ss.append(None if a is None else smooth.smoothing_factors(x_absmax[i], smooth.weight_row_absmax(ks), a))
+    del ks
   s = None if all(v is None for v in ss) else np.stack(
       [np.ones(x_absmax.shape[-1], np.float32) if v is None else v for v in ss])
   alpha = alphas[0] if len(set(alphas)) == 1 else tuple(alphas)
@@ -221,7 +241,7 @@ def _fold(kind, producer_params, s, names, layers):
   for n in names or smooth.FOLD_PARAMS[kind]:
     if n in out:
       v = out[n]
-      out[n] = jax.numpy.stack([smooth.fold_inverse(kind, {n: v[i]}, s[i], (n,))[n] for i in range(layers)])
+      out[n] = jnp.stack([smooth.fold_inverse(kind, {n: v[i]}, s[i], (n,))[n] for i in range(layers)])
   return out
 
 
@@ -232,22 +252,24 @@ def _can_fold(kind, producer_params, names, layers):
                            for n in (names or smooth.FOLD_PARAMS[kind]) if n in producer_params)
 
 
-def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig()):
-  """The smoothing half of quantize_params, in float: returns (smoothed params, plans).
-
-  For each group of layers reading one input: s from the calibration absmax and the
-  group's weights (alpha fixed or searched), each weight's contracted (input) channels
-  multiplied by s, and 1/s folded into the producer of every call when exact
-  (plans[path].folded) -- else the layer must apply 1/s to its input at run time.
-  plans: {path: LayerPlan} for every layer to be quantized. With every plan folded, the
-  smoothed params compute the same function.
-  """
+def _plan(params, stats, config):
+  """Smoothing decided from (K,) vectors, no weight updated: (rebuild, new_root, updates,
+  plans). new_root: the params' root with the small producer params (norm scales, biases)
+  that absorb 1/s updated; updates: {weight path: ((kind, vector), ...)} the pending
+  updates of every weight to be quantized (smooth.WeightRef), in the order smoothing
+  made them; plans: {path: LayerPlan}."""
   root, rebuild = _check_inputs(params, stats, config)
   live = {p: s for p, s in stats.items() if not s.reason}
   settings = {p: config.settings_for(p) for p in live}
   groups: dict[str, list[str]] = {}
   for p in live:
     groups.setdefault(live[p].group, []).append(p)
+  # Weights that will be quantized are never rewritten in float: their updates wait in
+  # `updates` and are applied inside the jitted quantizer.
+  lazy = {weight_path(p, live[p]) for p in live if settings[p].quantize}
+  updates: dict[str, list] = {}
+  ref = lambda p: smooth.WeightRef(_get(root, weight_path(p, live[p])), live[p].contract, live[p].out,
+                                   tuple(updates.get(weight_path(p, live[p]), ())))
 
   new_root = root
   plans: dict[str, LayerPlan] = {}
@@ -261,19 +283,16 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
         raise QuantizationError(f"quantize_params: layers {quantized[0]} and {p} read the same input but their "
                          "rules give them different alpha/act_mode/qtype; they must share one smoothing")
     st = live[quantized[0]]
-    x_absmax = np.max(np.stack([np.asarray(live[p].absmax) for p in quantized]), axis=0)
-    # Kernels are read on use (not cached) so no second float copy of the model is held.
-    group_kernels = [_matrix(new_root, p, live[p]) for p in quantized]
+    x_absmax = np.max(np.stack([_host(live[p].absmax) for p in quantized]), axis=0)
+    refs = [ref(p) for p in quantized]
     alpha, alpha_errors, note = first.alpha, None, ""
     if st.layers:  # a scan's layer stack: one smoothing per layer
-      alpha, alpha_errors, note, s = _stack_smoothing(first, config, st, group_kernels, x_absmax)
+      alpha, alpha_errors, note, s = _stack_smoothing(first, config, st, refs, x_absmax)
     else:
       if alpha == "auto":
-        alpha, alpha_errors, note = smooth.auto_alpha(st.samples, group_kernels, x_absmax, config.alpha_grid,
+        alpha, alpha_errors, note = smooth.auto_alpha(st.samples, refs, x_absmax, config.alpha_grid,
                                                       first.qtype, first.act_mode)
-      s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(group_kernels),
-                                                              alpha)
-    del group_kernels
+      s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(refs), alpha)
     # Exact only if, at every call, every reader of the producer's output is a quantized
     # layer of this group (a float-kept reader would see X / s), and every producer can take it.
     producers = sorted({q for p in quantized for q in (live[p].producers or (live[p].producer,))})
@@ -281,13 +300,41 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
     fold = (s is not None and len(quantized) == len(members) and all(live[p].foldable for p in quantized)
             and all(q and _can_fold(st.producer_kind, _get(new_root, q), names, st.layers) for q in producers))
     if fold:
+      inv = (1.0 / s).astype(np.float32)
       for q in producers:
-        new_root = _set(new_root, q, _fold(st.producer_kind, _get(new_root, q), s, names, st.layers))
+        eager = tuple(n for n in names if f"{q}/{n}" not in lazy)
+        if eager:
+          new_root = _set(new_root, q, _fold(st.producer_kind, _get(new_root, q), s, eager, st.layers))
+        for n in names:
+          if f"{q}/{n}" in lazy and n in _get(new_root, q):  # a quantized Dense producer's output columns
+            updates.setdefault(f"{q}/{n}", []).append(("cols", inv))
     for p in quantized:
-      if s is not None:  # input channels of W times s (the current weight: a producer's fold may have hit it)
-        wp = weight_path(p, live[p])
-        new_root = _set(new_root, wp, _smoothed_weight(_get(new_root, wp), s, live[p]))
+      if s is not None:  # input channels of W times s (per layer for a stack: s (L, K))
+        updates.setdefault(weight_path(p, live[p]), []).append(("rows", s))
       plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p], note)
+  return rebuild, new_root, {wp: tuple(u) for wp, u in updates.items()}, plans
+
+
+def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig()):
+  """The smoothing half of quantize_params, in float: returns (smoothed params, plans).
+
+  For each group of layers reading one input: s from the calibration absmax and the
+  group's weights (alpha fixed or searched), each weight's contracted (input) channels
+  multiplied by s, and 1/s folded into the producer of every call when exact
+  (plans[path].folded) -- else the layer must apply 1/s to its input at run time.
+  plans: {path: LayerPlan} for every layer to be quantized. With every plan folded, the
+  smoothed params compute the same function.
+  """
+  rebuild, new_root, updates, plans = _plan(params, stats, config)
+  layouts = {weight_path(p, pl.stats): pl.stats for p, pl in plans.items()}
+  for wp, ups in updates.items():
+    st = layouts[wp]
+    ref = smooth.WeightRef(_get(new_root, wp), st.contract, st.out, ups)
+    if st.layers:  # a scan's layer stack: layer by layer
+      w = jnp.stack([smooth.apply_updates(_layer_ref(ref, i)) for i in range(st.layers)])
+    else:
+      w = smooth.apply_updates(ref)
+    new_root = _set(new_root, wp, w)
   return rebuild(new_root), plans
 
 
@@ -301,8 +348,7 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
   mismatched stats, non-finite weights, and rules that give layers sharing one input
   different smoothing.
   """
-  smoothed, plans = smooth_params(params, stats, config)
-  root, rebuild = _split_root(smoothed)
+  rebuild, root, updates, plans = _plan(params, stats, config)
   orig_root, _ = _split_root(params)
   report: dict[str, LayerReport] = {}
   for p, st in stats.items():
@@ -315,14 +361,8 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
   for p, plan in plans.items():
     st = plan.stats
     wp = weight_path(p, st)
-    qt, mode = plan.settings.qtype, plan.settings.act_mode
-    if st.layers:
-      qk = _quantize_stack(_get(root, wp), plan, p)
-    else:
-      act_scale = smooth.static_act_scale(plan.x_absmax, plan.s, qt) if mode == "static" else None
-      inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
-      qk = quantize_kernel(_get(root, wp), qt, act_scale=act_scale, inv_smooth=inv, name=p, contract=st.contract,
-                           out=st.out)
+    ref = smooth.WeightRef(_get(orig_root, wp), st.contract, st.out, updates.get(wp, ()))
+    qk = _quantize_stack(ref, plan, p) if st.layers else _quantize_layer(ref, plan, p)
     # Other readers (a tied embedding's lookup) keep the original float weight: the int8
     # copy alone carries the smoothing.
     # Layers smoothed together (one input, one s, one static scale) share its quantization.
@@ -334,40 +374,72 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
                                                      st.contract, st.out) if st.producers else "")
     root = _set(root, wp, qk)
     if return_report:
-      report[p] = (_stack_report if st.layers else _layer_report)(p, _matrix(orig_root, p, st), qk, plan)
+      ref = smooth.WeightRef(_get(orig_root, wp), st.contract, st.out)
+      report[p] = (_stack_report if st.layers else _layer_report)(p, ref, qk, plan)
   qparams = rebuild(root)
   return (qparams, report) if return_report else qparams
 
 
-def _quantize_stack(w, plan: LayerPlan, p: str) -> QuantizedKernel:
-  """A layer stack's weight (L, ...) quantized layer by layer into one QuantizedKernel
-  with a leading layer axis on every array."""
-  st, qt, mode = plan.stats, plan.settings.qtype, plan.settings.act_mode
+def _quantize_layer(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> QuantizedKernel:
+  """One weight (its smoothing updates applied inside the jitted quantizer) as a
+  QuantizedKernel, on the weight's devices: what quantize_kernel(diag(s) W, ...) gives.
+  act_group is set by quantize_params."""
+  qt, mode = plan.settings.qtype, plan.settings.act_mode
+  act_scale = smooth.static_act_scale(plan.x_absmax, plan.s, qt) if mode == "static" else None
+  if act_scale is not None and not 0 < float(act_scale) <= numerics.MAX_SCALE:
+    raise QuantizationError(f"{name}: act_scale must be in (0, 2^126] (its reciprocal multiplies x), "
+                            f"got {float(act_scale)}")
+  inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
+  values, scale = smooth.quantize_weight(ref, qt)
+  leaf = ref.leaf
+  sharding = getattr(leaf, "sharding", None)
+  k_axis = (kernel_axes(sharding.spec, leaf.ndim, ref.contract, ref.out)[0]
+            if isinstance(sharding, NamedSharding) else None)
+  return QuantizedKernel(values=values, scale=scale,
+                         act_scale=None if act_scale is None else put_like(act_scale, leaf),
+                         inv_smooth=None if inv is None else put_like(inv, leaf, P(k_axis)),
+                         qtype=qt, contract=tuple(ref.contract), out=tuple(ref.out),
+                         param_shape=tuple(np.shape(leaf)), param_dtype=jnp.dtype(leaf.dtype).name)
+
+
+def _quantize_stack(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> QuantizedKernel:
+  """A scan's layer stack (L, ...) quantized layer by layer (_quantize_layer on each
+  layer's slice and smoothing: exactly an unstacked layer's kernel) into one
+  QuantizedKernel with a leading layer axis on every array. A stack with a NamedSharding
+  is placed as quantized_partition_specs places it (its layer axis's spec first)."""
   per = []
-  for i in range(st.layers):
-    s = None if plan.s is None else plan.s[i]
-    act_scale = smooth.static_act_scale(plan.x_absmax[i], s, qt) if mode == "static" else None
-    inv = None if (s is None or plan.folded) else (1.0 / s).astype(np.float32)
-    per.append(quantize_kernel(w[i], qt, act_scale=act_scale, inv_smooth=inv, name=f"{p}[{i}]", contract=st.contract,
-                               out=st.out))
-  stack = lambda f: None if getattr(per[0], f) is None else jax.numpy.stack([getattr(q, f) for q in per])
-  act_scale, inv = stack("act_scale"), stack("inv_smooth")
-  return dataclasses.replace(per[0], values=stack("values"), scale=stack("scale"), act_scale=act_scale,
-                             inv_smooth=inv,
-                             param_shape=tuple(np.shape(w)))
+  for i in range(plan.stats.layers):
+    one = dataclasses.replace(plan, s=None if plan.s is None else plan.s[i], x_absmax=plan.x_absmax[i])
+    per.append(_quantize_layer(_layer_ref(ref, i), one, f"{name}[{i}]"))
+  stack = lambda f: None if getattr(per[0], f) is None else jnp.stack([getattr(q, f) for q in per])
+  qk = dataclasses.replace(per[0], values=stack("values"), scale=stack("scale"), act_scale=stack("act_scale"),
+                           inv_smooth=stack("inv_smooth"), param_shape=tuple(np.shape(ref.leaf)))
+  del per
+  sharding = getattr(ref.leaf, "sharding", None)
+  if isinstance(ref.leaf, jax.Array) and isinstance(sharding, NamedSharding):
+    rank = ref.leaf.ndim
+    spec = tuple(sharding.spec) + (None,) * (rank - len(tuple(sharding.spec)))
+    layer = spec[:1]
+    k_axis, n_axis = kernel_axes(spec[1:], rank - 1, ref.contract, ref.out)
+    at = lambda *s: NamedSharding(sharding.mesh, P(*layer, *s))
+    qk = dataclasses.replace(
+        qk, values=jax.device_put(qk.values, at(n_axis, k_axis)), scale=jax.device_put(qk.scale, at(n_axis)),
+        act_scale=None if qk.act_scale is None else jax.device_put(qk.act_scale, at()),
+        inv_smooth=None if qk.inv_smooth is None else jax.device_put(qk.inv_smooth, at(k_axis)))
+  return qk
 
 
-def _stack_report(p, kernels, qk, plan: LayerPlan) -> LayerReport:
+def _stack_report(p, ref: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
   """The report of a layer stack: each layer's, the worst layer's errors and ratios."""
   rs = []
   for i in range(plan.stats.layers):
-    one = dataclasses.replace(jax.tree_util.tree_map(lambda a: a[i], qk), param_shape=tuple(qk.param_shape)[1:])
+    one = dataclasses.replace(qk, values=qk.values[i], scale=qk.scale[i])
     st = dataclasses.replace(plan.stats, absmax=plan.stats.absmax[i], samples=plan.stats.samples[i], layers=0)
-    rs.append(_layer_report(p, kernels[i], one, dataclasses.replace(
+    rs.append(_layer_report(p, _layer_ref(ref, i), one, dataclasses.replace(
         plan, s=None if plan.s is None else plan.s[i], x_absmax=plan.x_absmax[i], stats=st)))
   worst = {f: max(getattr(r, f) for r in rs)
            for f in ("outlier_ratio_before", "outlier_ratio_after", "weight_error", "output_error")}
-  return dataclasses.replace(rs[0], act_scale=None if qk.act_scale is None else float(np.max(qk.act_scale)),
+  return dataclasses.replace(rs[0], act_scale=None if rs[0].act_scale is None else max(r.act_scale for r in rs),
                              layers=plan.stats.layers, **worst)
 
 
@@ -393,26 +465,18 @@ def report_summary(report: dict[str, LayerReport]) -> str:
   return line
 
 
-def _layer_report(p, kernel, qk, plan: LayerPlan) -> LayerReport:
-  from actquant_jax.ops import w8a8_dot
+def _layer_report(p, weight: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
   s, qt, mode = plan.s, plan.settings.qtype, plan.settings.act_mode
-  w_s = kernel if s is None else kernel * s[:, None]
-  deq = np.asarray(qk.values, np.float32).T * np.asarray(qk.scale)[None, :]
-  samples = np.asarray(plan.stats.samples, np.float32)
-  y_err = 0.0
-  if samples.shape[0]:
-    # The layer alone on calibration rows, 1/s applied in the quantize pass (equal to a
-    # folded producer's output up to float rounding).
-    qk_run = smooth.quantize_smoothed(kernel, plan.x_absmax, s, qt, mode, runtime_inv=True, name=p)
-    y_err = _rel_err(w8a8_dot(jax.numpy.asarray(samples), qk_run, backend="xla"), samples @ kernel)
+  weight_error, output_error = smooth.layer_errors(weight, qk.values, qk.scale, s, plan.stats.samples, plan.x_absmax,
+                                                   qt, mode)
   return LayerReport(
       p, True, qt, mode, plan.alpha,
       smoothing="none" if s is None else ("folded" if plan.folded else "runtime"),
       producer=plan.stats.producer, producer_kind=plan.stats.producer_kind,
-      act_scale=None if qk.act_scale is None else float(qk.act_scale),
+      act_scale=float(smooth.static_act_scale(plan.x_absmax, s, qt)) if mode == "static" else None,
       outlier_ratio_before=smooth.outlier_ratio(plan.x_absmax),
       outlier_ratio_after=smooth.outlier_ratio(plan.x_absmax, s),
-      weight_error=_rel_err(deq, w_s), output_error=y_err, alpha_errors=plan.alpha_errors, note=plan.note)
+      weight_error=weight_error, output_error=output_error, alpha_errors=plan.alpha_errors, note=plan.note)
 
 
 def format_report(report: dict[str, LayerReport]) -> str:

@@ -397,3 +397,23 @@ def test_nested_scan_over_a_stacked_weight_is_a_clear_error():
   params = _random_params(jax.eval_shape(m.init, jax.random.key(0), x))
   with pytest.raises(aq.CalibrationError, match=r"outer/inner/fc/kernel.*nested"):
     aq.calibrate(m, params, [x], progress=False)
+
+
+def test_sharded_layer_stack_quantizes_in_place():
+  # quantize_params on the scan's stacked params sharded over 12 forced CPU devices (layer
+  # axis, K, N; and with the layer axis unsharded): the same numbers as on one device, each
+  # stacked QuantizedKernel placed as quantized_partition_specs maps the float rules
+  # (the layer axis's spec first).
+  import json
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=12")
+  worker = Path(__file__).parent / "quantize_scan_sharded_worker.py"
+  r = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads(r.stdout.strip().splitlines()[-1])
+  assert set(res) == {f"{lead}-{a}" for lead in ("None", "l") for a in ("0.5-static", "auto-dynamic")}
+  for name, v in res.items():
+    assert v["stacks"] == 6 and v["equal"] and v["wrong"] == [], (name, v)

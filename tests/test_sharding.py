@@ -60,3 +60,34 @@ def test_eight_device_mesh_matches_one_device():
     assert res["max_abs_diff"] <= 1e-5 * res["max_abs"], (name, res)
     assert res["restored_equal"], name
   assert len(jax.devices()) == 1 or jax.default_backend() != "cpu"  # the suite itself still sees one
+
+
+def test_quantize_params_on_a_mesh_gathers_nothing(tmp_path):
+  # quantize_params on params sharded over 8 devices (each kernel split over K and N):
+  # every program it compiles is in XLA's HLO dump. A weight gathered whole (or resharded)
+  # shows as an all-gather / all-to-all / collective-permute; the worker records every
+  # array read on the host.
+  dump = tmp_path / "hlo"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", QUANTIZE_HLO_DUMP=str(dump),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} --xla_dump_hlo_as_text")
+  worker = Path(__file__).parent / "quantize_sharded_worker.py"
+  r = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  configs = json.loads(r.stdout.strip().splitlines()[-1])["configs"]
+  assert set(configs) == {"int8-static-auto"}
+  for name, res in configs.items():
+    assert res["kernels"] == 13, name
+    # values (N, K) carry the kernel's spec transposed, scales its N axis, inv_smooth its K
+    # axis (quantized_partition_specs of the float rules), act_scale replicated
+    assert res["wrong_shardings"] == [], (name, res["wrong_shardings"])
+    assert res["equal_to_one_device"], name
+    # on the host: (K,) / (N,) vectors and scalars (absmax, row maxima, finiteness flags,
+    # the search's errors), never a weight
+    assert res["host_reads"] and all(len(shape) <= 1 for shape, _ in res["host_reads"]), res["host_reads"]
+    compiled = " ".join(res["modules"])  # the programs compiled for the mesh
+    assert all(f in compiled for f in ("_all_finite", "_row_absmax", "_grid_errors", "_quantize_weight")), compiled
+    # Partitioned programs: what crosses devices is all-reduces (of (K,)/(N,) maxima,
+    # scalars and the search's (rows, N) partial products), nothing that moves a weight.
+    assert "all-reduce" in res["collectives"], (name, res["collectives"])
+    moved = {op: shapes for op, shapes in res["collectives"].items() if op != "all-reduce"}
+    assert moved == {}, (name, moved)

@@ -8,6 +8,7 @@ import actquant_jax as aq
 from actquant_jax import smooth
 from actquant_jax.transform import smooth_params
 from tests import toy_models as tm
+from tests.previous_alpha_search import previous_choose_alpha
 
 
 def test_smoothing_factors_formula_and_guards():
@@ -136,3 +137,21 @@ def test_auto_alpha_with_too_few_rows_falls_back_and_says_so():
   alpha, errs, note = smooth.auto_alpha(x, [np.ones((8, 4), np.float32)], np.abs(x).max(0), (None, 0.5), "int8",
                                         "dynamic")
   assert errs is not None and note == ""  # enough rows: searched
+
+
+@pytest.mark.parametrize("qtype,act_mode", [("int8", "static"), ("float8_e4m3fn", "dynamic")])
+def test_jitted_search_chooses_as_before(rng, qtype, act_mode):
+  grid = aq.QuantConfig().alpha_grid
+  for trial, widths in enumerate([(40, 24)]):
+    x = rng.standard_normal((128, 48)).astype(np.float32)
+    x[:, rng.choice(48, 3, replace=False)] *= rng.uniform(5, 60)  # outlier channels
+    kernels = [rng.standard_normal((48, n)).astype(np.float32) * rng.uniform(0.2, 2, (48, 1)).astype(np.float32)
+               for n in widths]
+    xa = np.abs(x).max(0)
+    best, errs = smooth.choose_alpha(x, kernels, xa, grid, qtype, act_mode)
+    want, want_errs = previous_choose_alpha(x, kernels, xa, grid, qtype, act_mode)
+    assert best == want, (trial, errs, want_errs)
+    np.testing.assert_allclose([errs[a] for a in grid], [want_errs[a] for a in grid], rtol=1e-4)
+    # the same weights stored (N, K), contracted over axis 1 (a tied embedding's layout)
+    refs = [smooth.WeightRef(k.T, contract=(1,), out=(0,)) for k in kernels]
+    assert smooth.choose_alpha(x, refs, xa, grid, qtype, act_mode) == (best, errs)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 import actquant_jax as aq
+from actquant_jax import smooth
 from tests import toy_models as tm
+from tests.previous_alpha_search import previous_choose_alpha
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,53 @@ def test_errors(gpt):
   cfg = aq.QuantConfig(rules=(aq.LayerRule(r"block_0/k$", alpha=0.9),))
   with pytest.raises(ValueError, match="read the same input"):
     aq.quantize_params(params, stats, cfg)
+
+
+def _leaf(tree, path):
+  for k in path.split("/"):
+    tree = tree[k]
+  return tree
+
+
+def test_auto_alpha_per_layer_as_before(gpt):
+  # alpha="auto" on the outlier GPT (the planning quantize_params runs): each group's alpha
+  # is the one the previous implementation picks from the same stats and weights.
+  m, params, stats, _, _ = gpt
+  smooth._grid_errors.clear_cache()
+  act_mode = "dynamic"
+  _, plans = aq.smooth_params(params, stats, aq.QuantConfig(alpha="auto", act_mode=act_mode))
+  # jitted once per group shape: q/k/v, o, fc1, fc2, head -- the second block reuses the first's
+  assert smooth._grid_errors._cache_size() == 5
+  groups = {}
+  for p, st in stats.items():
+    groups.setdefault(st.group, []).append(p)
+  chosen = set()
+  for members in groups.values():
+    kernels = [_leaf(params["params"], f"{p}/kernel") for p in members]
+    st = stats[members[0]]
+    xa = np.max(np.stack([np.asarray(stats[p].absmax) for p in members]), 0)
+    want, want_errs = previous_choose_alpha(st.samples, kernels, xa, aq.QuantConfig().alpha_grid, "int8", act_mode)
+    for p in members:
+      assert plans[p].alpha == want, (p, plans[p].alpha_errors, want_errs)
+      np.testing.assert_allclose(list(plans[p].alpha_errors.values()), list(want_errs.values()), rtol=1e-4)
+    chosen.add(want)
+  assert len(chosen) > 1  # not one value everywhere: the choice itself is tested
+
+
+def test_quantize_params_holds_no_float_copy(gpt, monkeypatch):
+  # While each weight is quantized, the jax arrays alive beyond the float params are the
+  # int8 copy built so far and (K,) / (N,) vectors: no smoothed float copy of the kernels.
+  m, params, stats, _, _ = gpt
+  kernel_bytes = sum(_leaf(params["params"], f"{p}/kernel").nbytes for p in stats)
+  live = lambda: sum(a.nbytes for a in jax.live_arrays())
+  before, extra = live(), []
+  quantize_weight = smooth.quantize_weight
+
+  def spy(ref, qtype):
+    extra.append(live() - before)
+    return quantize_weight(ref, qtype)
+  monkeypatch.setattr(smooth, "quantize_weight", spy)
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5))
+  assert len(extra) == 13
+  assert max(extra) < 0.3 * kernel_bytes, (max(extra), kernel_bytes)  # int8: 0.25x
+  del qparams
