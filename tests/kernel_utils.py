@@ -38,3 +38,19 @@ def count_quantize_passes(f, *args) -> int:
   finally:
     ops._quantize = original
   return len(calls)
+
+
+def run_device_worker(script: str, devices: int, xla_flags: str = "", **env) -> dict:
+  """Run tests/<script> in a subprocess on `devices` forced CPU devices (the count must be
+  set before JAX starts) and return the JSON its last output line holds."""
+  import json
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip(), **env)
+  r = subprocess.run([sys.executable, str(Path(__file__).parent / script)], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.loads(r.stdout.strip().splitlines()[-1])

@@ -404,16 +404,8 @@ def test_sharded_layer_stack_quantizes_in_place():
   # axis, K, N; and with the layer axis unsharded): the same numbers as on one device, each
   # stacked QuantizedKernel placed as quantized_partition_specs maps the float rules
   # (the layer axis's spec first).
-  import json
-  import os
-  import subprocess
-  import sys
-  from pathlib import Path
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=12")
-  worker = Path(__file__).parent / "quantize_scan_sharded_worker.py"
-  r = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  res = json.loads(r.stdout.strip().splitlines()[-1])
+  from tests.kernel_utils import run_device_worker
+  res = run_device_worker("quantize_scan_sharded_worker.py", 12)
   assert set(res) == {f"{lead}-{a}" for lead in ("None", "l") for a in ("0.5-static", "auto-dynamic")}
   for name, v in res.items():
     assert v["stacks"] == 6 and v["equal"] and v["wrong"] == [], (name, v)

@@ -1,15 +1,10 @@
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import actquant_jax as aq
+from tests.kernel_utils import run_device_worker
 
 
 def test_partition_specs_follow_the_float_rules():
@@ -41,11 +36,7 @@ def test_sharded_dot_rejects_bad_input():
 
 def test_eight_device_mesh_matches_one_device():
   # A subprocess: the forced device count must be set before JAX starts.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  worker = Path(__file__).parent / "sharding_worker.py"
-  r = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  result = json.loads(r.stdout.strip().splitlines()[-1])
+  result = run_device_worker("sharding_worker.py", 8)
   shard_map = result.pop("shard_map")
   assert set(result) == {"int8-static", "int8-dynamic-auto", "fp8"}
   # sharded_w8a8_dot: Pallas kernels (interpret mode) and the XLA path per shard, for
@@ -68,12 +59,8 @@ def test_quantize_params_on_a_mesh_gathers_nothing(tmp_path):
   # shows as an all-gather / all-to-all / collective-permute; the worker records every
   # array read on the host.
   dump = tmp_path / "hlo"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", QUANTIZE_HLO_DUMP=str(dump),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=8 --xla_dump_to={dump} --xla_dump_hlo_as_text")
-  worker = Path(__file__).parent / "quantize_sharded_worker.py"
-  r = subprocess.run([sys.executable, str(worker)], env=env, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 0, r.stderr[-3000:]
-  configs = json.loads(r.stdout.strip().splitlines()[-1])["configs"]
+  configs = run_device_worker("quantize_sharded_worker.py", 8, f"--xla_dump_to={dump} --xla_dump_hlo_as_text",
+                              QUANTIZE_HLO_DUMP=str(dump))["configs"]
   assert set(configs) == {"int8-static-auto"}
   for name, res in configs.items():
     assert res["kernels"] == 13, name
