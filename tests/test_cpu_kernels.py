@@ -74,6 +74,8 @@ def test_bad_inputs():
     cpu_kernels.s8_gemm(jnp.zeros((2, 8), jnp.int8), jnp.zeros((4, 9), jnp.int8))
   with pytest.raises(TypeError, match="int8 operands"):
     cpu_kernels.s8_gemm(jnp.zeros((2, 8), jnp.float32), jnp.zeros((4, 8), jnp.int8))
+  with pytest.raises(ValueError, match="marked_rows: expected an int8 \\(M, K\\)"):
+    cpu_kernels.marked_rows(jnp.zeros((2, 8), jnp.float32))
   with pytest.raises(ValueError, match="overflow"):
     cpu_kernels.s8_gemm(jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8), jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8))
 
