@@ -66,12 +66,19 @@ def test_every_weight_matmul_int8(name):
   assert float(jnp.linalg.norm(y - y0) / jnp.linalg.norm(y0)) < 0.05
 
 
-def test_gpt2_kv_cache_decoding_runs_int8():
+def _quantized_gpt2():
+  """GPT-2 with planted outliers, calibrated on two batches and quantized (default
+  config): (model, three (2, 8) id batches, qparams)."""
   model = _make("gpt2")
   params = {"params": _plant_outliers(model.params)}
   ids = [jax.random.randint(jax.random.key(i), (2, 8), 0, V) for i in range(3)]
   fwd = lambda v, b: model.module.apply(v, b, method=_forward)
   q = aq.quantize_params(params, aq.calibrate(model.module, params, ids[:2], forward=fwd, progress=False))
+  return model, ids, q
+
+
+def test_gpt2_kv_cache_decoding_runs_int8():
+  model, ids, q = _quantized_gpt2()
   cache = model.init_cache(2, 8)
   mask = jnp.ones((2, 8), jnp.int32)
 
@@ -88,11 +95,7 @@ def test_gpt2_kv_cache_decoding_runs_int8():
 
 
 def test_gpt2_generate_with_qparams():
-  model = _make("gpt2")
-  params = {"params": _plant_outliers(model.params)}
-  ids = [jax.random.randint(jax.random.key(i), (2, 8), 0, V) for i in range(3)]
-  fwd = lambda v, b: model.module.apply(v, b, method=_forward)
-  q = aq.quantize_params(params, aq.calibrate(model.module, params, ids[:2], forward=fwd, progress=False))
+  model, ids, q = _quantized_gpt2()
   with aq.quantized(model.module):
     assert tm.int8_matmuls(lambda v, b: model.module.apply(v, b, method=_forward), q, ids[2]) == 9
     out = model.generate(ids[2], params=q["params"], max_new_tokens=4, do_sample=False).sequences
