@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo llm test bench bench-llm bench-quantize install clean gpu-check
+.PHONY: demo llm test bench bench-llm bench-quantize bench-peers profile install clean gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py cpu_kernels/s8_gemm.cc
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,16 @@ bench-llm: $(VENV)/.installed
 # (~1 min; --size 1b for Llama-3.2-1B shapes).
 bench-quantize: $(VENV)/.installed
 	$(PY) benchmarks/bench_quantize.py
+
+# MiniLM against ONNX Runtime's dynamic int8 and PyTorch's quantize_dynamic: accuracy and
+# time in one process (~5 min; installs the `peers` extra and the CPU build of torch).
+bench-peers: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[peers]' torch==2.13.0
+	$(PY) benchmarks/bench_peers.py
+
+# Where MiniLM's forward time goes, by op class (XLA's profiler), fp32 and each W8A8 mode.
+profile: $(VENV)/.installed
+	$(PY) benchmarks/profile_minilm.py
 
 clean:
 	rm -rf $(VENV) $(GPUCHECK_VENV) .pytest_cache .hypothesis

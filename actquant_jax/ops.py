@@ -1,8 +1,9 @@
 """w8a8_dot: the quantized matmul behind every quantized Dense.
 
 On GPU it runs the Pallas kernels (pallas_kernels). On an x86-64 CPU with AVX512-VNNI
-the int8 GEMM is the native kernel in cpu_kernels (quantize pass and epilogue stay XLA
-fusions); elsewhere the XLA path: int8 `lax.dot_general` with int32 accumulation (fp8:
+the int8 GEMM is the native kernel in cpu_kernels or XLA's (backends.py), and dynamic
+int8 quantization is cpu_kernels.quantize_rows (static's elementwise pass and the epilogue
+stay XLA fusions); elsewhere the XLA path: int8 `lax.dot_general` with int32 accumulation (fp8:
 f32 accumulation). All compute the numbers defined in pallas_kernels/reference.py.
 """
 
@@ -114,9 +115,21 @@ def _marks_nonfinite(qk: QuantizedKernel, backend: str) -> bool:
                               and cpu_kernels.available())
 
 
+def _quantizes_natively(qk: QuantizedKernel, backend: str) -> bool:
+  """Whether dynamic int8 quantization runs as cpu_kernels.quantize_rows (one native pass
+  over x, the same numbers): on a CPU with the native library. XLA splits it into a
+  reduction and an elementwise fusion, each reading x and recomputing x's producer (an
+  erf GELU three times over on MiniLM: 10x the native pass's time)."""
+  return (qk.qtype == "int8" and qk.act_scale is None and backend in ("xla", "cpu")
+          and jax.default_backend() == "cpu" and cpu_kernels.available())
+
+
 def _quantize(x2d, qk: QuantizedKernel, backend: str, interpret: bool):
   """quantize_activations as the backend's GEMM wants it (see _marks_nonfinite)."""
   dtype = qtype_dtype(qk.qtype)
+  if _quantizes_natively(qk, backend):
+    inv = None if qk.inv_smooth is None else qk.inv_smooth.astype(jnp.float32)
+    return cpu_kernels.quantize_rows(x2d.astype(jnp.float32), inv)
   if backend in ("xla", "cpu"):
     nonfinite = "mark" if _marks_nonfinite(qk, backend) else "scale"
     return ref.quantize_rows_ref(x2d, qk.inv_smooth, dtype=dtype, scale=qk.act_scale, nonfinite=nonfinite)

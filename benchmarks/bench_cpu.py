@@ -11,8 +11,8 @@ fit in L3), and a 16 MiB int8 weight would otherwise stay in this CPU's 32 MiB L
 calls while the 64 MiB f32 one cannot.
 
 Columns: "w8a8 XLA" is w8a8_dot with backend="xla" (XLA's int8 dot); "native" columns use
-backend="cpu" (cpu_kernels' AVX512-VNNI GEMM; quantize pass and epilogue are XLA fusions
-in both). "bare" = the int8 x int8 -> int32 GEMM alone on pre-quantized operands: the
+backend="cpu" (cpu_kernels' AVX512-VNNI GEMM). In both, dynamic quantization is the native
+cpu_kernels.quantize_rows; static's quantize pass and the epilogue are XLA fusions. "bare" = the int8 x int8 -> int32 GEMM alone on pre-quantized operands: the
 ceiling the quantize pass and epilogue eat into (XLA's at M = 1 is its int8 matrix-vector
 path, which w8a8_dot avoids by padding to two rows). GOP/s counts 2*M*K*N. Memory is
 XLA's own accounting of the compiled program (arguments + outputs + temporaries), in MiB.

@@ -56,14 +56,63 @@ def quantize_by_layer(params, stats, cfg: aq.QuantConfig, num_layers: int):
   return {"params": root}
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_size_args(ap, layers: int = 16):
+  """The model-size options: Llama-3.2-1B shapes, `layers` decoder layers by default."""
   ap.add_argument("--hidden", type=int, default=2048)
-  ap.add_argument("--layers", type=int, default=16)
+  ap.add_argument("--layers", type=int, default=layers)
   ap.add_argument("--heads", type=int, default=32)
   ap.add_argument("--kv-heads", type=int, default=8)
   ap.add_argument("--ffn", type=int, default=8192)
   ap.add_argument("--vocab", type=int, default=32000)
+
+
+def llama_config(args) -> L.LlamaConfig:
+  return L.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
+                       num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
+                       rope_theta=500000.0, max_position=8192, tie_word_embeddings=True)
+
+
+def calib_batches(cfg: L.LlamaConfig, n: int = 2, length: int = 128):
+  return [jnp.asarray(np.random.default_rng(i).integers(0, cfg.vocab_size, (1, length)), jnp.int32) for i in range(n)]
+
+
+def build_variants(cfg: L.LlamaConfig, log, t0: float, bf16: bool = True) -> dict:
+  """Random-init params, calibrated on calib_batches, and the variants to time: name ->
+  (apply, params, module): f32, bf16 (if `bf16`), W8A8 dynamic and static (alpha 0.5)."""
+  model = L.LlamaForCausalLM(cfg)
+  bf16_model = L.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  log(f"random-init Llama: {cfg.num_params / 1e9:.2f}B params, f32 {nbytes(params) / 2**30:.2f} GiB "
+      f"({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+  stats = aq.calibrate(model, params, calib_batches(cfg), progress=False)
+  log(f"calibrated {len(stats)} layers ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+  variants = {"f32": (model.apply, params, model)}
+  if bf16:
+    variants["bf16"] = (bf16_model.apply, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), bf16_model)
+  q_apply = aq.quantized_apply(model)
+  for mode in ("dynamic", "static"):
+    qp = quantize_by_layer(params, stats, aq.QuantConfig(act_mode=mode, alpha=0.5), cfg.num_layers)
+    variants[f"W8A8 {mode}"] = (q_apply, qp, model)
+    log(f"quantized W8A8 {mode} ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
+  return variants
+
+
+def decode_fns(variants: dict, ids, steps: int):
+  """Each variant's prompt `ids` (B, T) prefilled into a fresh cache, and a call running
+  `steps` greedy steps from there (one jitted scan) -> (tokens (B, steps), cache): the
+  (fns, args) for interleaved_medians, and the prefill's last logits {name: (B, vocab)}."""
+  fns, fargs, first = {}, {}, {}
+  for n, (apply, p, m) in variants.items():
+    cache = L.init_cache(m, ids.shape[0], ids.shape[1] + steps)
+    first[n], cache = L.prefill(apply, p, cache, ids)
+    fns[n] = lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), steps)
+    fargs[n] = (p, cache, first[n])
+  return fns, fargs, first
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_size_args(ap)
   ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
   ap.add_argument("--steps", type=int, default=8, help="decode steps timed per call")
   ap.add_argument("--prefill", type=int, default=2048, help="prefill prompt length (batch 1)")
@@ -73,39 +122,15 @@ def main():
   log = lambda s: print(s, file=sys.stderr, flush=True)
   t0 = time.perf_counter()
 
-  cfg = L.LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads,
-                      num_kv_heads=args.kv_heads, head_dim=args.hidden // args.heads, intermediate_size=args.ffn,
-                      rope_theta=500000.0, max_position=8192, tie_word_embeddings=True)
-  model = L.LlamaForCausalLM(cfg)
-  bf16_model = L.LlamaForCausalLM(cfg, param_dtype=jnp.bfloat16)
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  log(f"random-init Llama: {cfg.num_params / 1e9:.2f}B params, f32 {nbytes(params) / 2**30:.2f} GiB "
-      f"({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
-  calib = [jnp.asarray(np.random.default_rng(i).integers(0, cfg.vocab_size, (1, 128)), jnp.int32) for i in range(2)]
-  stats = aq.calibrate(model, params, calib, progress=False)
-  log(f"calibrated {len(stats)} layers ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
-  variants = {
-      "f32": (model.apply, params, model),
-      "bf16": (bf16_model.apply, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), bf16_model),
-  }
-  q_apply = aq.quantized_apply(model)
-  for mode in ("dynamic", "static"):
-    qp = quantize_by_layer(params, stats, aq.QuantConfig(act_mode=mode, alpha=0.5), cfg.num_layers)
-    variants[f"W8A8 {mode}"] = (q_apply, qp, model)
-    log(f"quantized W8A8 {mode} ({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")
-  del stats
+  cfg = llama_config(args)
+  variants = build_variants(cfg, log, t0)
   result = dict(config=cfg.to_hf(), params=cfg.num_params, device=jax.devices()[0].device_kind,
                 param_bytes={n: nbytes(v[1]) for n, v in variants.items()}, decode={}, prefill={})
 
   prompt = 128
   for b in args.batches:
     ids = jnp.asarray(np.random.default_rng(b).integers(0, cfg.vocab_size, (b, prompt)), jnp.int32)
-    fns, fargs = {}, {}
-    for n, (apply, p, m) in variants.items():
-      cache = L.init_cache(m, b, prompt + args.steps)
-      logits, cache = L.prefill(apply, p, cache, ids)
-      fns[n] = lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), args.steps)
-      fargs[n] = (p, cache, logits)
+    fns, fargs, _ = decode_fns(variants, ids, args.steps)
     t = interleaved_medians(fns, fargs, rounds=args.rounds)
     result["decode"][b] = {n: b * args.steps / s for n, s in t.items()}
     del fargs

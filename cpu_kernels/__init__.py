@@ -1,5 +1,8 @@
-"""Native CPU kernels for W8A8 off the GPU: an int8 GEMM with AVX512-VNNI (s8_gemm.cc),
-called from jitted code as an XLA FFI custom call.
+"""Native CPU kernels for W8A8 off the GPU (s8_gemm.cc, AVX512), called from jitted code
+as XLA FFI custom calls: an int8 GEMM with AVX512-VNNI (s8_gemm), the dynamic per-row
+int8 quantize pass (quantize_rows: one read of x where XLA makes a reduction and an
+elementwise fusion, each recomputing x's producer), and the non-finite-row scan of an
+int8 x (marked_rows).
 
 XLA's own int8 dot on CPU reaches only about 1.3-1.7x its f32 GEMM rate; vpdpbusd does 4x
 the multiply-adds of an f32 FMA per instruction. The kernel computes exactly what
@@ -33,6 +36,7 @@ import jax.numpy as jnp
 _SOURCE = Path(__file__).with_name("s8_gemm.cc")
 _TARGET = "actquant_s8_gemm"
 _MARKED_TARGET = "actquant_marked_rows"
+_QUANTIZE_TARGET = "actquant_quantize_rows"
 MAX_K = 65536  # the u8-offset intermediate 255 * 128 * K stays below 2^31
 
 
@@ -132,6 +136,7 @@ def _load() -> tuple[bool, str]:
     return False, "the CPU lacks AVX512-VNNI (avx512f/bw/vl/vnni)"
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ActquantS8Gemm), platform="cpu")
   jax.ffi.register_ffi_target(_MARKED_TARGET, jax.ffi.pycapsule(lib.ActquantMarkedRows), platform="cpu")
+  jax.ffi.register_ffi_target(_QUANTIZE_TARGET, jax.ffi.pycapsule(lib.ActquantQuantizeRows), platform="cpu")
   return True, ""
 
 
@@ -182,3 +187,22 @@ def marked_rows(xq: jax.Array) -> jax.Array:
     raise RuntimeError(f"marked_rows is not available here: {why}")
   return jax.ffi.ffi_call(_MARKED_TARGET, jax.ShapeDtypeStruct(xq.shape[:1], jnp.float32),
                           vmap_method="sequential")(xq)
+
+
+def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Dynamic per-row int8 quantization of f32 x (M, K), one native pass over memory:
+  (xq (M, K) int8, sx (M,) f32), bit for bit reference.quantize_rows_ref(x, inv_smooth)
+  (dynamic, int8). A row holding NaN or Inf gets sx = NaN and every element
+  reference.NONFINITE_MARK. CPU only."""
+  if x.ndim != 2 or x.dtype != jnp.float32:
+    raise ValueError(f"quantize_rows: expected a float32 (M, K) array, got {x.dtype} {x.shape}")
+  if inv_smooth is None:
+    inv_smooth = jnp.ones(x.shape[1:], jnp.float32)  # |1| / 127 and 1 * (1 / sx): the same numbers
+  elif inv_smooth.shape != x.shape[1:] or inv_smooth.dtype != jnp.float32:
+    raise ValueError(f"quantize_rows: inv_smooth must be float32 ({x.shape[1]},), got {inv_smooth.dtype} "
+                     f"{inv_smooth.shape}")
+  ok, why = _load()
+  if not ok:
+    raise RuntimeError(f"quantize_rows is not available here: {why}")
+  out = (jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(x.shape[:1], jnp.float32))
+  return tuple(jax.ffi.ffi_call(_QUANTIZE_TARGET, out, vmap_method="sequential")(x, inv_smooth))

@@ -23,6 +23,9 @@
 // Work is split into chunks shared through an atomic counter by the calling thread and
 // XLA's intra-op thread pool.
 //
+// Also here: quantize_rows, the dynamic per-row int8 quantization of f32 x (see
+// QuantizeRows), and marked_rows, the mark scan alone.
+//
 // Compiled without -mavx512*: only the functions marked VNNI use those instructions, and
 // Python calls them only where actquant_cpu_has_vnni() says the CPU has them.
 
@@ -315,6 +318,52 @@ VNNI void PackedChunk(const int8_t* x, const uint8_t* packed, const int32_t* com
 
 // ---- Parallel loop over chunks: the calling thread and XLA's intra-op pool.
 
+// Dynamic per-row int8 quantization of f32 x (M, K), the numbers of
+// reference.quantize_rows_ref(x, inv_smooth, scale=None) bit for bit:
+//   c[k]  = |inv[k]| * f32(1/127);   amax = max_k |x[m, k]| * c[k]   (0 for K = 0)
+//   sx[m] = 1 if amax < FLT_MIN; amax if amax <= 2^126; else NaN
+//   xq    = saturate(round_half_even(x * (inv[k] * (1 / sx))))
+// A row holding NaN or Inf gets sx = NaN and every element -128 (the mark), so both the
+// scale and the mark signal it. One pass over memory: the second read of a row (K * 4
+// bytes) hits L1. XLA fuses a reduction and an elementwise pass separately, recomputing
+// x's producer in each (an erf GELU, three times over on MiniLM) or reading x twice.
+VNNI void QuantizeRows(const float* x, const float* inv, int64_t K, int64_t m0, int64_t m1, int8_t* xq,
+                       float* sx) {
+  const __m512 c_scalar = _mm512_set1_ps(static_cast<float>(1.0 / 127.0));
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * K;
+    int8_t* out = xq + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 t = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(t, row + k));
+      const __m512 c = _mm512_mul_ps(_mm512_abs_ps(_mm512_maskz_loadu_ps(t, inv + k)), c_scalar);
+      bad |= _mm512_mask_cmp_ps_mask(t, a, inf, _CMP_NLT_UQ);  // NaN or Inf
+      amax = _mm512_max_ps(amax, _mm512_mul_ps(a, c));
+    }
+    const float mx = _mm512_reduce_max_ps(amax);
+    float s = mx < std::numeric_limits<float>::min() ? 1.0f : mx;
+    if (bad || !(mx <= 0x1p126f)) s = std::numeric_limits<float>::quiet_NaN();
+    sx[m] = s;
+    if (s != s) {
+      std::memset(out, 0x80, K);
+      continue;
+    }
+    const __m512 r = _mm512_set1_ps(1.0f / s);
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 t = K - k >= 16 ? 0xffff : static_cast<__mmask16>((1u << (K - k)) - 1);
+      const __m512 f = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, inv + k), r);
+      __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(t, row + k), f);
+      y = _mm512_min_ps(_mm512_max_ps(y, lo), hi);
+      // cvtps rounds half to even (the default MXCSR mode); |y| <= 127 packs exactly.
+      _mm_mask_storeu_epi8(out + k, t, _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(y)));
+    }
+  }
+}
+
 struct Counters {
   int64_t chunks;
   std::function<void(int64_t)> body;
@@ -406,6 +455,28 @@ ffi::Error MarkedRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi:
   return ffi::Error::Success();
 }
 
+ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> inv_buf,
+                            ffi::ResultBuffer<ffi::S8> xq_buf, ffi::ResultBuffer<ffi::F32> sx_buf) {
+  auto xd = x_buf.dimensions(), id = inv_buf.dimensions();
+  if (xd.size() != 2 || id.size() != 1 || id[0] != xd[1]) {
+    return ffi::Error::InvalidArgument("actquant quantize_rows: expected x (M, K) and inv_smooth (K,)");
+  }
+  const int64_t M = xd[0], K = xd[1];
+  // Row blocks of about 64 KiB of x: enough work per chunk, and both cores busy at M >= 2 * rows.
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1));
+  const int64_t blocks = (M + rows - 1) / rows;
+  const float* x = x_buf.typed_data();
+  const float* inv = inv_buf.typed_data();
+  int8_t* xq = xq_buf->typed_data();
+  float* sx = sx_buf->typed_data();
+  if (blocks > 0) {
+    ParallelFor(pool, blocks, [&](int64_t c) {
+      QuantizeRows(x, inv, K, c * rows, std::min(M, (c + 1) * rows), xq, sx);
+    });
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantMarkedRows, MarkedRowsImpl,
@@ -420,4 +491,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantS8Gemm, S8GemmImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantQuantizeRows, QuantizeRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

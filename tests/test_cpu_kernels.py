@@ -1,5 +1,6 @@
 """cpu_kernels.s8_gemm (AVX512-VNNI) against XLA's int8 dot: bit-exact, ragged shapes; its
-marked-row flags against reference.marked_rows_ref."""
+marked-row flags against reference.marked_rows_ref; cpu_kernels.quantize_rows against
+reference.quantize_rows_ref, bit for bit."""
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +70,62 @@ def test_empty_and_batched(rng):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(ref.accumulate_ref, in_axes=(0, None))(x, w)))
 
 
+quantize = jax.jit(cpu_kernels.quantize_rows)
+quantize_ref = jax.jit(lambda x, inv: ref.quantize_rows_ref(x, inv))
+
+
+# K: one 16-lane step, masked tails, MiniLM's widths; M: one row, a row block's edge
+# (16384 / K rows per block), several blocks. Values spread over 1e-3..1e3 per row, and
+# rows whose scale is clamped (all zero, subnormal) or huge.
+@needs_kernel
+@pytest.mark.parametrize("m,k", [(1, 1), (2, 16), (3, 17), (5, 33), (43, 384), (11, 1536), (40, 1000), (1, 70000)])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_quantize_rows_matches_reference(m, k, smooth, rng):
+  x = rng.standard_normal((m, k)).astype(np.float32) * np.exp(rng.uniform(-7, 7, (m, 1))).astype(np.float32)
+  if m >= 3:
+    x[1] = 0.0
+    x[2] = 1e-40  # subnormal: scale 1
+  if m >= 5:
+    x[4, k // 2] = 3e38
+  inv = jnp.asarray(np.exp(rng.uniform(-3, 3, k)).astype(np.float32)) if smooth else None
+  xq, sx = quantize(jnp.asarray(x), inv)
+  xq_ref, sx_ref = quantize_ref(jnp.asarray(x), inv)
+  np.testing.assert_array_equal(np.asarray(sx), np.asarray(sx_ref))
+  np.testing.assert_array_equal(np.asarray(xq), np.asarray(xq_ref))
+
+
+# A NaN or Inf anywhere (first lane, masked tail, last element) makes its row's scale NaN
+# (as the reference's) and marks the whole row; the other rows are untouched.
+@needs_kernel
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_rows_signals_nonfinite_rows(bad, rng):
+  m, k = 6, 37
+  x = rng.standard_normal((m, k)).astype(np.float32)
+  for row, col in {0: 0, 2: 33, 5: k - 1}.items():
+    x[row, col] = bad
+  xq, sx = quantize(jnp.asarray(x), None)
+  xq_ref, sx_ref = quantize_ref(jnp.asarray(x), None)
+  rows = np.isin(np.arange(m), [0, 2, 5])
+  assert np.isnan(np.asarray(sx)[rows]).all() and np.isnan(np.asarray(sx_ref)[rows]).all()
+  assert (np.asarray(xq)[rows] == ref.NONFINITE_MARK).all()
+  np.testing.assert_array_equal(np.asarray(sx)[~rows], np.asarray(sx_ref)[~rows])
+  np.testing.assert_array_equal(np.asarray(xq)[~rows], np.asarray(xq_ref)[~rows])
+  np.testing.assert_array_equal(np.asarray(ref.marked_rows_ref(xq)), np.where(rows, np.nan, 0).astype(np.float32))
+
+
+@needs_kernel
+def test_quantize_rows_empty_and_batched(rng):
+  xq, sx = quantize(jnp.zeros((0, 8), jnp.float32), None)
+  assert xq.shape == (0, 8) and sx.shape == (0,)
+  xq, sx = quantize(jnp.zeros((3, 0), jnp.float32), None)
+  np.testing.assert_array_equal(np.asarray(sx), np.ones(3, np.float32))
+  x = jnp.asarray(rng.standard_normal((3, 4, 40)).astype(np.float32))
+  got = jax.vmap(cpu_kernels.quantize_rows)(x)
+  want = jax.vmap(lambda v: ref.quantize_rows_ref(v))(x)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_bad_inputs():
   with pytest.raises(ValueError, match="expected xq \\(M, K\\) and wq \\(N, K\\)"):
     cpu_kernels.s8_gemm(jnp.zeros((2, 8), jnp.int8), jnp.zeros((4, 9), jnp.int8))
@@ -76,6 +133,10 @@ def test_bad_inputs():
     cpu_kernels.s8_gemm(jnp.zeros((2, 8), jnp.float32), jnp.zeros((4, 8), jnp.int8))
   with pytest.raises(ValueError, match="marked_rows: expected an int8 \\(M, K\\)"):
     cpu_kernels.marked_rows(jnp.zeros((2, 8), jnp.float32))
+  with pytest.raises(ValueError, match="quantize_rows: expected a float32 \\(M, K\\)"):
+    cpu_kernels.quantize_rows(jnp.zeros((2, 8), jnp.bfloat16))
+  with pytest.raises(ValueError, match="inv_smooth must be float32 \\(8,\\)"):
+    cpu_kernels.quantize_rows(jnp.zeros((2, 8), jnp.float32), jnp.ones(9, jnp.float32))
   with pytest.raises(ValueError, match="overflow"):
     cpu_kernels.s8_gemm(jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8), jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8))
 

@@ -163,6 +163,24 @@ def test_auto_backend_on_cpu_runs_the_native_gemm_where_it_can():
   assert not _runs_native_gemm("int8", cpu_kernels.MAX_K + 1)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU quantize pass")
+@pytest.mark.parametrize("backend", ["auto", "xla", "cpu"])
+def test_dynamic_int8_on_cpu_quantizes_in_one_native_pass(backend):
+  # Dynamic int8: cpu_kernels.quantize_rows (its numbers: test_cpu_paths_are_bit_identical).
+  # Static: an elementwise pass XLA fuses into x's producer; fp8: XLA.
+  import cpu_kernels
+  if not cpu_kernels.available():
+    pytest.skip(cpu_kernels.unavailable_reason())
+  def native(qtype="int8", act_scale=None):
+    qk = aq.quantize_kernel(jnp.ones((64, 8)), qtype, act_scale=act_scale, inv_smooth=jnp.full(64, 0.5))
+    f = functools.partial(aq.w8a8_dot, backend=backend)
+    return "actquant_quantize_rows" in str(jax.jit(f).lower(jnp.ones((300, 64)), qk).as_text())
+  assert native()
+  assert not native(act_scale=0.05)
+  if backend != "cpu":
+    assert not native("float8_e4m3fn")
+
+
 def test_backend_errors_name_the_fix():
   with pytest.raises(aq.BackendError, match="int8 kernel"):
     ops.resolve_backend("cpu", qtype="float8_e4m3fn")

@@ -49,13 +49,25 @@ class BertLayer(nn.Module):
     b, t, d = x.shape
     hd = d // c.num_heads
     heads = lambda y: y.reshape(b, t, c.num_heads, hd).transpose(0, 2, 1, 3)
-    q = heads(nn.Dense(d, name="query")(x))
+    # 1/sqrt(hd) on q (B, T, D), not on the (B, H, T, T) scores: XLA CPU materializes a
+    # scalar that multiplies inside the YNNPACK attention fusion as a full scores-sized tensor.
+    q = heads(nn.Dense(d, name="query")(x) * np.float32(1 / np.sqrt(hd)))
     k = heads(nn.Dense(d, name="key")(x))
     v = heads(nn.Dense(d, name="value")(x))
-    w = jax.nn.softmax(q @ k.swapaxes(-1, -2) / np.sqrt(hd).astype(np.float32) + bias, axis=-1)
-    ctx = (w @ v).transpose(0, 2, 1, 3).reshape(b, t, d)
+    s = q @ k.swapaxes(-1, -2) + bias
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    # softmax(s) @ v, normalized on the context (b, h, t, hd) rather than on the scores:
+    # t / hd times fewer divides, and XLA CPU then runs QK^T, exp and PV as one tiled
+    # fusion (2x faster than dividing the (b, h, t, t) scores).
+    ctx = ((p @ v) / jnp.sum(p, axis=-1, keepdims=True)).transpose(0, 2, 1, 3).reshape(b, t, d)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="attention_ln")(x + nn.Dense(d, name="attention_out")(ctx))
-    h = nn.gelu(nn.Dense(c.intermediate_size, name="intermediate")(x), approximate=False)  # HF "gelu" is erf
+    h = nn.Dense(c.intermediate_size, name="intermediate")(x)
+    # HF's "gelu" as torch computes it, x/2 (1 + erf(x/sqrt 2)): jax.nn.gelu's erfc form
+    # costs XLA CPU an exp per element. 1 + erf(x/sqrt 2) is exactly 0 in f32 below x = -6,
+    # so the where() changes no value; it keeps XLA CPU from fusing the GELU into the
+    # YNNPACK GEMM, which materializes the constants as (B, T, 1536) tensors there.
+    # (Measured in one process: W8A8 dynamic 397 -> 356 ms, FP32 954 -> 789 ms.)
+    h = jnp.where(h > -10.0, h * 0.5 * (1.0 + jax.lax.erf(h * np.float32(1 / np.sqrt(2)))), 0.0)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, name="output_ln")(x + nn.Dense(d, name="output")(h))
 
 
