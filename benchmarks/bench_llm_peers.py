@@ -15,7 +15,8 @@ call runs `--steps` greedy steps from that cache: ours one jitted scan (bench_ll
 decode_fns), torch a Python loop of forwards through its DynamicCache (cropped back to
 the prompt at the start of each call) under torch.inference_mode, torch limited to
 --threads threads (XLA's CPU client uses every core). Systems are timed round-robin
-(benchmarks/timing.interleaved_medians, medians of --rounds rounds); tokens/s is over the
+(benchmarks/timing.interleaved_medians, medians of --rounds rounds, a 0.1 s pause before
+each call so the previous system's spinning worker threads have stopped); tokens/s is over the
 batch. Accuracy: the share of greedy tokens identical to ours f32's (once a sequence
 differs, it continues from a different prefix), and the max abs difference of the
 prefill's last logits to ours f32's (torch fp32: the two implementations agree).
@@ -38,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from actquant_jax.models import llama as L  # noqa: E402
 from benchmarks.bench_llm import add_size_args, build_variants, decode_fns, llama_config  # noqa: E402
+from benchmarks.bench_peers import PAUSE_S  # noqa: E402
 from benchmarks.timing import interleaved_medians, print_table  # noqa: E402
 
 
@@ -114,7 +116,7 @@ def main():
     agree[b] = {n: float(np.mean(toks[n] == toks["ours f32"])) for n in names}
     diff[b] = {n: float(np.max(np.abs(first[n] - first["ours f32"]))) for n in names}
     loads.append(os.getloadavg()[0])
-    t = interleaved_medians(fns, fargs, rounds=args.rounds)
+    t = interleaved_medians(fns, fargs, rounds=args.rounds, before=lambda: time.sleep(PAUSE_S))
     loads.append(os.getloadavg()[0])
     tps[b] = {n: b * args.steps / s for n, s in t.items()}
     del fargs

@@ -9,7 +9,8 @@ Every system embeds the same sentences with the same tokenizer and the same weig
 Accuracy: 1 - mean cosine of each sentence embedding to the FP32 embedding (PyTorch
 `transformers`, the model's own implementation; the Flax port matches it to ~1e-7) over
 the evaluation sentences. Time: one forward of 64 sentences x 128 tokens, every system
-timed round-robin (one call of each per round, medians of --rounds rounds), torch and
+timed round-robin (one call of each per round, after a 0.1 s pause; medians of --rounds
+rounds), torch and
 ONNX Runtime limited to --threads threads (XLA's CPU client uses every core; the
 default, 2, is this machine's core count). ONNX models are exported with
 `torch.onnx.export` (dynamo) and quantized with `onnxruntime.quantization.quantize_dynamic`
@@ -19,6 +20,7 @@ default, 2, is this machine's core count). ONNX models are exported with
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
@@ -32,12 +34,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
+from actquant_jax.models.bert import load_minilm, minilm_dir  # noqa: E402
 from benchmarks.timing import print_table  # noqa: E402
 from examples.minilm.run import batched, read_sentences  # noqa: E402
 
 
+# Before each timed call: the previous system's worker threads (OpenMP, ORT's pool) spin
+# a while after their last task, which would tax the next system on this 2-core machine.
+PAUSE_S = 0.1
+
+
 def _require_peers():
-  missing = [m for m in ("torch", "onnxruntime", "onnx", "onnxscript") if __import__("importlib").util.find_spec(m) is None]
+  missing = [m for m in ("torch", "onnxruntime", "onnx", "onnxscript", "transformers")
+             if importlib.util.find_spec(m) is None]
   if missing:
     raise SystemExit(f"bench_peers needs {', '.join(missing)}: pip install -e '.[peers]' torch==2.13.0 "
                      "(the CPU build of torch; `make bench-peers` does both)")
@@ -93,7 +102,7 @@ def main():
   torch.set_num_threads(args.threads)
   log = lambda s: print(s, file=sys.stderr, flush=True)
 
-  mm = aq_models_minilm()
+  mm = load_minilm()
   evals = read_sentences("evaluation.txt", args.eval)
   eval_batches = batched(mm, evals)
   speed = mm.tokenize((read_sentences("evaluation.txt") * 2)[:64], max_len=128, pad_to=128)
@@ -102,7 +111,7 @@ def main():
 
   # name -> (embed(batch dict of numpy int32) -> (B, D) numpy, timed call on the speed batch)
   systems = {}
-  enc = torch_encoder(mm_dir())
+  enc = torch_encoder(minilm_dir())
 
   def torch_system(module):
     def run(b):
@@ -119,7 +128,7 @@ def main():
                         ("torch quantize_dynamic per-channel", torch.per_channel_affine)):
     qconfig = (torch.ao.quantization.default_dynamic_qconfig if qscheme == torch.per_tensor_affine
                else torch.ao.quantization.per_channel_dynamic_qconfig)
-    qenc = torch.ao.quantization.quantize_dynamic(torch_encoder(mm_dir()), {torch.nn.Linear: qconfig}, dtype=torch.qint8)
+    qenc = torch.ao.quantization.quantize_dynamic(torch_encoder(minilm_dir()), {torch.nn.Linear: qconfig}, dtype=torch.qint8)
     systems[name] = torch_system(qenc)
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -169,6 +178,7 @@ def main():
   load = os.getloadavg()[0]
   for _ in range(args.rounds):
     for name, (_, timed) in systems.items():
+      time.sleep(PAUSE_S)
       t = time.perf_counter()
       timed()
       times[name].append(time.perf_counter() - t)
@@ -181,16 +191,6 @@ def main():
   rows = [[name, f"{ms[name]:.0f}", f"{ms[name] / ort_int8:.2f}x" if ort_int8 else "-", f"{errors[name]:.1e}"]
           for name in systems]
   print_table(["system", "ms", "time vs ORT int8", "1 - mean cos"], rows, left_first=True)
-
-
-def aq_models_minilm():
-  from actquant_jax.models.bert import load_minilm
-  return load_minilm()
-
-
-def mm_dir():
-  from actquant_jax.models.bert import minilm_dir
-  return minilm_dir()
 
 
 def cpu_model() -> str:

@@ -6,10 +6,12 @@
 Runs the jitted forward of 64 sentences x 128 tokens (the speed batch of `make demo`)
 under `jax.profiler` for --reps calls per mode, reads the trace's per-thunk times and
 classifies each top-level op of the compiled HLO by what it computes: its output type,
-the opcodes inside its fusion, its custom-call target. A fusion that recomputes a
-producer (XLA CPU duplicates cheap elementwise producers into each consumer fusion) is
-counted under its own class: the GELU that a quantize fusion recomputes is quantize time.
-Milliseconds per forward (the profiler adds a few percent).
+the opcodes inside its fusion, its custom-call target. XLA CPU duplicates elementwise
+producers into their consumer fusions: a fusion that writes int8 is quantize time even
+where it recomputes the GELU before it (static mode), and any other fusion holding an erf
+is GELU time (the base's absmax fusions recomputed it). Thunks that XLA runs concurrently
+(a native custom call beside a GEMM) both count their wall time. Milliseconds per forward
+(the profiler adds a few percent).
 """
 
 from __future__ import annotations
