@@ -8,7 +8,7 @@ every system with the same weights, in one process.
   python benchmarks/bench_llm_peers.py --layers 8 --batches 1 8 --threads 2
 
 The model is bench_llm.py's (llama_config, build_variants: random init, W8A8 SmoothQuant
-0.5 calibrated on two random 128-token batches, quantized layer by layer); the HF
+0.5 calibrated on two random 128-token batches, every weight matmul int8, the tied head too); the HF
 `LlamaForCausalLM` gets the same weights (models.llama.params_to_hf, LlamaConfig.to_hf).
 Every system prefills the same `--prompt` random token ids once (untimed), then a timed
 call runs `--steps` greedy steps from that cache: ours one jitted scan (bench_llm's
