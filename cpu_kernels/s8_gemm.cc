@@ -316,7 +316,7 @@ VNNI void PackedChunk(const int8_t* x, const uint8_t* packed, const int32_t* com
   }
 }
 
-// ---- Parallel loop over chunks: the calling thread and XLA's intra-op pool.
+// ---- Dynamic per-row int8 quantization.
 
 // Dynamic per-row int8 quantization of f32 x (M, K), the numbers of
 // reference.quantize_rows_ref(x, inv_smooth, scale=None) bit for bit:
@@ -363,6 +363,8 @@ VNNI void QuantizeRows(const float* x, const float* inv, int64_t K, int64_t m0, 
     }
   }
 }
+
+// ---- Parallel loop over chunks: the calling thread and XLA's intra-op pool.
 
 struct Counters {
   int64_t chunks;
