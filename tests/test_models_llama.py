@@ -41,6 +41,19 @@ def test_committed_reference_logits():
   np.testing.assert_allclose(cached_logits(lm.model.apply, lm.model, lm.params, ids, n, max_len=16), steps, atol=1e-4)
 
 
+def test_logits_to_keep_computes_only_the_last_positions():
+  # What prefill asks for: the head runs on the kept positions only (its output shape),
+  # with the numbers of the full pass, float and W8A8.
+  lm = L.load_llama(mr.TINY_DIR)
+  ids = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 9)), jnp.int32)
+  qparams = aq.quantize_params(lm.params, aq.calibrate(lm.model, lm.params, [ids], progress=False), aq.QuantConfig())
+  for apply, params in ((lm.model.apply, lm.params), (aq.quantized_apply(lm.model), qparams)):
+    full = jax.jit(apply)(params, ids)
+    last = jax.jit(lambda p, i, apply=apply: apply(p, i, logits_to_keep=3))(params, ids)
+    assert last.shape == (2, 3, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -3:]), atol=1e-5)
+
+
 @needs_torch
 @pytest.mark.parametrize("arch", ["llama", "llama-linear", "mistral", "qwen2"])
 def test_matches_transformers(arch, tmp_path):

@@ -298,12 +298,14 @@ class LlamaForCausalLM(nn.Module):
 
   decode=False: one causal pass over positions 0..T-1 (training, perplexity,
   calibration). decode=True: through the KV cache (pass the cache and mutable=["cache"]).
+  logits_to_keep > 0: the logits of the last that many positions only (B, n, vocab), as
+  in transformers: a prefill needs one, and the (T, vocab) head is its largest matmul.
   """
   cfg: LlamaConfig
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, decode: bool = False):
+  def __call__(self, input_ids, decode: bool = False, logits_to_keep: int = 0):
     c = self.cfg
     b, t = input_ids.shape
     embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
@@ -312,7 +314,7 @@ class LlamaForCausalLM(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
     for i in range(c.num_layers):
       x = DecoderLayer(c, name=f"layers_{i}")(x, positions, decode)
-    x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm")(x)
+    x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm")(x[:, -logits_to_keep:] if logits_to_keep else x)
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:
@@ -339,7 +341,7 @@ def _apply_fn(apply: Callable | nn.Module) -> Callable:
 def prefill(apply, params, cache, input_ids):
   """Run the prompt through the cache. -> (logits of the last position (B, vocab), cache)."""
   variables = {**params, "cache": cache}
-  logits, new = apply(variables, input_ids, decode=True, mutable=["cache"])
+  logits, new = apply(variables, input_ids, decode=True, logits_to_keep=1, mutable=["cache"])
   return logits[:, -1], new["cache"]
 
 
