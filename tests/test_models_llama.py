@@ -52,6 +52,8 @@ def test_logits_to_keep_computes_only_the_last_positions():
     last = jax.jit(lambda p, i, apply=apply: apply(p, i, logits_to_keep=3))(params, ids)
     assert last.shape == (2, 3, full.shape[-1])
     np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -3:]), atol=1e-5)
+  with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+    lm.model.apply(lm.params, ids, logits_to_keep=-1)
 
 
 @needs_torch

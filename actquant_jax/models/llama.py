@@ -308,6 +308,9 @@ class LlamaForCausalLM(nn.Module):
   def __call__(self, input_ids, decode: bool = False, logits_to_keep: int = 0):
     c = self.cfg
     b, t = input_ids.shape
+    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+      raise ValueError(f"LlamaForCausalLM: logits_to_keep must be an int >= 0 (0: every position), "
+                       f"got {logits_to_keep!r}")
     embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02))
     x = embed(input_ids)
