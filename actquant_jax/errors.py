@@ -48,3 +48,9 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
 
 class CheckpointTypeError(CheckpointError, TypeError):
   """save_checkpoint: the tree holds a node type a checkpoint cannot hold."""
+
+
+class ModelConfigError(ActquantError, ValueError):
+  """A checkpoint (config.json, GGUF metadata or weights) asks for something the bundled
+  model code does not implement: an unknown field that changes the math, an unsupported
+  value, a missing or leftover tensor. Never a silent default."""

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import math
-import struct
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +30,10 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
+
+from actquant_jax.errors import ModelConfigError
+from actquant_jax.models import hf_config
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE = ("default", "linear", "llama3")
@@ -58,11 +61,11 @@ class LlamaConfig:
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"LlamaConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
-                       f"({self.num_kv_heads})")
+      raise ModelConfigError(f"LlamaConfig: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
     rope_type = self.rope_scaling_dict.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE:
-      raise ValueError(f"LlamaConfig: unsupported rope_scaling type {rope_type!r} (supported: {SUPPORTED_ROPE})")
+      raise ModelConfigError(f"LlamaConfig: unsupported rope type {rope_type!r} (supported: {SUPPORTED_ROPE})")
 
   @property
   def rope_scaling_dict(self) -> dict:
@@ -70,32 +73,37 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, cfg: dict) -> "LlamaConfig":
-    """From a Hugging Face config.json dict (model_type llama, mistral or qwen2)."""
+    """From a Hugging Face config.json dict (model_type llama, mistral or qwen2), as
+    transformers 4.x or 5.x writes it. A field that may change the math and is not
+    implemented here raises ModelConfigError (hf_config.check_fields)."""
     arch = cfg.get("model_type")
+    where = f"config.json ({arch})"
     if arch not in SUPPORTED_ARCHS:
-      raise ValueError(f"config.json: unsupported model_type {arch!r} (supported: {SUPPORTED_ARCHS})")
+      raise ModelConfigError(f"config.json: unsupported model_type {arch!r} (supported: {SUPPORTED_ARCHS})")
+    hf_config.check_fields(cfg, _IMPLEMENTED[arch], where)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-      raise ValueError(f"config.json: unsupported hidden_act {act!r} (the Llama family uses 'silu')")
+      raise ModelConfigError(f"{where}: unsupported hidden_act {act!r} (the Llama family uses 'silu')")
+    if cfg.get("rope_interleaved", False):
+      raise ModelConfigError(f"{where}: rope_interleaved=true is not implemented (HF's rotate-half layout only)")
     heads = cfg["num_attention_heads"]
-    scaling = dict(cfg.get("rope_scaling") or {})
-    if scaling:
-      scaling["rope_type"] = scaling.get("rope_type", scaling.pop("type", "default"))
-      scaling.pop("type", None)
+    theta, scaling = hf_config.rope_from_hf(cfg, where)
     window = None
     if arch == "mistral":
       window = cfg.get("sliding_window")
-    elif arch == "qwen2" and cfg.get("use_sliding_window", False):
-      raise ValueError("config.json: Qwen2 use_sliding_window=true is not supported")
+    elif arch == "qwen2":
+      if cfg.get("use_sliding_window", False):
+        raise ModelConfigError(f"{where}: Qwen2 use_sliding_window=true is not implemented")
+      local = sorted(set(cfg.get("layer_types") or ()) - {"full_attention"})
+      if local:
+        raise ModelConfigError(f"{where}: layer_types {local} are not implemented (full_attention only)")
     attention_bias = bool(cfg.get("attention_bias", False))
     return cls(
         vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_layers=cfg["num_hidden_layers"],
         num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         intermediate_size=cfg["intermediate_size"], rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
-        rope_scaling=tuple(sorted((k, _hashable(v)) for k, v in scaling.items())),
-        max_position=cfg.get("max_position_embeddings", 4096),
+        rope_theta=theta, rope_scaling=scaling, max_position=cfg.get("max_position_embeddings", 4096),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or attention_bias, o_bias=attention_bias and arch != "qwen2",
         mlp_bias=bool(cfg.get("mlp_bias", False)), sliding_window=window, model_type=arch)
@@ -123,10 +131,11 @@ class LlamaConfig:
 
 
 _HF_ARCH = dict(llama="LlamaForCausalLM", mistral="MistralForCausalLM", qwen2="Qwen2ForCausalLM")
-
-
-def _hashable(v):
-  return tuple(v) if isinstance(v, list) else v
+_COMMON = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+           "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "hidden_act",
+           "tie_word_embeddings", "rope_interleaved"}
+_IMPLEMENTED = dict(llama=_COMMON | {"attention_bias", "mlp_bias"}, mistral=_COMMON | {"sliding_window"},
+                    qwen2=_COMMON | {"use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
 
 
 # ------------------------------------------------------------------ RoPE
@@ -284,13 +293,25 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """One pre-norm block; x -> (x, None) so that nn.scan can stack it (decode is static)."""
   cfg: LlamaConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, decode: bool):
+  def __call__(self, x, positions):
     eps = self.cfg.rms_norm_eps
-    x = x + Attention(self.cfg, name="self_attn")(nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions, decode)
-    return x + MLP(self.cfg, name="mlp")(nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x))
+    x = x + Attention(self.cfg, name="self_attn")(nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions,
+                                                  self.decode)
+    return x + MLP(self.cfg, name="mlp")(nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x)), None
+
+
+def scanned_layers(layer_cls, cfg, length: int, *, in_axes=nn.broadcast, name: str = "layers", **kw):
+  """`length` copies of layer_cls as one nn.scan: params and KV cache stacked on a leading
+  layer axis (params["layers"][...] of shape (L, ...)), the body traced and compiled once
+  whatever the depth. The body is called (x, *args) -> (x, None); in_axes says which args
+  are per layer (0) and which the same for all (nn.broadcast)."""
+  return nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+                 in_axes=in_axes, length=length)(cfg, name=name, **kw)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -315,8 +336,7 @@ class LlamaForCausalLM(nn.Module):
                      embedding_init=nn.initializers.normal(0.02))
     x = embed(input_ids)
     positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    for i in range(c.num_layers):
-      x = DecoderLayer(c, name=f"layers_{i}")(x, positions, decode)
+    x, _ = scanned_layers(DecoderLayer, c, c.num_layers, decode=decode)(x, positions)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm")(x[:, -logits_to_keep:] if logits_to_keep else x)
     if c.tie_word_embeddings:
       logits = embed.attend(x)
@@ -327,9 +347,9 @@ class LlamaForCausalLM(nn.Module):
 
 # ------------------------------------------------------------------ cache and generation
 
-def init_cache(model: LlamaForCausalLM, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(model: nn.Module, batch: int, max_len: int, dtype=None) -> dict:
   """Zero KV cache for `batch` sequences of up to `max_len` tokens (dtype: the params'
-  by default)."""
+  by default), of any bundled causal LM (its "cache" collection)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32),
                                              decode=True))["cache"]
   dtype = dtype or model.param_dtype
@@ -380,18 +400,19 @@ def decode_loop(apply, params, cache, first_logits, rng, steps: int, temperature
 
 
 def generate(apply, params, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-             rng=None, max_len: int | None = None, cache_dtype=None, model: LlamaForCausalLM | None = None):
+             rng=None, max_len: int | None = None, cache_dtype=None, model: nn.Module | None = None):
   """Generate `max_new_tokens` after the prompts input_ids (B, T) (equal lengths).
 
   apply: the model (its .apply is used), model.apply, or aq.quantized_apply(model) with
-  quantized params (then pass `model` too, for the cache shapes). -> tokens (B, max_new_tokens).
+  quantized params (then pass `model` too, for the cache shapes). Any bundled causal LM
+  (Llama family, Gemma 3). -> tokens (B, max_new_tokens).
   """
   if isinstance(apply, nn.Module):
     model, apply = apply, apply.apply
   if model is None:
     model = getattr(apply, "__self__", None)
-  if not isinstance(model, LlamaForCausalLM):
-    raise ValueError("generate: pass model=LlamaForCausalLM (needed for the cache shapes)")
+  if not isinstance(model, nn.Module) or not hasattr(model, "cfg"):
+    raise ValueError("generate: pass model= (the causal LM module: its cache shapes are needed)")
   input_ids = jnp.asarray(input_ids, jnp.int32)
   b, t = input_ids.shape
   max_len = max_len or t + max_new_tokens
@@ -405,47 +426,6 @@ def generate(apply, params, input_ids, max_new_tokens: int, *, temperature: floa
 
 
 # ------------------------------------------------------------------ safetensors
-
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-def read_safetensors(path) -> dict[str, np.ndarray]:
-  """{name: array} of a .safetensors file, memory-mapped (bf16 as ml_dtypes.bfloat16)."""
-  path = Path(path)
-  with open(path, "rb") as f:
-    n = struct.unpack("<Q", f.read(8))[0]
-    header = json.loads(f.read(n))
-  header.pop("__metadata__", None)
-  raw = np.memmap(path, np.uint8, "r", offset=8 + n) if header else np.zeros(0, np.uint8)
-  out = {}
-  for name, info in header.items():
-    if info["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"{path}: tensor {name}: unsupported dtype {info['dtype']}")
-    a, e = info["data_offsets"]
-    out[name] = raw[a:e].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-  return out
-
-
-def write_safetensors(path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-  """Write {name: array} as .safetensors (the format transformers reads)."""
-  header, offset, blobs = {}, 0, []
-  for name, arr in tensors.items():
-    arr = np.ascontiguousarray(arr)
-    blob = arr.tobytes()
-    header[name] = dict(dtype=_ST_NAMES[arr.dtype], shape=list(arr.shape), data_offsets=[offset, offset + len(blob)])
-    offset += len(blob)
-    blobs.append(blob)
-  if metadata:
-    header["__metadata__"] = metadata
-  h = json.dumps(header, separators=(",", ":")).encode()
-  h += b" " * (-len(h) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(h)) + h)
-    for blob in blobs:
-      f.write(blob)
-
 
 def read_checkpoint_weights(model_dir) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint dir: model.safetensors.index.json's shards, else every
@@ -463,45 +443,72 @@ def read_checkpoint_weights(model_dir) -> dict[str, np.ndarray]:
     raise FileNotFoundError(f"{d}: no *.safetensors weights (PyTorch .bin checkpoints are not read)")
   out = {}
   for f in files:
-    out.update(read_safetensors(d / f))
+    out.update(safetensors.numpy.load_file(str(d / f)))
   return out
 
 
 # ------------------------------------------------------------------ HF weights <-> params
 
-def params_from_hf(weights: dict, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
-  """HF state dict (name -> array) -> LlamaForCausalLM variables in `dtype`. Every tensor
-  must be used: missing names and leftovers raise."""
-  w = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-  cast = lambda a: jnp.asarray(np.asarray(a, np.float32) if np.dtype(a.dtype) != np.dtype(dtype) else a, dtype)
+def stack_layers(per_layer: list[dict]) -> dict:
+  """[layer i's param tree] -> one tree of (L, ...) arrays (the scanned layers' layout)."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
-  def linear(name, bias):
-    d = {"kernel": cast(np.asarray(w.pop(f"{name}.weight")).T)}  # torch Linear is (out, in)
+
+def unstack_layers(stacked: dict, num_layers: int) -> list[dict]:
+  return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)]
+
+
+class TensorSource:
+  """Pops HF-named tensors from a state dict, cast to `dtype`; `finish` raises on leftovers:
+  every tensor of a checkpoint is used or the load fails (ModelConfigError, naming it)."""
+
+  def __init__(self, weights: dict, dtype, where: str):
+    self.w = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+    self.dtype, self.where = dtype, where
+
+  def _cast(self, a):
+    a = np.asarray(a)
+    return jnp.asarray(a if a.dtype == np.dtype(self.dtype) else a.astype(np.float32), self.dtype)
+
+  def pop(self, name: str, transpose: bool = False):
+    if name not in self.w:
+      raise ModelConfigError(f"{self.where}: missing tensor {name!r}")
+    a = np.asarray(self.w.pop(name))
+    return self._cast(a.T if transpose else a)
+
+  def linear(self, name: str, bias: bool) -> dict:
+    d = {"kernel": self.pop(f"{name}.weight", transpose=True)}  # torch Linear is (out, in)
     if bias:
-      d["bias"] = cast(w.pop(f"{name}.bias"))
+      d["bias"] = self.pop(f"{name}.bias")
     return d
 
-  norm = lambda name: {"scale": cast(w.pop(f"{name}.weight"))}
-  try:
-    p = {"embed_tokens": {"embedding": cast(w.pop("model.embed_tokens.weight"))}}
-    for i in range(cfg.num_layers):
-      pre = f"model.layers.{i}"
-      p[f"layers_{i}"] = {
-          "input_layernorm": norm(f"{pre}.input_layernorm"),
-          "post_attention_layernorm": norm(f"{pre}.post_attention_layernorm"),
-          "self_attn": {n: linear(f"{pre}.self_attn.{n}", cfg.o_bias if n == "o_proj" else cfg.qkv_bias)
-                        for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-          "mlp": {n: linear(f"{pre}.mlp.{n}", cfg.mlp_bias) for n in ("gate_proj", "up_proj", "down_proj")},
-      }
-    p["norm"] = norm("model.norm")
-    if cfg.tie_word_embeddings:
-      w.pop("lm_head.weight", None)  # some checkpoints store the tied copy
-    else:
-      p["lm_head"] = linear("lm_head", False)
-  except KeyError as e:
-    raise ValueError(f"Llama weights: missing tensor {e}") from None
-  if w:
-    raise ValueError(f"Llama weights: unused tensors {sorted(w)[:5]}")
+  def finish(self, *optional: str) -> None:
+    for name in optional:
+      self.w.pop(name, None)
+    if self.w:
+      raise ModelConfigError(f"{self.where}: unused tensors {sorted(self.w)[:5]}")
+
+
+def params_from_hf(weights: dict, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
+  """HF state dict (name -> array) -> LlamaForCausalLM variables in `dtype`, the layers
+  stacked. Every tensor must be used: missing names and leftovers raise."""
+  src = TensorSource(weights, dtype, "Llama weights")
+  norm = lambda name: {"scale": src.pop(f"{name}.weight")}
+  layers = []
+  for i in range(cfg.num_layers):
+    pre = f"model.layers.{i}"
+    layers.append({
+        "input_layernorm": norm(f"{pre}.input_layernorm"),
+        "post_attention_layernorm": norm(f"{pre}.post_attention_layernorm"),
+        "self_attn": {n: src.linear(f"{pre}.self_attn.{n}", cfg.o_bias if n == "o_proj" else cfg.qkv_bias)
+                      for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "mlp": {n: src.linear(f"{pre}.mlp.{n}", cfg.mlp_bias) for n in ("gate_proj", "up_proj", "down_proj")},
+    })
+  p = {"embed_tokens": {"embedding": src.pop("model.embed_tokens.weight")}, "layers": stack_layers(layers),
+       "norm": norm("model.norm")}
+  if not cfg.tie_word_embeddings:
+    p["lm_head"] = src.linear("lm_head", False)
+  src.finish("lm_head.weight")  # some tied checkpoints store the head's copy
   return {"params": p}
 
 
@@ -510,8 +517,8 @@ def params_to_hf(params: dict, cfg: LlamaConfig, dtype=np.float32) -> dict[str, 
   p = params["params"] if "params" in params else params
   arr = lambda a: np.asarray(jnp.asarray(a, jnp.float32)).astype(dtype)
   out = {"model.embed_tokens.weight": arr(p["embed_tokens"]["embedding"]), "model.norm.weight": arr(p["norm"]["scale"])}
-  for i in range(cfg.num_layers):
-    L, pre = p[f"layers_{i}"], f"model.layers.{i}"
+  for i, L in enumerate(unstack_layers(p["layers"], cfg.num_layers)):
+    pre = f"model.layers.{i}"
     for n in ("input_layernorm", "post_attention_layernorm"):
       out[f"{pre}.{n}.weight"] = arr(L[n]["scale"])
     for grp in ("self_attn", "mlp"):
@@ -528,17 +535,21 @@ def params_to_hf(params: dict, cfg: LlamaConfig, dtype=np.float32) -> dict[str, 
 
 @dataclasses.dataclass
 class CausalLM:
-  """A loaded checkpoint: module, params, tokenizer (None if the dir has no tokenizer.json)."""
+  """A loaded checkpoint: module, params, tokenizer (None if the checkpoint has none), and
+  the token ids `encode` prepends (bos_token_id: None for none) / generation stops at."""
 
-  model: LlamaForCausalLM
+  model: nn.Module
   params: dict
   tokenizer: Any
-  cfg: LlamaConfig
+  cfg: Any
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
 
   def encode(self, text: str) -> np.ndarray:
     if self.tokenizer is None:
-      raise ValueError("this checkpoint has no tokenizer.json")
-    return np.asarray(self.tokenizer.encode(text).ids, np.int32)
+      raise ValueError("this checkpoint has no tokenizer")
+    ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    return np.asarray(([] if self.bos_token_id is None else [self.bos_token_id]) + ids, np.int32)
 
   def decode(self, ids) -> str:
     return self.tokenizer.decode([int(i) for i in np.asarray(ids).reshape(-1)])
@@ -577,7 +588,7 @@ def save_llama(model_dir, params: dict, cfg: LlamaConfig, dtype=np.float32, toke
   (d / "config.json").write_text(json.dumps(hf, indent=2))
   tensors = params_to_hf(params, cfg, dtype)
   if max_shard_bytes is None or sum(a.nbytes for a in tensors.values()) <= max_shard_bytes:
-    write_safetensors(d / "model.safetensors", tensors, {"format": "pt"})
+    safetensors.numpy.save_file(tensors, str(d / "model.safetensors"), {"format": "pt"})
   else:
     shards, cur, size = [], {}, 0
     for k, a in tensors.items():
@@ -589,7 +600,7 @@ def save_llama(model_dir, params: dict, cfg: LlamaConfig, dtype=np.float32, toke
     weight_map = {}
     for i, sh in enumerate(shards):
       name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      write_safetensors(d / name, sh, {"format": "pt"})
+      safetensors.numpy.save_file(sh, str(d / name), {"format": "pt"})
       weight_map.update({k: name for k in sh})
     (d / "model.safetensors.index.json").write_text(json.dumps(
         dict(metadata=dict(total_size=sum(a.nbytes for a in tensors.values())), weight_map=weight_map), indent=2))

