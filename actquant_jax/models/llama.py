@@ -299,10 +299,11 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions):
-    eps = self.cfg.rms_norm_eps
+    eps, dtype = self.cfg.rms_norm_eps, x.dtype
     x = x + Attention(self.cfg, name="self_attn")(nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions,
                                                   self.decode)
-    return x + MLP(self.cfg, name="mlp")(nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x)), None
+    y = x + MLP(self.cfg, name="mlp")(nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x))
+    return y.astype(dtype), None  # the scan's carry keeps its dtype (init: f32 layers after a bf16 embedding)
 
 
 def scanned_layers(layer_cls, cfg, length: int, *, in_axes=nn.broadcast, name: str = "layers", **kw):
