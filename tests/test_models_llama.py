@@ -226,3 +226,26 @@ def test_shipped_model_w8a8_perplexity():
   assert by["W8A8 dynamic, SmoothQuant 0.5"]["perplexity"] < 1.05 * f
   assert by["W8A8 static, auto alpha"]["perplexity"] < 1.15 * f
   assert by["W8A8 dynamic, SmoothQuant 0.5"]["top1_agreement"] > 0.9
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama3"])
+def test_transformers5_checkpoint_loads_with_its_rope(name, tmp_path):
+  # Saved by transformers 5.25 (tests/data/hf5_configs, written by a random-init model):
+  # RoPE only in `rope_parameters` (Qwen2 theta 1e6; Llama theta 5e5 with llama3 scaling),
+  # `dtype` instead of `torch_dtype`. The theta-10000 default would be off by ~0.7.
+  d = Path(__file__).parent / "data" / "hf5_configs" / name
+  lm = L.load_llama(d)
+  want = {"qwen2": (1e6, ()), "llama3": (5e5, "llama3")}[name]
+  assert lm.cfg.rope_theta == want[0]
+  assert lm.cfg.rope_scaling_dict.get("rope_type", ()) == want[1]
+  with np.load(d / "logits.npz") as z:
+    np.testing.assert_allclose(np.asarray(lm.model.apply(lm.params, jnp.asarray(z["input_ids"]))), z["logits"],
+                               atol=1e-5)
+  # a field that changes the math and that the loader does not implement: refused by name
+  cfg = json.loads((d / "config.json").read_text())
+  for extra in ({"attn_logit_softcapping": 30.0}, {"rope_parameters": {"rope_theta": 1e4, "rope_type": "yarn",
+                                                                         "factor": 2.0}}):
+    shutil.copytree(d, tmp_path / "x", dirs_exist_ok=True)
+    (tmp_path / "x" / "config.json").write_text(json.dumps({**cfg, **extra}))
+    with pytest.raises(aq.ModelConfigError, match="attn_logit_softcapping|'yarn'"):
+      L.load_llama(tmp_path / "x")
