@@ -203,7 +203,11 @@ class Contraction:
   x_contract: the activation's contracted axes (in the dot as the model wrote it).
   out:        the weight's free axes, in the order they appear in the output.
   batch:      weight batch axes (per-head weights); float for now when non-empty.
-  weight_lhs: the weight was the left operand.
+  weight_lhs: the weight was the left operand (`dot_general(w, x)`, as jnp.einsum writes
+              'BSD,CKDH->CBSKH'): the same contraction, its output laid out with the
+              weight's free axes first, then x's (dot_general's order: batch, lhs free,
+              rhs free). It is quantized like the other order: the 2-D W8A8 matmul runs
+              with x on the left and its result is transposed back.
   perm:       operand axis i is weight axis perm[i] (layout ops between them).
   reason:     None when quantizable, else why it stays float.
   stack:      0, or L: the weight is one layer of a param stacked along a leading axis of
@@ -281,6 +285,23 @@ def _sliced_param(node: Node):
   return node
 
 
+def _literal(value) -> Node:
+  return Node("literal", {"value": value} if np.size(value) == 1 else None, shape=np.shape(value))
+
+
+def constant_value(node: Node):
+  """The float value of a node that is one constant everywhere (a literal or scalar
+  constant, through broadcasts, reshapes and dtype casts), else None."""
+  while node.prim in ("broadcast_in_dim", "reshape", "convert_element_type", "expand_dims", "squeeze") and node.inputs:
+    node = node.inputs[0]
+  if node.prim in ("literal", "const") and "value" in node.params:
+    try:
+      return float(np.asarray(node.params["value"]).reshape(()))
+    except (TypeError, ValueError):
+      return None
+  return None
+
+
 def analyze(program: Program) -> Graph:
   jaxpr, consts = program.closed.jaxpr, program.closed.consts
   params: dict[str, Node] = {}
@@ -295,13 +316,14 @@ def analyze(program: Program) -> Graph:
   counter, scans = [0], [0]
 
   def lift_const(c):
-    return Node("const", shape=np.shape(c))
+    # (a scalar's value is kept: the dataflow reads constants such as the 1 of `1 + g`)
+    return Node("const", {"value": c} if np.size(c) == 1 else None, shape=np.shape(c))
 
   def scan(eqn, ins):
     sid = scans[0]
     scans[0] += 1
     body, bconsts, nc, ncar = _scan_parts(eqn)
-    ins_n = [x if isinstance(x, Node) else Node("literal") for x in ins]
+    ins_n = [x if isinstance(x, Node) else _literal(x) for x in ins]
     body_args, forwarded = [], set()
     for i, (x, v) in enumerate(zip(ins_n, body.invars)):
       shape = getattr(v.aval, "shape", ())
@@ -329,7 +351,7 @@ def analyze(program: Program) -> Graph:
     return outs
 
   def bind(eqn, ins):
-    ins_n = [x if isinstance(x, Node) else Node("literal") for x in ins]
+    ins_n = [x if isinstance(x, Node) else _literal(x) for x in ins]
     outs = [Node(eqn.primitive.name, eqn.params, ins_n, getattr(v.aval, "shape", ()), out_index=i)
             for i, v in enumerate(eqn.outvars)]
     for x in ins_n:
@@ -369,8 +391,6 @@ def _site(idx, eqn, ins) -> Contraction | None:
   reason = None
   if batch:
     reason = "weight has batch axes (per-head weights): not supported yet"
-  elif w_lhs:
-    reason = "weight is the left operand (W @ x): not supported yet"
   elif not out:
     reason = "weight has no output axis (a matrix-vector reduction)"
   return Contraction(idx, pnode.param, layer_name(pnode.param), pnode.shape, contract, tuple(xc), out, batch,
@@ -388,7 +408,7 @@ class Absent:
 
 
 def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: dict, *,
-             reduce_aux: Callable | None = None):
+             reduce_aux: Callable | None = None, on_absent: Callable | None = None):
   """Run the program on flat `inputs`; at each site in `sites` call
   on_contraction(site, x, w, run, layer) -> y (run(x, w) is the original float matmul; w
   may be an Absent; layer: for a stacked site (site.stack > 0), the iteration's layer
@@ -399,6 +419,10 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
   per iteration: its aux leaves the scan as a scan output, stacked along a new leading
   axis -- kept for a stacked site of that scan (per layer), else merged by
   reduce_aux(site, stacked aux) (the calls of one weight).
+
+  on_absent(eqn, ins) -> outputs or None: asked first when an op other than a matmul site
+  reads an Absent (a quantized weight's lookup served from its 8-bit values); None: the
+  default (layout ops pass the Absent on, anything else raises).
   """
   counter, scans = [0], [0]
   iters: dict = {}    # scan id -> the current iteration's index (inside its body)
@@ -419,6 +443,9 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
         aux[-1][idx] = r[1]
         return [r[0]]
     if any(isinstance(a, Absent) for a in ins):
+      served = None if on_absent is None else on_absent(eqn, ins)
+      if served is not None:
+        return served
       if eqn.primitive.name in _LAYOUT:
         return [Absent(v.aval) for v in eqn.outvars]
       raise ValueError(f"a quantized weight without its float copy is read by `{eqn.primitive.name}`")

@@ -5,9 +5,10 @@ input rows (for choosing alpha), and the dataflow facts folding needs: which op 
 the layer's input at each call and whether anything else reads that tensor.
 
 The dataflow comes from the traced program, not from names or classes: a producer is
-foldable when its output is `h * g (+ b)` for parameter vectors g, b along the channel
-axis (any norm, whatever library wrote it) or a weight matmul (+ bias), and its params
-serve nothing else. Statistics are outputs of the one jitted program per batch shape
+foldable when its output is `h * g (+ b)` or `h * (1 + g) (+ b)` (Gemma's norms) for
+parameter vectors g, b along the channel axis (any norm, whatever library wrote it, dtype
+casts around the product allowed) or a weight matmul (+ bias), and its params serve
+nothing else. Statistics are outputs of the one jitted program per batch shape
 (remat and jit inside the model are inlined; a scan over layers returns each layer's
 statistics as its stacked outputs), so no tracer leaves a transform.
 """
@@ -74,6 +75,8 @@ class LayerStats:
             plain op.
   producer_kind: "layernorm" (h * g + b), "rmsnorm" (h * g), "dense" (a weight matmul,
             + bias) or "op" (anything else) -- from the traced dataflow, whatever the class.
+            A norm whose scale is 1 + g (Gemma's) names the param: "rmsnorm(1+scale)"
+            (see kind_offsets).
   exclusive: True when, at every call, the input tensor is read by layers of `group`
             only (no residual add, no other op, not a model output) -- needed to fold.
   param:    the weight's param path; contract / out: its contracted and output axes.
@@ -109,7 +112,7 @@ class LayerStats:
 
   @property
   def foldable(self) -> bool:
-    return self.exclusive and self.producer_kind in FOLDABLE_KINDS
+    return self.exclusive and kind_offsets(self.producer_kind)[0] in FOLDABLE_KINDS
 
 
 Stats = dict  # {layer name: LayerStats}
@@ -159,29 +162,44 @@ class DataflowFacts:
   fold_params: tuple = ()
 
 
+# Ops between a param vector and the mul/add of a norm that keep it one vector along the
+# channel (last) axis.
 _BROADCAST = ("reshape", "broadcast_in_dim", "convert_element_type", "expand_dims", "squeeze")
 
 
 def _param_vector(node, k: int):
-  """The param node of a (K,) vector broadcast along the last axis to make `node`, or None."""
+  """(g, c) if `node` is a (K,) param vector g, or c + g with c = 1 (Gemma's `1 + scale`,
+  `scale + 1`), broadcast along the last axis through reshapes, broadcasts and dtype casts
+  (before or after the add), else None. c is 0.0 or 1.0."""
+  offset = 0.0
   while node.param is None:
-    if node.prim not in _BROADCAST or not node.inputs or len(node.readers) > 1:
+    if not node.inputs or len(node.readers) > 1 or not node.shape or node.shape[-1] != k:
       return None
-    if not node.shape or node.shape[-1] != k or math.prod(node.shape[:-1]) != 1 and node.prim != "broadcast_in_dim":
+    if node.prim == "add" and len(node.inputs) == 2 and offset == 0.0:  # elementwise: any leading shape
+      one = [i for i, a in enumerate(node.inputs) if _capture.constant_value(a) == 1.0]
+      if not one:
+        return None
+      offset, node = 1.0, node.inputs[1 - one[0]]
+      continue
+    if node.prim not in _BROADCAST:
       return None
-    if node.prim == "broadcast_in_dim" and tuple(node.params["broadcast_dimensions"])[-1:] != (len(node.shape) - 1,):
+    if node.prim == "broadcast_in_dim":
+      if tuple(node.params["broadcast_dimensions"])[-1:] != (len(node.shape) - 1,):
+        return None
+    elif node.prim != "convert_element_type" and math.prod(node.shape[:-1]) != 1:
       return None
     node = node.inputs[0]
   if node.shape != (k,):
     return None
-  return node
+  return node, offset
 
 
 def _norm_scale(node, k: int, top: bool = False):
-  """The param node g if node = (... * g) through a chain of single-reader muls, else None."""
+  """(g, c) if node = (... * (c + g)) through a chain of single-reader muls (c: see
+  _param_vector), else None."""
   if node.prim != "mul" or (len(node.readers) > 1 and not top) or len(node.inputs) != 2:
     return None
-  for a, b in (node.inputs, node.inputs[::-1]):
+  for a in node.inputs:
     g = _param_vector(a, k)
     if g is not None:
       return g
@@ -192,29 +210,58 @@ def _norm_scale(node, k: int, top: bool = False):
   return None
 
 
+def producer_kind(base: str, offsets: dict) -> str:
+  """The kind of a norm producer as the dataflow found it: "rmsnorm" (h * g),
+  "layernorm" (h * g + b), or with the scale taken as 1 + g (Gemma's norms) the param in
+  the name: "rmsnorm(1+scale)". kind_offsets reads it back."""
+  return base + "".join(f"(1+{name})" for name, c in offsets.items() if c)
+
+
+def kind_offsets(kind: str) -> tuple[str, dict]:
+  """(base kind, {param name: c}) of a producer kind: "rmsnorm(1+scale)" ->
+  ("rmsnorm", {"scale": 1.0}) -- the producer multiplies by c + param -- and "layernorm"
+  -> ("layernorm", {})."""
+  base, sep, rest = kind.partition("(1+")
+  if not sep or not rest.endswith(")"):
+    return kind, {}
+  return base, {name: 1.0 for name in rest[:-1].split(")(1+")}
+
+
+def _uncast(node):
+  """node seen through dtype casts whose inputs nothing else reads (Gemma computes its norm
+  in f32 and casts the product back: the cast's input is then the norm's output)."""
+  while node.prim == "convert_element_type" and node.inputs and len(node.inputs[0].readers) == 1:
+    node = node.inputs[0]
+  return node
+
+
 def _producer(x, graph, k: int):
   """(module path, kind, param names that absorb 1/s, param nodes) of what made x."""
-  node, bias = x, None
+  node, bias = _uncast(x), None
   if node.prim == "add" and len(node.inputs) == 2:
     for a, b in (node.inputs, node.inputs[::-1]):
       pb = _param_vector(b, k)
-      if pb is not None:
-        node, bias = a, pb
+      if pb is not None and pb[1] == 0.0:
+        node, bias = a, pb[0]
         break
+    if bias is not None and len(node.readers) == 1:
+      node = _uncast(node)
   name = lambda n: n.param.rpartition("/")[2]
   module = lambda n: n.param.rpartition("/")[0]
   if node.site is not None:  # a weight matmul (+ bias): fold into its output columns
     site = graph.sites[node.site]
+    # (the weight on the left: its output columns are not the output's last axis)
     if (site.reason is None and len(site.param_shape) == 2 and site.contract == (0,) and site.out == (1,)
-        and (bias is None or len(node.readers) == 1)):
+        and not site.weight_lhs and (bias is None or len(node.readers) == 1)):
       w = _capture.weight_source(node.inputs[0 if site.weight_lhs else 1])[0]
       if bias is None or module(bias) == module(w):
         return module(w), "dense", (name(w),) + (() if bias is None else (name(bias),)), [w] + ([bias] if bias else [])
     return "", "op", (), []
-  g = _norm_scale(node, k, top=bias is None) if (bias is None or len(node.readers) == 1) else None
-  if g is not None and (bias is None or module(bias) == module(g)):
-    return (module(g), "rmsnorm" if bias is None else "layernorm", (name(g),) + (() if bias is None else (name(bias),)),
-            [g] + ([bias] if bias else []))
+  found = _norm_scale(node, k, top=node is x) if (bias is None or len(node.readers) == 1) else None
+  if found is not None and (bias is None or module(bias) == module(found[0])):
+    g, c = found
+    kind = producer_kind("rmsnorm" if bias is None else "layernorm", {name(g): c})
+    return module(g), kind, (name(g),) + (() if bias is None else (name(bias),)), [g] + ([bias] if bias else [])
   return "", "op", (), []
 
 
@@ -304,6 +351,39 @@ def read_elsewhere(graph: _capture.Graph, param: str) -> bool:
   return False
 
 
+def stacked_note(layers) -> str:
+  """" (2 of them stacked weights x 3 scanned layers)" for the stack sizes (LayerStats.layers,
+  0: not stacked) of some weight matmuls, or "" -- the wording of report_summary's and
+  stats_summary's lines."""
+  stacks: dict[int, int] = {}
+  for n in layers:
+    if n:
+      stacks[n] = stacks.get(n, 0) + 1
+  text = ", ".join(f"{c} of them stacked weights x {n} scanned layers" for n, c in stacks.items())
+  return f" ({text})" if text else ""
+
+
+def float_note(floats) -> str:
+  """"; float (why): a, b; float (why 2): c" for (layer, reason) pairs, grouped by reason
+  in first-seen order, or "" -- the wording of report_summary's and stats_summary's lines."""
+  reasons: dict[str, list] = {}
+  for path, why in floats:
+    reasons.setdefault(why, []).append(path)
+  return "".join(f"; float ({why}): {', '.join(paths)}" for why, paths in reasons.items())
+
+
+def stats_summary(stats: Stats) -> str:
+  """One line about a calibration: "calibrated 15 weight matmuls: 14 quantizable (10 with a
+  foldable producer), 1 float; float (weight has batch axes ...): per_head". Float here
+  means a layout that cannot run quantized; rules (LayerRule skip) are applied later by
+  quantize_params, whose report_summary line names those."""
+  floats = [(p, s.reason) for p, s in stats.items() if s.reason]
+  foldable = sum(1 for s in stats.values() if not s.reason and s.foldable)
+  return (f"calibrated {len(stats)} weight matmuls{stacked_note(s.layers for s in stats.values())}: "
+          f"{len(stats) - len(floats)} quantizable ({foldable} with a foldable producer), {len(floats)} float"
+          + float_note(floats))
+
+
 def describe_sites(graph: _capture.Graph) -> str:
   if not graph.sites and not graph.seen_inside:
     return "no matmul with a parameter operand at all"
@@ -387,7 +467,8 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
   nnx.scan, lax.scan with the params as scanned operands) gives per-layer statistics
   (LayerStats.layers = L); a weight the scan closes over gets one statistic over its
   calls. progress: print a line per batch to stderr (default: when there are more than
-  4 batches).
+  4 batches); unless progress=False, a last line sums up what was captured (stats_summary:
+  how many weight matmuls, how many can be quantized, which stay float and why).
 
   Raises ValueError on an empty iterable, a batch with 0 rows, NaN/Inf in any layer
   input (naming the layer and batch), weights contracted inside a while loop or cond
@@ -467,7 +548,10 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
     else:  # seen, but its layout stays float: accounted for, with the reason
       out[path] = LayerStats(jnp.zeros((0,), jnp.float32), jnp.asarray(0, int_t), jnp.zeros((0, 0), jnp.float32),
                              group=path, reason=s.reason or "not supported", layers=s.stack, **common)
-  return dict(sorted(out.items()))
+  out = dict(sorted(out.items()))
+  if progress is not False:
+    print(f"calibrate: {stats_summary(out)}", file=sys.stderr, flush=True)
+  return out
 
 
 def _check_batch(batch, n: int) -> None:

@@ -5,11 +5,12 @@ an activation with a parameter, whatever module or jnp function wrote it) whose 
 is a QuantizedKernel runs w8a8_dot instead. Everything else, including weight matmuls
 kept in float, is the model's own math.
 
-How: the call is traced once with float stand-ins for the quantized weights (zeros,
-which XLA drops, or the kept float weight of a tied embedding) and the traced program
-is run again with the matmuls replaced. Works under jax.jit (the tracing is trace-time
-only), with any apply arguments (`mutable=["cache"]` for KV-cache decoding, methods).
-A scan over layers stays a scan: a stacked weight's QuantizedKernel (leading layer axis
+How: the call is traced once with float stand-ins for the quantized weights (shapes
+only) and the traced program is run again with the matmuls replaced; the float weights
+are never materialized. A lookup into a quantized weight (a tied embedding's gather)
+reads its 8-bit rows and their scales: exactly the dequantized weight's rows. Works under
+jax.jit (the tracing is trace-time only), with any apply arguments (`mutable=["cache"]`
+for KV-cache decoding, methods). A scan over layers stays a scan: a stacked weight's QuantizedKernel (leading layer axis
 on every array) is indexed by the iteration's layer inside the body.
 
 linen: `quantized_apply(model)` gives apply(qparams, ...) like model.apply;
@@ -33,6 +34,7 @@ from actquant_jax import _capture, ops
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel
+from actquant_jax.sharding import quantized_param_class
 from actquant_jax.transform import quantize_params
 
 _is_qk = lambda x: isinstance(x, QuantizedKernel)
@@ -46,6 +48,116 @@ def _stand_in(qk: QuantizedKernel):
   """What the model's code is traced with: the kept float weight, or just its shape (the
   program then runs with the weight absent: never materialized)."""
   return qk.kept if qk.kept is not None else _stand_in_spec(qk)
+
+
+class _Table(_capture.Absent):
+  """A quantized weight that is not materialized (an Absent): matmul sites read its
+  QuantizedKernel, a row lookup (gather) its 8-bit values and scales (_lookup)."""
+
+  def __init__(self, aval, qk: QuantizedKernel):
+    super().__init__(aval)
+    self.qk = qk
+
+  def rows(self, indices, params):
+    return _lookup(self.qk, indices, params)
+
+
+class _CastTable(_Table):
+  """A _Table through a dtype cast of the program: its rows are the table's, cast alike."""
+
+  def __init__(self, aval, base: _Table, eqn):
+    super().__init__(aval, base.qk)
+    self.base, self.eqn = base, eqn
+
+  def rows(self, indices, params):
+    r = self.base.rows(indices, params)
+    if self.eqn.primitive.name != "convert_element_type":
+      return r
+    return jax.lax.convert_element_type(r, self.eqn.params["new_dtype"])
+
+
+_CASTS = ("convert_element_type", "copy", "copy_p")
+
+
+def _row_gather(params, qk: QuantizedKernel) -> bool:
+  """A gather reading whole slices along the weight's contracted axes at indices into its
+  output axes only (nn.Embed, jnp.take(E, ids, axis=0), E[ids] of a tied (vocab, hidden)
+  table): each gathered element is one output channel's, so its scale is that channel's."""
+  dn = params["dimension_numbers"]
+  shape = qk.float_shape
+  return (qk.values.ndim == 2 and not tuple(getattr(dn, "operand_batching_dims", ()))
+          and set(dn.start_index_map) <= set(qk.out) and set(dn.collapsed_slice_dims) <= set(qk.out)
+          and all(params["slice_sizes"][a] == shape[a] for a in qk.contract))
+
+
+def _table_reads(graph, param: str, qk: QuantizedKernel):
+  """How the model reads a quantized weight outside its matmul sites: (row lookups its
+  8-bit table can serve, the first read it cannot serve or None). Through dtype casts only
+  (the lookup reads the values in the weight's own layout), not inside a scan's layer
+  stack."""
+  lookups, root = 0, graph.params[param]
+  for node in _capture.param_nodes(graph, param):
+    todo = [(node, r, False) for r in node.readers]
+    while todo:
+      src, r, moved = todo.pop()
+      if r is None:
+        return lookups, "an op without outputs"
+      if r.site is not None:
+        continue
+      if r.prim in _CASTS or r.prim in _capture._LAYOUT:
+        todo += [(r, x, moved or r.prim not in _CASTS) for x in r.readers]
+        continue
+      if (r.prim == "gather" and not moved and node is root and r.inputs and r.inputs[0] is src
+          and _row_gather(r.params, qk)):
+        lookups += 1
+        continue
+      what = "a lookup into one layer of a scan's stacked weight" if r.prim == "gather" and node is not root else (
+          f"`{r.prim}`" + (" (after a transpose)" if moved else ""))
+      return lookups, what
+  return lookups, None
+
+
+def _lookup(qk: QuantizedKernel, indices, params):
+  """gather(dequantized weight, indices) without the float weight: the gather run on the
+  8-bit values and, with the same indices, on the per-output-channel scales (in the
+  weight's layout, size 1 along the contracted axes), multiplied as
+  QuantizedKernel.dequantize multiplies them (times the inverse-smoothing vector where
+  there is one): bitwise its rows."""
+  from actquant_jax.quant import weight_from_matrix
+  shape, contract, out = qk.float_shape, tuple(qk.contract), tuple(qk.out)
+  dn, sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
+  mode, fill = params["mode"], params.get("fill_value")
+  g = lambda a, sz, fv: jax.lax.gather(a, indices, dn, sz, unique_indices=params["unique_indices"],
+                                       indices_are_sorted=params["indices_are_sorted"], mode=mode, fill_value=fv)
+  values = weight_from_matrix(jnp.swapaxes(qk.values, -1, -2), shape, contract, out)
+  s_shape = tuple(1 if a in contract else n for a, n in enumerate(shape))
+  scale = weight_from_matrix(qk.scale[None, :], s_shape, contract, out)
+  # An index out of range gives the fill of the float gather: 1 * fill (NaN by default).
+  rows = g(values, sizes, 1).astype(jnp.float32) * g(scale, tuple(1 if a in contract else n for a, n in
+                                                                   enumerate(sizes)), fill)
+  if qk.inv_smooth is not None:  # along the contracted axes, which are the slices' (offset) axes
+    inv = weight_from_matrix(qk.inv_smooth[:, None], tuple(1 if a in out else n for a, n in enumerate(shape)),
+                             contract, out)
+    inv = inv.reshape([n for a, n in enumerate(inv.shape) if a not in dn.collapsed_slice_dims])
+    target = [1] * rows.ndim
+    for i, d in enumerate(dn.offset_dims):
+      target[d] = inv.shape[i]
+    rows = rows * inv.reshape(target)
+  return rows.astype(jnp.dtype(qk.param_dtype))
+
+
+def _serve_table(eqn, ins):
+  """_capture.evaluate's on_absent: dtype casts of a _Table stay a _Table (applied to the
+  rows it gives), a row gather of one is a _lookup; anything else: None (the default)."""
+  t = ins[0] if ins else None
+  if not isinstance(t, _Table) or any(isinstance(a, _capture.Absent) for a in ins[1:]):
+    return None
+  name = eqn.primitive.name
+  if name in _CASTS:
+    return [_CastTable(eqn.outvars[0].aval, t, eqn)]
+  if name == "gather" and _row_gather(eqn.params, t.qk):
+    return [t.rows(ins[1], eqn.params)]
+  return None
 
 
 def _layer(qk: QuantizedKernel, layer) -> QuantizedKernel:
@@ -73,21 +185,27 @@ def _shared_quantize(shared: dict, x, site: _capture.Contraction):
 
 
 def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret, shared: dict):
-  """The float contraction run(x, w) as one 2-D w8a8_dot: contracted axes of x moved last
-  and flattened to K (in the weight's pairing order), the output (x's free axes, then the
-  weight's output axes) as the dot would lay it out."""
+  """The float contraction (run(x, w), or run(w, x) when the weight is the left operand)
+  as one 2-D w8a8_dot with x on the left: contracted axes of x moved last and flattened
+  to K (in the weight's pairing order), the output laid out as the dot would lay it out:
+  x's free axes, then the weight's output axes -- or, the weight on the left, the
+  weight's output axes first (a transpose of the same int8 GEMM's result)."""
   if (tuple(site.contract), tuple(site.out)) != (tuple(qk.contract), tuple(qk.out)):
     raise QuantizationError(f"quantized_apply: layer {site.layer}: the model contracts weight {site.param} over axes "
                      f"{site.contract} -> {site.out}, but its QuantizedKernel was made for {qk.contract} -> "
                      f"{qk.out} (qparams from another model?)")
   w_spec = jax.ShapeDtypeStruct(w.aval.shape, w.aval.dtype) if isinstance(w, _capture.Absent) else w
   # (An Absent weight is never read: the quantized copy replaces it.)
-  out_dtype = jax.eval_shape(run, x, w_spec).dtype
+  out_dtype = (jax.eval_shape(run, w_spec, x) if site.weight_lhs else jax.eval_shape(run, x, w_spec)).dtype
   rest = [a for a in range(x.ndim) if a not in site.x_contract]
   x2 = x if tuple(site.x_contract) == (x.ndim - 1,) else jnp.transpose(x, rest + list(site.x_contract))
   y = ops._w8a8_dot(x2.reshape(x2.shape[:len(rest)] + (qk.in_features,)), qk, None, out_dtype, backend, interpret,
                     site.layer, _shared_quantize(shared, x, site))
-  return y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
+  y = y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
+  if site.weight_lhs and rest:  # dot_general(w, x): the weight's free axes first
+    n = len(rest)
+    y = jnp.transpose(y, tuple(range(n, y.ndim)) + tuple(range(n)))
+  return y
 
 
 def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwargs, *, backend: str,
@@ -124,12 +242,21 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
     if p in graph.seen_inside:
       raise QuantizationError(f"{where}: weight {p} is quantized but contracted inside a `{graph.seen_inside[p]}` "
                               "(a while loop or cond): not supported; write the loop as a scan or unroll it")
-    if qk.kept is None and _read_by_other_ops(graph, p):
-      raise QuantizationError(f"{where}: weight {p} is quantized without its float copy, but this model also reads it "
-                       "outside a matmul (qparams from another model's stats?)")
+    if qk.kept is not None:  # (a float copy, from an older version: it serves every other read)
+      continue
+    lookups, other = _table_reads(graph, p, qk)
+    if other is not None:
+      raise QuantizationError(f"{where}: weight {p} is quantized, but this model also reads it outside its matmuls, "
+                              f"with {other}: its 8-bit table serves row lookups only (nn.Embed, jnp.take, E[ids]). "
+                              f"Keep it in float: LayerRule({_capture.layer_name(p)!r}, skip=True)")
+    if lookups and qk.folded_into:
+      raise QuantizationError(f"{where}: weight {p} is read by a lookup, but its 8-bit table holds the smoothed weight "
+                              f"(its 1/s was folded into {', '.join(qk.folded_into)}), which a lookup cannot read: "
+                              "quantize it again (quantize_params does not smooth a weight a lookup reads)")
   _check_folds(graph, qks, routed, where)
-  # The stand-ins were for tracing only: a weight with no float copy is not materialized.
-  absent = jax.tree_util.tree_map(lambda x: _capture.Absent(_stand_in_spec(x))
+  # The stand-ins were for tracing only: a weight with no float copy is not materialized
+  # (a lookup reads its 8-bit table: _Table).
+  absent = jax.tree_util.tree_map(lambda x: _Table(_stand_in_spec(x), x)
                                   if _is_qk(x) and x.kept is None else x, qvariables, is_leaf=_is_qk)
   absent = jax.tree_util.tree_map(lambda x: x.kept if _is_qk(x) else x, absent, is_leaf=_is_qk)
   inputs = (jax.tree_util.tree_leaves(absent, is_leaf=lambda x: isinstance(x, _capture.Absent))
@@ -138,7 +265,7 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
   flat = _capture.evaluate(program, inputs,
                            lambda site, x, w, run, layer: _matmul(site, _layer(qks[site.param], layer), x, w, run,
                                                                   backend, interpret, shared),
-                           routed)
+                           routed, on_absent=_serve_table)
   return _capture.unflatten_output(program, flat)
 
 
@@ -165,11 +292,6 @@ def _check_folds(graph, qks, routed, where):
                        f"{', '.join(p or 'a plain op' for p in f.producers)}) is not what its stats were calibrated "
                        "on. The qparams were made with stats of a different model structure: calibrate this model "
                        "and quantize again")
-
-
-def _read_by_other_ops(graph, param) -> bool:
-  from actquant_jax.calibrate import read_elsewhere
-  return read_elsewhere(graph, param)
 
 
 def quantized_apply(model: nn.Module, *, method: str | Callable | None = None, backend: str = "auto",
@@ -257,6 +379,11 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
 
   Memory: the quantized tree is built from the model's own param arrays (no float copy
   of the model), so the peak is the float params plus the int8 kernels (~1.25x for f32).
+
+  Sharding: a quantized weight's Param becomes a QuantizedParam (an nnx.Param), its
+  `out_sharding` annotation kept; nnx.get_partition_spec maps it onto the QuantizedKernel's
+  leaves, so `jax.device_put(state, nnx.get_named_sharding(state, mesh))` and nnx.update
+  place the quantized model as the float one would be.
   """
   if not isinstance(model, nnx.Module):
     raise QuantizationTypeError(f"quantize_model: expected an nnx Module, got {type(model).__name__}")
@@ -277,6 +404,11 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
     if value is not var.get_value():
       var.set_value(value)
   nnx.update(model, params)
+  # A quantized weight's Param maps the float weight's sharding spec onto the
+  # QuantizedKernel's leaves when nnx.get_partition_spec asks for it (QuantizedParam).
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Param) and isinstance(node.get_raw_value(), QuantizedKernel):
+      object.__setattr__(node, "__class__", quantized_param_class(type(node)))
   cls = type(model)
   if not hasattr(cls, "__aq_float_class__"):
     object.__setattr__(model, "__class__", _quantized_class(cls, backend, interpret))

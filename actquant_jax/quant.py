@@ -187,8 +187,11 @@ class QuantizedKernel:
               input share one quantization of it, with the settings of the first; a
               member whose act_scale / inv_smooth were changed by hand alone gives NaN
               outputs there (change every member, or set its act_group to "").
-  kept:       the float weight, kept only when other ops read it too (a tied embedding:
-              the lookup reads it, the head's matmul runs in int8), else None.
+  kept:       a float copy of the weight for other ops that read it, or None. quantize_params
+              keeps none: a tied embedding's lookup reads the 8-bit table (row v is
+              values[v] * scale[v], the dequantized weight's row; such a weight is not
+              smoothed). A QuantizedKernel with a copy (quantize_kernel(keep_float=True),
+              older checkpoints) still runs: the copy then serves every read but the matmuls.
   contract, out: static; the weight's contracted axes (flattened, in order, to K) and
               output axes (flattened to N) -- a Dense kernel (K, N) is (0,), (1,); an
               (H, D, N) DenseGeneral kernel over (H, D) is (0, 1), (2,); `x @ W.T` with W

@@ -1,6 +1,8 @@
 """Quantized params on a mesh, with JAX's own sharding: qparams keep the float params'
 paths, so a user's sharding rules for the float model carry over; this maps each float
-kernel's spec onto its QuantizedKernel's fields (the weight is stored transposed).
+kernel's spec onto its QuantizedKernel's fields (the weight is stored transposed). nnx: a
+quantized weight's Param is a QuantizedParam, whose spec from nnx.get_partition_spec is
+mapped the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax.errors import QuantizationError
@@ -78,6 +81,57 @@ def quantized_partition_specs(qparams, float_specs):
       return {k: go(q[k], s[k], f"{path}/{k}") for k in q}
     return s
   return go(qparams, float_specs, "")
+
+
+class _QuantizedSpecs:
+  """Mixin of QuantizedParam: nnx.get_partition_spec asks a Variable for one spec (from
+  its `out_sharding` metadata) and puts it in a copy of it (`replace`); for a
+  QuantizedKernel value that spec is the float weight's, and the copy gets it mapped onto
+  the QuantizedKernel's leaves (quantized_partition_specs)."""
+
+  __slots__ = ()
+
+  def copy(self, *args, **kwargs):
+    if args and isinstance(args[0], P) and isinstance(self.get_raw_value(), QuantizedKernel):
+      args = (quantized_partition_specs(self.get_raw_value(), args[0]),) + args[1:]
+    return super().copy(*args, **kwargs)
+
+  replace = copy
+
+
+class QuantizedParam(_QuantizedSpecs, nnx.Param):
+  """The nnx.Param of a quantized weight (quantize_model gives its Params this class).
+
+  Its value is a QuantizedKernel; its `out_sharding` metadata stays the float weight's
+  annotation (logical axis rules and nnx.scan's axis metadata keep working on it), and
+  `nnx.get_partition_spec(state)` gives, for it, a QuantizedKernel of PartitionSpecs, one
+  per leaf, as quantized_partition_specs maps the float spec: values (N, K) the spec
+  transposed, scales (N,) the output axis's, inv_smooth (K,) the input axis's, act_scale
+  replicated. So the usual placement works on a quantized model:
+
+    state = nnx.state(model)
+    state = jax.device_put(state, nnx.get_named_sharding(state, mesh))
+    nnx.update(model, state)
+
+  (flax reads `out_sharding` as one spec, PartitionSpec(*out_sharding), so a tree of
+  specs cannot be stored there: the mapping is done when the spec is asked for.)
+  """
+
+  __slots__ = ()
+
+
+_PARAM_CLASSES: dict = {nnx.Param: QuantizedParam}
+
+
+def quantized_param_class(cls):
+  """The QuantizedParam class for a Param class (a user's Param subclass gets a subclass of
+  its own with the mixin)."""
+  if issubclass(cls, _QuantizedSpecs):
+    return cls
+  if cls not in _PARAM_CLASSES:
+    _PARAM_CLASSES[cls] = type(f"Quantized{cls.__name__}", (_QuantizedSpecs, cls),
+                               {"__slots__": (), "__module__": __name__, "__doc__": QuantizedParam.__doc__})
+  return _PARAM_CLASSES[cls]
 
 
 def shard_quantized(qparams, float_specs, mesh):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from actquant_jax.calibrate import kind_offsets
 from actquant_jax.ops import w8a8_dot
 from actquant_jax.quant import (QuantizedKernel, qtype_dtype, qtype_max, quantize_with_scale, scale_from_absmax,
                                 weight_matrix)
@@ -371,24 +372,56 @@ def outlier_ratio(x_absmax, s=None) -> float:
 FOLD_PARAMS = {"layernorm": ("scale", "bias"), "rmsnorm": ("scale",), "dense": ("kernel", "bias")}
 
 
+def _keeps_offset_fold(v) -> bool:
+  """A `1 + g` scale param folds within float rounding only when stored with at least
+  float32's 24-bit significand (see fold_inverse: in bfloat16 the 1 + g' of a small
+  (1 + g) / s loses most of its bits)."""
+  dtype = jnp.dtype(v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype)
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).nmant >= 23
+
+
 def can_fold(kind: str, producer_params: dict, names: tuple | None = None) -> bool:
   """names: the producer's params that absorb 1/s, as the traced dataflow found them
-  (default: FOLD_PARAMS[kind])."""
-  if kind not in FOLD_PARAMS or not isinstance(producer_params, dict):
+  (default: FOLD_PARAMS[kind]). kind may name a `1 + g` scale ("rmsnorm(1+scale)",
+  calibrate.kind_offsets): such a param must be float32 or wider (_keeps_offset_fold);
+  in a narrower dtype the layer keeps its 1/s at run time."""
+  base, offsets = kind_offsets(kind)
+  if base not in FOLD_PARAMS or not isinstance(producer_params, dict):
+    return False
+  if any(n in producer_params and not _keeps_offset_fold(producer_params[n]) for n in offsets):
     return False
   if names:
     return all(n in producer_params for n in names)
   # A norm without a scale has nothing to fold 1/s into (its bias alone would not do).
-  required = {"layernorm": "scale", "rmsnorm": "scale", "dense": "kernel"}[kind]
+  required = {"layernorm": "scale", "rmsnorm": "scale", "dense": "kernel"}[base]
   return required in producer_params
 
 
 def fold_inverse(kind: str, producer_params: dict, s, names: tuple | None = None) -> dict:
-  """Producer params whose output is the old output / s (exact): a norm's scale and bias
-  divided by s; a Dense's output columns and bias divided by s."""
+  """Producer params whose output is the old output / s: a norm's scale and bias divided
+  by s; a Dense's output columns and bias divided by s. Computed in float32 with
+  inv = fl(1/s) and cast back to each param's dtype.
+
+  A scale the model uses as 1 + g (kind "rmsnorm(1+scale)": Gemma's norms) becomes
+  g' = fl(fl(fl(1 + g) * inv) - 1), so that the model's own 1 + g' is t = fl((1 + g) * inv)
+  up to one rounding of t - 1. With float32 params (can_fold requires them):
+  - t >= 0.5: exact, 1 + g' = t (t - 1 is exact: Sterbenz for t <= 2, a multiple of
+    ulp(t) >= ulp(t - 1) above; so is 1 + (t - 1)).
+  - t < 0.5: g' lies in (-1, -0.5], where float32's spacing is 2^-24, so
+    |(1 + g') - t| <= 2^-25 ~= 3e-8 (1 + g' itself is exact again: Sterbenz): an absolute
+    error, relative 2^-25 / t -- measured over 2M random (g, s): 3.0e-6 for t in
+    [1e-2, 1e-1), 3.0e-5 in [1e-3, 1e-2), 3.0e-3 in [1e-5, 1e-4) (s near its 1e5 clip
+    over 1 + g ~ 1), 2.8e-2 below 1e-5 (1 + g itself small as well).
+  In the activation, h * (1 + g') differs from h * t by at most 2^-25 |h| (h: the
+  normalized input, |h| <= sqrt(K)), against an int8 step of max_j |h_j t_j| / 127 in
+  that row. A plain scale (h * g) has only the relative 2^-24 of g * inv.
+  In bfloat16 the same fold keeps 8 bits of t - 1, not of t (1 + g' off t by up to 0.2% at
+  t = 0.5, 17% at 0.01, 100% at 1e-3): can_fold refuses it, the 1/s stays a run-time vector.
+  """
+  base, offsets = kind_offsets(kind)
   inv = 1.0 / np.asarray(s, np.float32)
   out = dict(producer_params)
-  for name in names or FOLD_PARAMS[kind]:
+  for name in names or FOLD_PARAMS[base]:
     if name in out:
       v = out[name]
       # last axis = channels; 1/s placed like it (a sharded param is updated where it lives)
@@ -396,5 +429,7 @@ def fold_inverse(kind: str, producer_params: dict, s, names: tuple | None = None
       spec = P()
       if isinstance(sharding, NamedSharding):
         spec = P((tuple(sharding.spec) + (None,) * v.ndim)[v.ndim - 1])
-      out[name] = (jnp.asarray(v, jnp.float32) * put_like(inv, v, spec)).astype(jnp.asarray(v).dtype)
+      v32, c = jnp.asarray(v, jnp.float32), offsets.get(name, 0.0)
+      new = v32 * put_like(inv, v, spec) if not c else (v32 + c) * put_like(inv, v, spec) - c
+      out[name] = new.astype(jnp.asarray(v).dtype)
   return out

@@ -3,9 +3,12 @@
 Same tree structure and paths: each quantized weight leaf (a Dense `kernel`, an Einsum
 or raw param, a tied embedding) becomes one QuantizedKernel node (int8/fp8 (N, K) values
 with the contraction it serves, per-output-channel scales, the static activation scale or
-None, the runtime inverse-smoothing vector or None). Producers that absorbed 1/s (a
-norm's scale and bias, a Dense's output columns) are rewritten in place in the copy. Nothing else changes, so sharding rules and checkpoint tools that
-key on paths keep working.
+None, the runtime inverse-smoothing vector or None). A tied embedding keeps no float
+copy: its lookup reads the int8 table (a row's values times that row's scale, the head's
+per-output-channel scale), so it is not smoothed (the table must hold the weight itself).
+Producers that absorbed 1/s (a norm's scale and bias, a Dense's output columns) are
+rewritten in place in the copy. Nothing else changes, so sharding rules and checkpoint
+tools that key on paths keep working.
 
 A weight stacked over the L layers of a scan (LayerStats.layers = L) becomes one
 QuantizedKernel with a leading layer axis on every array (values (L, N, K), scale (L, N),
@@ -35,7 +38,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax import smooth
 from actquant_jax._capture import layer_name
-from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, layer_dataflow
+from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, float_note, layer_dataflow, stacked_note
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel, check_finite
@@ -148,8 +151,9 @@ def _check_inputs(params, stats, config):
   weights = {weight_path(p, s) for p, s in stats.items()}
   # Every Dense-like kernel must have stats unless a rule keeps it in float.
   for p in dense_kernel_paths(root):
-    if (f"{p}/kernel" not in weights and config.settings_for(p).quantize
-        and not isinstance(_get(root, p)["kernel"], QuantizedKernel)):
+    kp, p = (f"{p}/kernel", p) if p else ("kernel", "kernel")  # (a Dense at the root: layer "kernel")
+    if (kp not in weights and config.settings_for(p).quantize
+        and not isinstance(_get(root, kp), QuantizedKernel)):
       raise QuantizationError(f"quantize_params: layer {p}: no calibration stats (its kernel was not used by any matmul "
                        f"during calibration). Calibrate it, or keep it in float with LayerRule({p!r}, skip=True)")
   for p, s in stats.items():
@@ -286,7 +290,14 @@ def _plan(params, stats, config):
     x_absmax = np.max(np.stack([_host(live[p].absmax) for p in quantized]), axis=0)
     refs = [ref(p) for p in quantized]
     alpha, alpha_errors, note = first.alpha, None, ""
-    if st.layers:  # a scan's layer stack: one smoothing per layer
+    tied = [weight_path(p, live[p]) for p in quantized if live[p].keep_float]
+    if tied and alpha is not None:
+      # A weight other ops read too (a tied embedding's lookup) is served from its int8
+      # table, which must then hold the weight itself, not diag(s) W: not smoothed.
+      alpha, s = None, None
+      note = (f"not smoothed: {', '.join(tied)} is also read outside its matmuls (a tied embedding's lookup "
+              "reads the int8 table)")
+    elif st.layers:  # a scan's layer stack: one smoothing per layer
       alpha, alpha_errors, note, s = _stack_smoothing(first, config, st, refs, x_absmax)
     else:
       if alpha == "auto":
@@ -363,11 +374,10 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
     wp = weight_path(p, st)
     ref = smooth.WeightRef(_get(orig_root, wp), st.contract, st.out, updates.get(wp, ()))
     qk = _quantize_stack(ref, plan, p) if st.layers else _quantize_layer(ref, plan, p)
-    # Other readers (a tied embedding's lookup) keep the original float weight: the int8
-    # copy alone carries the smoothing.
     # Layers smoothed together (one input, one s, one static scale) share its quantization.
+    # No float copy is kept: other readers of the weight (a tied embedding's lookup) read
+    # the int8 table (not smoothed, see _plan), rows dequantized on the fly.
     qk = dataclasses.replace(qk, act_group=st.group if group_sizes[st.group] > 1 else "",
-                             kept=jax.numpy.asarray(_get(orig_root, wp)) if st.keep_float else None,
                              folded_into=tuple(sorted(set(st.producers or (st.producer,)))) if plan.folded else (),
                              dataflow=layer_dataflow(DataflowFacts(st.group, st.producer, st.producer_kind,
                                                                    st.exclusive, st.producers, st.fold_params),
@@ -448,21 +458,9 @@ def report_summary(report: dict[str, LayerReport]) -> str:
   q = [r for r in report.values() if r.quantized]
   folded = {r.path for r in q if r.smoothing == "folded"}
   runtime = {r.path for r in q if r.smoothing == "runtime"}
-  stacks: dict[int, int] = {}
-  for r in q:
-    if r.layers:
-      stacks[r.layers] = stacks.get(r.layers, 0) + 1
-  scanned = ", ".join(f"{n} of them stacked weights x {k} scanned layers" for k, n in stacks.items())
-  scanned = f" ({scanned})" if scanned else ""
-  line = (f"quantized {len(q)} of {len(report)} weight matmuls{scanned}; {len(folded)} smoothing vectors folded, "
-          f"{len(runtime)} at run time")
-  reasons = {}
-  for r in report.values():
-    if not r.quantized:
-      reasons.setdefault(r.reason or "rule", []).append(r.path)
-  for why, paths in reasons.items():
-    line += f"; float ({why}): {', '.join(paths)}"
-  return line
+  line = (f"quantized {len(q)} of {len(report)} weight matmuls{stacked_note(r.layers for r in q)}; "
+          f"{len(folded)} smoothing vectors folded, {len(runtime)} at run time")
+  return line + float_note((r.path, r.reason or "rule") for r in report.values() if not r.quantized)
 
 
 def _layer_report(p, weight: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:

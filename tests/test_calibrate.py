@@ -5,6 +5,7 @@ import pytest
 import flax.linen as nn
 
 import actquant_jax as aq
+from actquant_jax.calibrate import stats_summary
 from tests import toy_models as tm
 
 
@@ -158,3 +159,28 @@ def test_stats_are_a_pytree(gpt):
   for p in stats:
     np.testing.assert_array_equal(np.asarray(doubled[p].absmax), 2 * np.asarray(stats[p].absmax))
     np.testing.assert_array_equal(np.asarray(doubled[p].samples), 2 * np.asarray(stats[p].samples))
+
+
+def test_summary_line_names_float_layers_and_why(capsys):
+  """calibrate ends with one line in the report's wording: how many weight matmuls it
+  captured, how many can be quantized, and each float one with its reason."""
+  class PerHead(nn.Module):
+    @nn.compact
+    def __call__(self, x):  # x (H, T, D): a weight per head (batch axis 0) stays float
+      y = nn.DenseGeneral(8, axis=-1, batch_dims=(0,), name="per_head")(x)
+      return nn.Dense(8, name="fc")(nn.LayerNorm(name="ln")(y))
+  x = jax.random.normal(jax.random.key(0), (4, 16, 8))
+  m = PerHead()
+  params = m.init(jax.random.key(0), x)
+  stats = aq.calibrate(m, params, [x])
+  line = stats_summary(stats)
+  assert capsys.readouterr().err.strip().splitlines()[-1] == f"calibrate: {line}"
+  reason = stats["per_head"].reason
+  assert "batch axes" in reason
+  float_part = f"; float ({reason}): per_head"
+  assert line == f"calibrated 2 weight matmuls: 1 quantizable (1 with a foldable producer), 1 float{float_part}"
+  # the same wording as the report's line, which names the layers quantize_params keeps float
+  _, report = aq.quantize_params(params, stats, return_report=True)
+  assert aq.report_summary(report).endswith(float_part)
+  aq.calibrate(m, params, [x], progress=False)
+  assert capsys.readouterr().err == ""
