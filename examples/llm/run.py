@@ -177,6 +177,9 @@ def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True
         out_json=None, out_png=None, log=print, mode_names=None):
   t0 = time.perf_counter()
   lm = load_model(str(model_dir))
+  unknown = sorted(set(mode_names or ()) - {n for n, _ in MODES})
+  if unknown:
+    raise ValueError(f"unknown modes {unknown}; the modes: {[n for n, _ in MODES]}")
   modes = [(n, c) for n, c in MODES if mode_names is None or n in mode_names]
   calib = windows(lm, (DATA / "calibration.txt").read_text(), n_calib)
   evals = windows(lm, (DATA / "heldout.txt").read_text(), n_eval)
@@ -288,6 +291,7 @@ def main():
   ap.add_argument("--eval", type=int, default=32, help="held-out windows of 256 tokens (0: all)")
   ap.add_argument("--gen", type=int, default=64, help="greedy tokens generated per prompt (0: skip)")
   ap.add_argument("--no-speed", action="store_true", help="skip the throughput columns")
+  ap.add_argument("--modes", default=None, help="mode names to run, separated by ';' (default: all)")
   ap.add_argument("--json", default=None, help="default: results/llm_<model>.json")
   ap.add_argument("--png", default=None, help="default: results/llm_<model>.png")
   args = ap.parse_args()
@@ -296,7 +300,8 @@ def main():
   args.png = args.png or str(ROOT / "results" / f"llm_{stem}.png")
   log = lambda s: print(s, file=sys.stderr, flush=True)
   records = run(args.model, args.calib, args.eval or None, speed=not args.no_speed, gen_tokens=args.gen,
-                out_json=args.json, out_png=args.png, log=log)
+                out_json=args.json, out_png=args.png, log=log,
+                mode_names=None if args.modes is None else [m.strip() for m in args.modes.split(";")])
   print(f"{args.model}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
   print_table(records)
   print(f"wrote {args.json} and {args.png}")
