@@ -183,7 +183,7 @@ def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True
   modes = [(n, c) for n, c in MODES if mode_names is None or n in mode_names]
   calib = windows(lm, (DATA / "calibration.txt").read_text(), n_calib)
   evals = windows(lm, (DATA / "heldout.txt").read_text(), n_eval)
-  log(f"loaded {model_dir} ({lm.cfg.model_type}, {lm.cfg.num_params / 1e6:.1f}M params); {len(calib)} calibration "
+  log(f"loaded {model_dir} ({lm.cfg.to_hf()['model_type']}, {lm.cfg.num_params / 1e6:.1f}M params); {len(calib)} calibration "
       f"/ {len(evals)} held-out windows of {SEQ} tokens")
   stats = aq.calibrate(lm.model, lm.params, [jnp.asarray(calib[i:i + 4, :-1]) for i in range(0, len(calib), 4)],
                        progress=False)
