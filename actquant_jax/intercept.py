@@ -33,7 +33,7 @@ from flax import nnx
 from actquant_jax import _capture, ops
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
-from actquant_jax.quant import QuantizedKernel
+from actquant_jax.quant import QuantizedKernel, weight_from_matrix
 from actquant_jax.sharding import quantized_param_class
 from actquant_jax.transform import quantize_params
 
@@ -123,7 +123,6 @@ def _lookup(qk: QuantizedKernel, indices, params):
   weight's layout, size 1 along the contracted axes), multiplied as
   QuantizedKernel.dequantize multiplies them (times the inverse-smoothing vector where
   there is one): bitwise its rows."""
-  from actquant_jax.quant import weight_from_matrix
   shape, contract, out = qk.float_shape, tuple(qk.contract), tuple(qk.out)
   dn, sizes = params["dimension_numbers"], tuple(params["slice_sizes"])
   mode, fill = params["mode"], params.get("fill_value")

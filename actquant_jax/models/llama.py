@@ -549,7 +549,9 @@ class CausalLM:
   def encode(self, text: str) -> np.ndarray:
     if self.tokenizer is None:
       raise ValueError("this checkpoint has no tokenizer")
-    ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+    # The tokenizer's own special tokens (a tokenizer.json post-processor adding BOS), or
+    # the BOS a GGUF asks for (its rebuilt tokenizer has no post-processor).
+    ids = self.tokenizer.encode(text).ids
     return np.asarray(([] if self.bos_token_id is None else [self.bos_token_id]) + ids, np.int32)
 
   def decode(self, ids) -> str:
