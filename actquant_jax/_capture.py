@@ -48,7 +48,7 @@ _INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_c
 _INLINE_IF_DOT = {"custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
                   "custom_vjp_call_jaxpr": "fun_jaxpr"}
 # Ops between a param and a matmul operand that keep the weight's values.
-_LAYOUT = ("transpose", "convert_element_type", "copy", "copy_p")
+LAYOUT_PRIMITIVES = ("transpose", "convert_element_type", "copy", "copy_p")
 
 
 def _jaxpr_of(sub):
@@ -246,7 +246,7 @@ def weight_source(node: Node):
     if node.param is not None:
       p = tuple(range(len(node.shape))) if perm is None else perm
       return node, p
-    if node.prim not in _LAYOUT or not node.inputs:
+    if node.prim not in LAYOUT_PRIMITIVES or not node.inputs:
       return None
     if node.prim == "transpose":
       t = tuple(node.params["permutation"])
@@ -446,7 +446,7 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
       served = None if on_absent is None else on_absent(eqn, ins)
       if served is not None:
         return served
-      if eqn.primitive.name in _LAYOUT:
+      if eqn.primitive.name in LAYOUT_PRIMITIVES:
         return [Absent(v.aval) for v in eqn.outvars]
       raise ValueError(f"a quantized weight without its float copy is read by `{eqn.primitive.name}`")
     out = run(*ins)

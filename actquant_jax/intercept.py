@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from actquant_jax import _capture, ops
+from actquant_jax._dataflow import dataflow_facts, layer_dataflow
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel, weight_from_matrix
@@ -104,7 +105,7 @@ def _table_reads(graph, param: str, qk: QuantizedKernel):
         return lookups, "an op without outputs"
       if r.site is not None:
         continue
-      if r.prim in _CASTS or r.prim in _capture._LAYOUT:
+      if r.prim in _CASTS or r.prim in _capture.LAYOUT_PRIMITIVES:
         todo += [(r, x, moved or r.prim not in _CASTS) for x in r.readers]
         continue
       if (r.prim == "gather" and not moved and node is root and r.inputs and r.inputs[0] is src
@@ -275,7 +276,6 @@ def _check_folds(graph, qks, routed, where):
   groups were chosen for it)."""
   if not any(qks[s.param].folded_into or qks[s.param].dataflow for s in routed.values()):
     return
-  from actquant_jax.calibrate import dataflow_facts, layer_dataflow
   facts = dataflow_facts(graph)
   for s in routed.values():
     qk = qks[s.param]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from actquant_jax.calibrate import kind_offsets
+from actquant_jax._dataflow import kind_offsets
 from actquant_jax.ops import w8a8_dot
 from actquant_jax.quant import (QuantizedKernel, qtype_dtype, qtype_max, quantize_with_scale, scale_from_absmax,
                                 weight_matrix)
@@ -383,7 +383,7 @@ def _keeps_offset_fold(v) -> bool:
 def can_fold(kind: str, producer_params: dict, names: tuple | None = None) -> bool:
   """names: the producer's params that absorb 1/s, as the traced dataflow found them
   (default: FOLD_PARAMS[kind]). kind may name a `1 + g` scale ("rmsnorm(1+scale)",
-  calibrate.kind_offsets): such a param must be float32 or wider (_keeps_offset_fold);
+  _dataflow.kind_offsets): such a param must be float32 or wider (_keeps_offset_fold);
   in a narrower dtype the layer keeps its 1/s at run time."""
   base, offsets = kind_offsets(kind)
   if base not in FOLD_PARAMS or not isinstance(producer_params, dict):

@@ -38,7 +38,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax import smooth
 from actquant_jax._capture import layer_name
-from actquant_jax.calibrate import DataflowFacts, LayerStats, check_stats, float_note, layer_dataflow, stacked_note
+from actquant_jax._dataflow import DataflowFacts, layer_dataflow
+from actquant_jax.calibrate import LayerStats, check_stats, float_note, stacked_note
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel, check_finite

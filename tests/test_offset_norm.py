@@ -15,7 +15,7 @@ import pytest
 
 import actquant_jax as aq
 from actquant_jax import smooth
-from actquant_jax.calibrate import kind_offsets, producer_kind
+from actquant_jax._dataflow import kind_offsets, producer_kind
 from tests import toy_models as tm
 
 D, F, H, L = 32, 64, 4, 2
