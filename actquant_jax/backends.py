@@ -31,6 +31,7 @@ import warnings
 import jax
 
 from actquant_jax.errors import BackendError, BackendUnavailableError
+from pallas_kernels import reference as numerics  # the formulas (no kernel code)
 
 logger = logging.getLogger("actquant_jax")
 
@@ -53,6 +54,7 @@ class Problem:
   compute_capability: tuple[int, int] | None = None
   interpret: bool = False
   cpu_amx: bool = False  # the CPU has AMX-INT8 tile instructions
+  act: str = "dynamic"  # the activations' scale: "dynamic" (per token) or "static" (per tensor)
 
   @property
   def is_fp8(self) -> bool:
@@ -68,7 +70,7 @@ class Problem:
   def describe(self) -> str:
     where = "interpret mode" if self.interpret else (
         f"{self.platform} {self.sm}" if self.platform == "gpu" else self.platform + (" (AMX)" if self.cpu_amx else ""))
-    return f"{self.qtype} M={self.m} N={self.n} K={self.k} -> {self.out_dtype} on {where}"
+    return f"{self.qtype} {self.act} M={self.m} N={self.n} K={self.k} -> {self.out_dtype} on {where}"
 
 
 def _parse_cc(text) -> tuple[int, int] | None:
@@ -80,7 +82,7 @@ def _parse_cc(text) -> tuple[int, int] | None:
 
 
 def problem_for(*, k: int, qtype: str = "int8", m: int | None = None, n: int | None = None,
-                out_dtype=None, interpret: bool = False, device=None) -> Problem:
+                out_dtype=None, interpret: bool = False, act: str = "dynamic", device=None) -> Problem:
   """The Problem for this process's default device (or `device`)."""
   if device is None:
     platform = jax.default_backend()
@@ -90,7 +92,8 @@ def problem_for(*, k: int, qtype: str = "int8", m: int | None = None, n: int | N
   cc = _parse_cc(getattr(device, "compute_capability", None)) if platform == "gpu" else None
   out = "bfloat16" if out_dtype is None else jax.numpy.dtype(out_dtype).name
   return Problem(k=int(k), qtype=str(qtype), m=m, n=n, out_dtype=out, platform=platform,
-                 compute_capability=cc, interpret=bool(interpret), cpu_amx=platform == "cpu" and cpu_has_amx())
+                 compute_capability=cc, interpret=bool(interpret), cpu_amx=platform == "cpu" and cpu_has_amx(),
+                 act=act)
 
 
 @functools.cache
@@ -107,22 +110,38 @@ def _itemsize(dtype_name: str) -> int:
   return jax.numpy.dtype(dtype_name).itemsize
 
 
+def _native_cpu() -> tuple[bool, str]:
+  """(whether the native CPU library runs here, why not)."""
+  import cpu_kernels  # imported here: it may compile the library on first use
+  return cpu_kernels.available(), cpu_kernels.unavailable_reason()
+
+
 _NO_GPU_FIX = ("pass interpret=True to run the Pallas kernel on the CPU (slow; for tests), or "
                "use backend='auto'")
 
 
+def _k_limit(p: Problem, name: str, max_k: int, fix: str) -> str | None:
+  if p.k > max_k:
+    return f"backend='{name}' takes K <= {max_k}, got {p.k}{fix}"
+  return None
+
+
 class XlaBackend:
+  """XLA's own int8 / fp8 dot: runs anywhere. K beyond numerics.K_CHUNK is split into
+  exact int32 chunks, up to numerics.MAX_K."""
   name = "xla"
+  max_k = numerics.MAX_K
 
   def why_not(self, p: Problem) -> str | None:
     if p.interpret:
       return "interpret=True runs the Pallas kernels; it cannot be combined with backend='xla'"
-    return None
+    return _k_limit(p, self.name, self.max_k, ": the exact int8 accumulation of this library stops there")
 
 
 class CpuBackend:
-  """The native AVX512-VNNI int8 GEMM (cpu_kernels)."""
+  """The native AVX512-VNNI int8 GEMM (cpu_kernels): one int32 accumulator per call."""
   name = "cpu"
+  max_k = 65536  # cpu_kernels.MAX_K: its u8-offset intermediate 255 * 128 * K stays below 2^31
 
   def why_not(self, p: Problem) -> str | None:
     if p.interpret:
@@ -131,18 +150,18 @@ class CpuBackend:
       return f"backend='cpu' is an int8 kernel; {p.qtype} runs on backend='xla'"
     if p.platform != "cpu":
       return f"backend='cpu' runs on the CPU platform; this process computes on {p.platform}"
-    import cpu_kernels  # imported here: it may compile the kernel on first use
-    if p.k > cpu_kernels.MAX_K:
-      return (f"backend='cpu' takes K <= {cpu_kernels.MAX_K}, got {p.k}; backend='xla' (or 'auto') "
-              "splits K and stays exact")
-    if not cpu_kernels.available():
-      return f"backend='cpu' is not available here: {cpu_kernels.unavailable_reason()}"
-    return None
+    why = _k_limit(p, self.name, self.max_k, "; backend='xla' (or 'auto') splits K and stays exact")
+    if why:
+      return why
+    ok, reason = _native_cpu()
+    return None if ok else f"backend='cpu' is not available here: {reason}"
 
 
 class TritonBackend:
-  """The Pallas Triton GEMM (pallas_kernels/matmul.py): Ampere and later."""
+  """The Pallas Triton GEMM (pallas_kernels/matmul.py): Ampere and later. int8 beyond
+  numerics.K_CHUNK: its raw accumulators per K chunk, combined exactly."""
   name = "triton"
+  max_k = numerics.MAX_K
 
   def why_not(self, p: Problem) -> str | None:
     if not p.interpret:
@@ -153,12 +172,13 @@ class TritonBackend:
       if p.is_fp8 and p.compute_capability is not None and p.compute_capability < (8, 9):
         return (f"{p.qtype} needs fp8 tensor cores (sm_89 Ada or sm_90 Hopper); this GPU is {p.sm}: "
                 "quantize to int8 (QuantConfig(qtype='int8'))")
-    return None
+    return _k_limit(p, self.name, self.max_k, ": the exact int8 accumulation of this library stops there")
 
 
 class MosaicBackend:
   """The Mosaic GPU wgmma GEMM (pallas_kernels/matmul_mosaic.py): Hopper only."""
   name = "mosaic"
+  max_k = numerics.MAX_K
 
   def why_not(self, p: Problem) -> str | None:
     if p.interpret:
@@ -172,7 +192,7 @@ class MosaicBackend:
       return f"K={p.k} must be a multiple of 16 (TMA needs 16-byte-aligned 8-bit rows)"
     if p.n is not None and (p.n * _itemsize(p.out_dtype)) % 16:
       return f"N={p.n} rows of {p.out_dtype} are not 16-byte aligned for the TMA store"
-    return None
+    return _k_limit(p, self.name, self.max_k, ": the exact int8 accumulation of this library stops there")
 
 
 REGISTRY = {b.name: b for b in (XlaBackend(), CpuBackend(), TritonBackend(), MosaicBackend())}
@@ -196,20 +216,170 @@ def preference(p: Problem) -> tuple[str, ...]:
   return ("xla",)
 
 
+_QUANTIZERS = {"xla": "the reference formulas as XLA fusions", "cpu": "the native one-pass quantize",
+               "triton": "the Pallas quantize kernel"}
+_MARKS = {"scale": "a NaN row scale from the quantize pass",
+          "gemm": "marked elements, flagged by the native GEMM as it reads x",
+          "scan": "marked elements, flagged by a native scan of the int8 x"}
+
+
+def _stages(backend: str, requested: str, p: Problem) -> tuple[str, str]:
+  """(quantizer, marks) that go with a GEMM backend.
+
+  Pallas GEMMs take the Pallas quantize pass (Triton's: a memory-bound row pass, which
+  the Mosaic path uses too). On a CPU with the native library (unless backend='xla',
+  which is XLA only): dynamic int8 is quantized by the native pass (XLA splits it into
+  a reduction and an elementwise fusion, each recomputing x's producer: an erf GELU three
+  times over on MiniLM, 10x the native pass's time). Rows holding NaN/Inf: the native
+  GEMM flags the marked rows while it reads x; static int8 under XLA's GEMM, a native
+  scan of the int8 x (an XLA reduction for it, or a float probe, cost MiniLM static 1.5x
+  vs 2.5x FP32 unchecked: XLA fused x's producers into it); otherwise the scale."""
+  if backend in ("triton", "mosaic"):
+    return "triton", "scale"
+  native = p.platform == "cpu" and not p.is_fp8 and requested != "xla" and _native_cpu()[0]
+  quantizer = "cpu" if native and p.act == "dynamic" else "xla"
+  if backend == "cpu":
+    return quantizer, "gemm"
+  return quantizer, "scan" if native and p.act == "static" else "scale"
+
+
+def _zero_flags(xq):
+  return jax.numpy.zeros(xq.shape[:1], jax.numpy.float32)
+
+
 @dataclasses.dataclass(frozen=True)
-class Choice:
+class W8A8Kernel:
+  """The W8A8 matmul chosen for one problem: what runs each of its stages. Every
+  platform decision is made here, once (choose); callers compose the public stages.
+
+    quantize(x, inv_smooth, scale) -> (xq, sx)         x (M, K) float
+    accumulate(xq, wq) -> (acc, flags)                  wq (N, K); acc int32 (K <= K_CHUNK) or f32
+    epilogue(acc, sx + flags, sw, bias, out_dtype) -> y
+    scaled_matmul(xq, sx, wq, sw, bias, out_dtype) -> y  accumulate + epilogue, fused where the backend fuses
+
+  backend: the GEMM ("xla", "cpu", "triton", "mosaic"). quantizer: the activation pass
+  ("xla", "cpu" native, "triton" Pallas). marks: how a row holding NaN/Inf gets a NaN
+  output row ("scale": its sx is NaN; "gemm"/"scan": its elements are quantized to
+  numerics.NONFINITE_MARK and accumulate's flags are NaN for it).
+  """
+
   backend: str
+  quantizer: str
+  marks: str
   requested: str
   problem: Problem
   rejected: tuple[tuple[str, str], ...] = ()  # (backend, why not), in preference order
 
   def __str__(self):
     skipped = "; ".join(f"{b}: {why}" for b, why in self.rejected)
-    return f"{self.problem.describe()}: {self.backend}" + (f" (skipped {skipped})" if skipped else "")
+    return (f"{self.problem.describe()}: {self.backend} GEMM, quantize by {_QUANTIZERS[self.quantizer]}, "
+            f"NaN/Inf rows by {_MARKS[self.marks]}" + (f" (skipped {skipped})" if skipped else ""))
+
+  @property
+  def dtype(self):
+    return jax.numpy.dtype(jax.numpy.int8 if self.problem.qtype == "int8" else jax.numpy.float8_e4m3fn)
+
+  # -- stage 1: x -> xq, sx
+  def quantize(self, x, inv_smooth=None, scale=None, *, k_axis: str | None = None):
+    """x (M, K) float -> (xq (M, K) 8-bit, sx (M,) f32) by numerics.quantize_rows_ref's
+    formulas: per token (scale None) or the static scale, after multiplying by
+    inv_smooth. k_axis: the mesh axis x's K is split over (inside shard_map): row maxima
+    and sums are reduced over it (the XLA formulas: the native and Pallas passes see one
+    shard)."""
+    if (scale is None) != (self.problem.act == "dynamic"):
+      raise BackendError(f"this kernel was chosen for {self.problem.act} activations; "
+                         f"got scale={'None' if scale is None else 'a static scale'}")
+    if k_axis is not None:
+      return numerics.quantize_rows_ref(x, inv_smooth, dtype=self.dtype, scale=scale,
+                                        row_max=lambda v: jax.lax.pmax(v, k_axis),
+                                        row_sum=lambda v: jax.lax.psum(v, k_axis))
+    if self.quantizer == "cpu":
+      import cpu_kernels
+      inv = None if inv_smooth is None else inv_smooth.astype(jax.numpy.float32)
+      return cpu_kernels.quantize_rows(x.astype(jax.numpy.float32), inv)
+    if self.quantizer == "xla":
+      return numerics.quantize_rows_ref(x, inv_smooth, dtype=self.dtype, scale=scale,
+                                        nonfinite="scale" if self.marks == "scale" else "mark")
+    from pallas_kernels import quantize
+    return quantize.quantize_rows(x, inv_smooth, scale=scale, dtype=self.dtype, interpret=self.problem.interpret)
+
+  # -- stage 2: xq, wq -> acc
+  def _chunk(self, xq, wq, w_k_axis: int = 1):
+    """One exact int32 (fp8: f32) accumulator, K <= K_CHUNK."""
+    if self.backend == "xla":
+      return numerics.accumulate_ref(xq, wq, w_k_axis)
+    if w_k_axis != 1:
+      raise BackendError(f"backend='{self.backend}' takes the weight as (N, K) (w_k_axis=1); got w_k_axis={w_k_axis}")
+    if self.backend == "cpu":
+      import cpu_kernels
+      return cpu_kernels.s8_gemm(xq, wq)[0]
+    from pallas_kernels import matmul  # the raw accumulator is the Triton kernel's (Mosaic's always scales)
+    return matmul.scaled_matmul(xq, wq, None, None, backend="triton", interpret=self.problem.interpret)
+
+  def flags(self, xq):
+    """(M,) f32 added to sx: NaN for rows of xq holding numerics.NONFINITE_MARK where
+    this kernel marks them (else 0)."""
+    if self.marks == "scale":
+      return _zero_flags(xq)
+    import cpu_kernels
+    return cpu_kernels.marked_rows(xq)
+
+  def accumulate(self, xq, wq, *, w_k_axis: int = 1, k_axis: str | None = None):
+    """(acc, flags): acc = xq (M, K) @ wq (N, K)^T, int8 -> the exact integer sum (int32
+    for K <= numerics.K_CHUNK, else rounded once to f32: int32 chunks combined exactly),
+    fp8 -> f32; flags: see `flags`. w_k_axis=0: wq is (K, N) (XLA only; the alpha search
+    contracts a weight in its own layout). k_axis: the mesh axis K is split over (inside
+    shard_map): the partial sums are psum'd (as int32 halves when they could overflow),
+    for an xq from quantize(..., k_axis=k_axis) (which flags rows in sx: flags are 0)."""
+    chunk = functools.partial(self._chunk, w_k_axis=w_k_axis)
+    if k_axis is not None:
+      if self.dtype == jax.numpy.int8 and self.problem.k > numerics.K_CHUNK:
+        hi, lo = numerics.accumulate_halves(xq, wq, chunk, w_k_axis=w_k_axis)
+        acc = numerics.combine_acc(jax.lax.psum(hi, k_axis), jax.lax.psum(lo, k_axis))
+      else:
+        acc = jax.lax.psum(numerics.accumulate_chunked(xq, wq, chunk, w_k_axis=w_k_axis), k_axis)
+      return acc, _zero_flags(xq)
+    if self.backend == "cpu" and w_k_axis == 1:  # (K <= its max_k = K_CHUNK) it flags marked rows as it reads x
+      import cpu_kernels
+      return cpu_kernels.s8_gemm(xq, wq)
+    return numerics.accumulate_chunked(xq, wq, chunk, w_k_axis=w_k_axis), self.flags(xq)
+
+  # -- stage 3: acc -> y
+  @staticmethod
+  def epilogue(acc, sx, sw, bias, out_dtype):
+    """y = cast((acc * sw[n]) * sx[m] + bias[n], out_dtype), in f32."""
+    return numerics.epilogue_ref(acc, sx, sw, bias, out_dtype)
+
+  def scaled_matmul(self, xq, sx, wq, sw, bias=None, out_dtype=jax.numpy.float32):
+    """epilogue(accumulate(xq, wq)) -- one fused kernel where the backend has one."""
+    if self.backend == "cpu":
+      acc, flags = self.accumulate(xq, wq)
+      return self.epilogue(acc, sx + flags, sw, bias, out_dtype)
+    if self.backend == "xla":
+      sx = sx + self.flags(xq) if self.marks == "scan" else sx
+      if xq.shape[0] == 1 and self.problem.platform == "cpu":
+        # XLA CPU's int8 matrix-vector product is ~15x slower than its GEMM at two rows.
+        y = numerics.scaled_matmul_ref(jax.numpy.pad(xq, ((0, 1), (0, 0))), wq, jax.numpy.pad(sx, (0, 1)), sw,
+                                       bias, out_dtype)
+        return y[:1]
+      # (Row blocks for big outputs, so the int32 accumulator stays in cache, were
+      # measured: +0-10% on a lone GEMM, but -4% and +60% peak memory inside MiniLM.)
+      return numerics.scaled_matmul_ref(xq, wq, sx, sw, bias, out_dtype)
+    if self.dtype == jax.numpy.int8 and self.problem.k > numerics.K_CHUNK:
+      # (the fused Pallas kernels keep one int32 accumulator: past K_CHUNK their raw
+      # accumulators are taken per chunk and combined, then the same epilogue)
+      return self.epilogue(self.accumulate(xq, wq)[0], sx, sw, bias, out_dtype)
+    from pallas_kernels import matmul
+    return matmul.scaled_matmul(xq, wq, sx, sw, bias, out_dtype=out_dtype, backend=self.backend,
+                                interpret=self.problem.interpret)
+
+  def dot(self, x, inv_smooth, scale, wq, sw, bias=None, out_dtype=jax.numpy.float32):
+    """The whole matmul: scaled_matmul(*quantize(x, inv_smooth, scale), wq, sw, bias)."""
+    return self.scaled_matmul(*self.quantize(x, inv_smooth, scale), wq, sw, bias, out_dtype)
 
 
 _lock = threading.Lock()
-_decisions: dict[tuple[str, Problem], Choice] = {}
+_decisions: dict[tuple[str, Problem], W8A8Kernel] = {}
 _warned: set[str] = set()
 
 
@@ -218,14 +388,14 @@ def explain(p: Problem) -> dict[str, str | None]:
   return {name: b.why_not(p) for name, b in REGISTRY.items()}
 
 
-def decisions() -> list[Choice]:
-  """Every choice made in this process so far (one per distinct problem)."""
+def decisions() -> list[W8A8Kernel]:
+  """Every kernel chosen in this process so far (one per distinct problem)."""
   with _lock:
     return list(_decisions.values())
 
 
-def choose(requested: str, p: Problem) -> Choice:
-  """The backend for `p`; raises BackendUnavailableError naming the backend and the fix."""
+def choose(requested: str, p: Problem) -> W8A8Kernel:
+  """The kernel for `p`; raises BackendUnavailableError naming the backend and the fix."""
   if requested not in NAMES:
     raise BackendError(f"backend must be one of {NAMES}, got {requested!r}")
   key = (requested, p)
@@ -236,7 +406,7 @@ def choose(requested: str, p: Problem) -> Choice:
     why = REGISTRY[requested].why_not(p)
     if why is not None:
       raise BackendUnavailableError(why)
-    choice = Choice(requested, requested, p)
+    name, rejected = requested, ()
   else:
     rejected = []
     for name in preference(p):
@@ -247,15 +417,16 @@ def choose(requested: str, p: Problem) -> Choice:
     else:
       raise BackendUnavailableError(f"no backend can run {p.describe()}: " +
                                     "; ".join(f"{b}: {w}" for b, w in rejected))
-    choice = Choice(name, requested, p, tuple(rejected))
+    rejected = tuple(rejected)
     if name == "xla" and rejected:
       _warn_once(f"actquant_jax: {rejected[0][1]}; w8a8_dot falls back to XLA's dot (slower). "
                  "See actquant_jax.backends.explain().")
+  kernel = W8A8Kernel(name, *_stages(name, requested, p), requested, p, rejected)
   with _lock:
     if key not in _decisions:
-      _decisions[key] = choice
-      logger.info("w8a8 backend: %s", choice)
-  return choice
+      _decisions[key] = kernel
+      logger.info("w8a8 kernel: %s", kernel)
+  return _decisions[key]
 
 
 def _warn_once(message: str):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from actquant_jax import _capture, ops
+from actquant_jax import _capture, backends, ops
 from actquant_jax._dataflow import dataflow_facts, layer_dataflow
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
@@ -168,25 +168,24 @@ def _layer(qk: QuantizedKernel, layer) -> QuantizedKernel:
   return dataclasses.replace(one, param_shape=tuple(qk.param_shape)[1:])
 
 
-def _shared_quantize(shared: dict, x, site: _capture.Contraction):
+def _shared_quantize(shared: dict, x, site: _capture.Contraction, x2d, qk: QuantizedKernel,
+                     kernel: backends.W8A8Kernel):
   """The activation quantization of a weight matmul reading x: once per (x, layout,
-  act_group, backend) in one model call (q/k/v, a gated MLP's gate/up), with the settings
-  of the group's first layer (the others' must equal them: see settings_mismatch)."""
-  def quantize(x2d, qk: QuantizedKernel, backend: str, interpret: bool):
-    if not qk.act_group:
-      return ops._quantize(x2d, qk, backend, interpret)
-    key = (id(x), tuple(site.x_contract), qk.act_group, backend, interpret)
-    if key not in shared:  # (x is kept in the entry: its id stays unique while the call runs)
-      shared[key] = (x, qk, *ops._quantize(x2d, qk, backend, interpret))
-      return shared[key][2:]
-    _, first, xq, sx = shared[key]
-    return xq, sx + ops.settings_mismatch(qk, first)
-  return quantize
+  act_group, quantize pass) in one model call (q/k/v, a gated MLP's gate/up), with the
+  settings of the group's first layer (the others' must equal them: see settings_mismatch)."""
+  if not qk.act_group:
+    return kernel.quantize(x2d, qk.inv_smooth, qk.act_scale)
+  key = (id(x), tuple(site.x_contract), qk.act_group, kernel.quantizer, kernel.marks)
+  if key not in shared:  # (x is kept in the entry: its id stays unique while the call runs)
+    shared[key] = (x, qk, *kernel.quantize(x2d, qk.inv_smooth, qk.act_scale))
+    return shared[key][2:]
+  _, first, xq, sx = shared[key]
+  return xq, sx + ops.settings_mismatch(qk, first)
 
 
 def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret, shared: dict):
   """The float contraction (run(x, w), or run(w, x) when the weight is the left operand)
-  as one 2-D w8a8_dot with x on the left: contracted axes of x moved last and flattened
+  as one 2-D W8A8 matmul with x on the left: contracted axes of x moved last and flattened
   to K (in the weight's pairing order), the output laid out as the dot would lay it out:
   x's free axes, then the weight's output axes -- or, the weight on the left, the
   weight's output axes first (a transpose of the same int8 GEMM's result)."""
@@ -199,8 +198,11 @@ def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend,
   out_dtype = (jax.eval_shape(run, w_spec, x) if site.weight_lhs else jax.eval_shape(run, x, w_spec)).dtype
   rest = [a for a in range(x.ndim) if a not in site.x_contract]
   x2 = x if tuple(site.x_contract) == (x.ndim - 1,) else jnp.transpose(x, rest + list(site.x_contract))
-  y = ops._w8a8_dot(x2.reshape(x2.shape[:len(rest)] + (qk.in_features,)), qk, None, out_dtype, backend, interpret,
-                    site.layer, _shared_quantize(shared, x, site))
+  ops.check_inputs(x2, qk, None, site.layer)
+  x2d = x2.reshape(-1, qk.in_features)
+  kernel = ops.choose_kernel(qk, m=x2d.shape[0], out_dtype=out_dtype, backend=backend, interpret=interpret)
+  xq, sx = _shared_quantize(shared, x, site, x2d, qk, kernel)
+  y = kernel.scaled_matmul(xq, sx, qk.values, qk.scale, None, out_dtype)
   y = y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
   if site.weight_lhs and rest:  # dot_general(w, x): the weight's free axes first
     n = len(rest)

@@ -8,10 +8,8 @@ mapped the same way.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -152,16 +150,13 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   token's scale needs its whole row: the row absmax is a pmax over `k_axis`, and the
   int32 partial products are psum'd before the epilogue, so the result is exact.
   """
-  from actquant_jax import ops
-  from pallas_kernels import reference as ref
-  from actquant_jax.quant import qtype_dtype
+  from actquant_jax import ops  # (ops imports this module's callers; imported on use)
 
-  ops._check_inputs(x, qk, bias, "sharded_w8a8_dot")
+  ops.check_inputs(x, qk, bias, "sharded_w8a8_dot")
   if x.ndim != 2:
     raise QuantizationError(f"sharded_w8a8_dot: x must be (M, K), got shape {x.shape}")
   out_dtype = x.dtype if out_dtype is None else out_dtype
-  dtype = qtype_dtype(qk.qtype)
-  resolved = ops.resolve_backend(backend, interpret, qk.qtype, qk.in_features)
+  kernel = ops.choose_kernel(qk, out_dtype=out_dtype, backend=backend, interpret=interpret)
   x_spec, v_spec = P(batch_axis, k_axis), P(n_axis, k_axis)
   qk_spec = dataclasses.replace(qk, values=v_spec, scale=P(n_axis), act_scale=None if qk.act_scale is None else P(),
                                 inv_smooth=None if qk.inv_smooth is None else P(k_axis),
@@ -171,16 +166,11 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
   def per_shard(xb, q, b):
     if k_axis is None:  # whole rows here: the plain per-device op (kernels on GPU)
       return ops.w8a8_dot(xb, q, b, out_dtype=out_dtype, backend=backend, interpret=interpret)
-    # reference.py's formulas; the row maxima and sums are reduced over the K shards.
-    xq, sx = ref.quantize_rows_ref(xb, q.inv_smooth, dtype=dtype, scale=q.act_scale,
-                                   row_max=lambda v: jax.lax.pmax(v, k_axis), row_sum=lambda v: jax.lax.psum(v, k_axis))
-    if dtype == jnp.int8 and qk.in_features > ref.K_CHUNK:  # int32 psum could overflow: psum halves
-      chunk_fn = functools.partial(ops._accumulate_chunk, backend=resolved, interpret=interpret)
-      hi, lo = ref.accumulate_halves(xq, q.values, chunk_fn)
-      acc = ref.combine_acc(jax.lax.psum(hi, k_axis), jax.lax.psum(lo, k_axis))
-    else:
-      acc = jax.lax.psum(ops.accumulate(xq, q.values, backend=resolved, interpret=interpret), k_axis)
-    return ref.epilogue_ref(acc, sx, q.scale, b, out_dtype)
+    # The kernel's stages, with the row maxima / sums and the partial products reduced
+    # over the K shards.
+    xq, sx = kernel.quantize(xb, q.inv_smooth, q.act_scale, k_axis=k_axis)
+    acc, flags = kernel.accumulate(xq, q.values, k_axis=k_axis)
+    return kernel.epilogue(acc, sx + flags, q.scale, b, out_dtype)
 
   f = jax.shard_map(per_shard, mesh=mesh, in_specs=(x_spec, qk_spec, b_spec), out_specs=P(batch_axis, n_axis),
                     check_vma=False)

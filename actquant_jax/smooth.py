@@ -23,11 +23,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax._dataflow import kind_offsets
-from actquant_jax.ops import w8a8_dot
-from actquant_jax.quant import (QuantizedKernel, qtype_dtype, qtype_max, quantize_with_scale, scale_from_absmax,
-                                weight_matrix)
+from actquant_jax import backends
+from actquant_jax.quant import qtype_max, quantize_with_scale, scale_from_absmax, weight_matrix
 from actquant_jax.sharding import kernel_axes, put_like
-from pallas_kernels import reference as numerics
 
 S_MIN, S_MAX = 1e-5, 1e5
 
@@ -214,23 +212,16 @@ def _as_2d(w32, contract, out):
 
 
 def _w8a8_in_place(x, w2, k_axis: int, s, inv, act_scale, qtype: str, act_mode: str):
-  """x @ diag(s) W through the library's W8A8 numbers (ops.w8a8_dot's XLA path:
-  reference.py's quantize_rows_ref, exact int8 accumulation, epilogue_ref), with 1/s at
-  run time -- the weight quantized and contracted in its own 2-D layout (traced). XLA
+  """x @ diag(s) W through the library's W8A8 numbers (the XLA kernel's stages), with 1/s
+  at run time -- the weight quantized and contracted in its own 2-D layout (traced). XLA
   CPU ran the int8 dot of a weight quantized in place and transposed to (N, K) 17x
   slower than this contraction over its own K axis; the int32 sums are the same."""
   ws = w2 * (s[:, None] if k_axis == 0 else s[None, :])
   scale = _channel_scale(ws, 1 - k_axis, qtype)
-  dtype = qtype_dtype(qtype)
-  xq, sx = numerics.quantize_rows_ref(x, inv, dtype=dtype, scale=act_scale if act_mode == "static" else None)
-  if dtype == jnp.int8 and x.shape[1] > numerics.K_CHUNK:  # chunked exact accumulation: the library's own path
-    values = quantize_with_scale(ws, scale, qtype)
-    qk = QuantizedKernel(values=values if k_axis == 1 else values.T, scale=scale.reshape(-1), qtype=qtype,
-                         act_scale=act_scale if act_mode == "static" else None, inv_smooth=inv)
-    return w8a8_dot(x, qk, backend="xla")
-  acc = jax.lax.dot_general(xq, quantize_with_scale(ws, scale, qtype), (((1,), (k_axis,)), ((), ())),
-                            preferred_element_type=jnp.int32 if dtype == jnp.int8 else jnp.float32)
-  return numerics.epilogue_ref(acc, sx, scale.reshape(-1), None, x.dtype)
+  kernel = backends.choose("xla", backends.problem_for(k=x.shape[1], qtype=qtype, act=act_mode))
+  xq, sx = kernel.quantize(x, inv, act_scale if act_mode == "static" else None)
+  acc, flags = kernel.accumulate(xq, quantize_with_scale(ws, scale, qtype), w_k_axis=k_axis)
+  return kernel.epilogue(acc, sx + flags, scale.reshape(-1), None, x.dtype)
 
 
 def _error_terms(x, w32, contract, out):

@@ -159,29 +159,34 @@ def combine_acc(hi, lo):
   return hi.astype(jnp.float32) * jnp.float32(65536.0) + lo.astype(jnp.float32)
 
 
-def accumulate_chunked(xq: jax.Array, wq: jax.Array, accumulate_fn, chunk: int = K_CHUNK):
-  """xq (M, K) @ wq (N, K)^T for any K <= MAX_K with `accumulate_fn` (an exact int32
-  GEMM for K <= chunk): int32 for K <= chunk, else the exact sum rounded once to f32 --
-  the value `acc.astype(f32)` would have with an unbounded accumulator."""
+def _k_slice(a, start: int, chunk: int, axis: int):
+  return jax.lax.slice_in_dim(a, start, min(start + chunk, a.shape[axis]), axis=axis)
+
+
+def accumulate_chunked(xq: jax.Array, wq: jax.Array, accumulate_fn, chunk: int = K_CHUNK, w_k_axis: int = 1):
+  """xq (M, K) @ wq (N, K)^T (w_k_axis=0: wq (K, N)) for any K <= MAX_K with
+  `accumulate_fn` (an exact int32 GEMM for K <= chunk): int32 for K <= chunk, else the
+  exact sum rounded once to f32 -- the value `acc.astype(f32)` would have with an
+  unbounded accumulator."""
   if xq.shape[1] <= chunk or jnp.dtype(xq.dtype) != jnp.dtype(jnp.int8):
     return accumulate_fn(xq, wq)
-  return combine_acc(*accumulate_halves(xq, wq, accumulate_fn, chunk))
+  return combine_acc(*accumulate_halves(xq, wq, accumulate_fn, chunk, w_k_axis))
 
 
-def accumulate_halves(xq: jax.Array, wq: jax.Array, accumulate_fn, chunk: int = K_CHUNK):
+def accumulate_halves(xq: jax.Array, wq: jax.Array, accumulate_fn, chunk: int = K_CHUNK, w_k_axis: int = 1):
   """int8 xq @ wq^T as int32 (hi, lo) sums of split_acc over K chunks (combine_acc
   turns them into f32; halves of K shards can be psum'd first)."""
   hi = lo = None
   for start in range(0, max(xq.shape[1], 1), chunk):
-    h, l_ = split_acc(accumulate_fn(xq[:, start:start + chunk], wq[:, start:start + chunk]))
+    h, l_ = split_acc(accumulate_fn(_k_slice(xq, start, chunk, 1), _k_slice(wq, start, chunk, w_k_axis)))
     hi, lo = (h, l_) if hi is None else (hi + h, lo + l_)
   return hi, lo
 
 
-def accumulate_ref(xq: jax.Array, wq: jax.Array) -> jax.Array:
-  """xq (M, K) @ wq (N, K)^T: int8 -> int32 (exact), fp8 -> f32."""
+def accumulate_ref(xq: jax.Array, wq: jax.Array, w_k_axis: int = 1) -> jax.Array:
+  """xq (M, K) @ wq (N, K)^T (w_k_axis=0: wq (K, N)): int8 -> int32 (exact), fp8 -> f32."""
   acc_dtype = jnp.int32 if jnp.dtype(xq.dtype) == jnp.dtype(jnp.int8) else jnp.float32
-  return jax.lax.dot_general(xq, wq, (((1,), (1,)), ((), ())), preferred_element_type=acc_dtype)
+  return jax.lax.dot_general(xq, wq, (((1,), (w_k_axis,)), ((), ())), preferred_element_type=acc_dtype)
 
 
 def accumulate_exact_ref(xq: jax.Array, wq: jax.Array) -> jax.Array:

@@ -28,15 +28,15 @@ def pairwise(*factors):
 
 
 def count_quantize_passes(f, *args) -> int:
-  """Activation-quantize passes traced by f (calls of actquant_jax.ops._quantize)."""
-  from actquant_jax import ops
+  """Activation-quantize passes traced by f (calls of the kernel stage W8A8Kernel.quantize)."""
+  from actquant_jax.backends import W8A8Kernel
   calls = []
-  original = ops._quantize
-  ops._quantize = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+  original = W8A8Kernel.quantize
+  W8A8Kernel.quantize = lambda *a, **kw: calls.append(1) or original(*a, **kw)
   try:
     jax.make_jaxpr(f)(*args)
   finally:
-    ops._quantize = original
+    W8A8Kernel.quantize = original
   return len(calls)
 
 

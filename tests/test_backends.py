@@ -7,10 +7,11 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import actquant_jax as aq
-from actquant_jax import backends
+from actquant_jax import backends, ops
 from actquant_jax.backends import BackendUnavailableError, Problem
 
 H100, A100, ADA = (9, 0), (8, 0), (8, 9)
@@ -69,7 +70,7 @@ def test_choice_made_once_and_logged_once(caplog):
   with caplog.at_level(logging.INFO, logger="actquant_jax"):
     first = backends.choose("auto", p)
     assert backends.choose("auto", p) is first
-  assert sum("w8a8 backend" in r.message and "M=333" in r.message for r in caplog.records) == 1
+  assert sum("w8a8 kernel" in r.message and "M=333" in r.message for r in caplog.records) == 1
 
 
 def test_xla_fallback_warns_once():
@@ -104,3 +105,47 @@ def test_cpu_preference_by_amx_and_rows():
   assert pref(m=1, cpu_amx=True, qtype="float8_e4m3fn") == ("xla",)
   assert "(AMX)" in Problem(k=64, platform="cpu", cpu_amx=True).describe()
   assert backends.problem_for(k=64).cpu_amx == backends.cpu_has_amx()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-lib", "no-native-lib"])
+def test_every_stage_is_decided_in_the_kernel(native, monkeypatch):
+  # The policy alone (the native library faked present or absent): backend='xla' is XLA
+  # in every stage; auto/cpu quantize dynamic int8 natively and find NaN/Inf rows by marks
+  # the native GEMM (or, under XLA's GEMM, a native scan) reads; fp8 and Pallas never mix.
+  monkeypatch.setattr(backends, "_native_cpu", lambda: (native, "" if native else "faked absent"))
+  monkeypatch.setattr(backends, "_decisions", {})
+  cpu = lambda **kw: Problem(k=64, platform="cpu", **kw)
+  stages = lambda req, p: (lambda k: (k.backend, k.quantizer, k.marks))(backends.choose(req, p))
+  for act in ("dynamic", "static"):
+    assert stages("xla", cpu(m=8, act=act)) == ("xla", "xla", "scale")
+    assert stages("auto", cpu(m=8, act=act, qtype="float8_e4m3fn")) == ("xla", "xla", "scale")
+    assert stages("auto", _gpu(H100, m=8, act=act))[1:] == ("triton", "scale")
+  if native:
+    assert stages("auto", cpu(m=8)) == stages("cpu", cpu(m=8)) == ("cpu", "cpu", "gemm")
+    assert stages("auto", cpu(m=8, act="static")) == ("cpu", "xla", "gemm")
+    assert stages("auto", cpu(m=8, cpu_amx=True)) == ("xla", "cpu", "scale")  # AMX: XLA's GEMM from M = 3
+    assert stages("auto", cpu(m=8, cpu_amx=True, act="static")) == ("xla", "xla", "scan")
+  else:
+    assert stages("auto", cpu(m=8)) == stages("auto", cpu(m=8, act="static")) == ("xla", "xla", "scale")
+  kernel = backends.choose("xla", cpu(m=8))
+  assert "xla GEMM, quantize by the reference formulas as XLA fusions" in str(kernel)
+  with pytest.raises(aq.BackendError, match="static"):
+    kernel.quantize(jnp.ones((2, 64)), None, jnp.float32(0.1))
+
+
+@pytest.mark.parametrize("act_scale", [None, 0.03])
+def test_stages_compose_to_w8a8_dot(act_scale, rng):
+  # quantize -> accumulate -> epilogue (what the sharded path and the alpha search do) is
+  # w8a8_dot, bit for bit; a weight in its own (K, N) layout accumulates to the same sums.
+  k, n = 96, 24
+  x = jnp.asarray(rng.standard_normal((5, k)), jnp.float32)
+  qk = aq.quantize_kernel(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), act_scale=act_scale,
+                          inv_smooth=jnp.asarray(rng.uniform(0.5, 2, k), jnp.float32))
+  kernel = ops.choose_kernel(qk, m=5, out_dtype=jnp.float32, backend="xla")
+  xq, sx = kernel.quantize(x, qk.inv_smooth, qk.act_scale)
+  acc, flags = kernel.accumulate(xq, qk.values)
+  y = kernel.epilogue(acc, sx + flags, qk.scale, None, jnp.float32)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(aq.w8a8_dot(x, qk, backend="xla")))
+  np.testing.assert_array_equal(np.asarray(kernel.accumulate(xq, qk.values.T, w_k_axis=0)[0]), np.asarray(acc))
+  exact = np.asarray(xq, np.int64) @ np.asarray(qk.values, np.int64).T  # independent of the code under test
+  np.testing.assert_array_equal(np.asarray(acc), exact)

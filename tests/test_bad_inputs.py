@@ -63,8 +63,12 @@ def test_k_above_bound_interpret_matches_xla(rng):
 
 
 def test_k_beyond_max_k_is_a_named_error():
-  with pytest.raises(aq.QuantizationError, match="exact"):
-    ops.resolve_backend("xla", qtype="int8", in_features=ref.MAX_K + 1)
+  # (a problem statement: no array of that size is built)
+  from actquant_jax import backends
+  with pytest.raises(aq.BackendUnavailableError, match="exact"):
+    backends.choose("xla", backends.problem_for(k=ref.MAX_K + 1))
+  with pytest.raises(aq.BackendUnavailableError, match="exact"):
+    backends.choose("auto", backends.problem_for(k=ref.MAX_K + 1))
 
 
 # -- 2. NaN / Inf in a token --------------------------------------------------------

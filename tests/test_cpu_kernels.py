@@ -151,7 +151,8 @@ def test_without_a_compiler_w8a8_dot_falls_back_to_xla(tmp_path):
           "from actquant_jax import ops\n"
           "assert not cpu_kernels.available(), 'built without a compiler?'\n"
           "print(cpu_kernels.unavailable_reason().splitlines()[0])\n"
-          "assert ops.resolve_backend('auto', in_features=8) == 'xla'\n"
+          "kernel = ops.choose_kernel(aq.quantize_kernel(jnp.ones((8, 3))), m=2)\n"
+          "assert (kernel.backend, kernel.quantizer) == ('xla', 'xla'), kernel\n"
           "print(aq.w8a8_dot(jnp.ones((2, 8)), aq.quantize_kernel(jnp.ones((8, 3)))).tolist())\n")
   env = {**os.environ, "CXX": "/bin/false", "ACTQUANT_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu",
          "ACTQUANT_IGNORE_PREBUILT": "1"}
