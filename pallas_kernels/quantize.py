@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels import reference as numerics
-from pallas_kernels.reference import qmax_of, quantize_rows_ref  # noqa: F401 (reference beside kernel)
+from pallas_kernels.reference import qmax_of, quantize_rows_ref  # noqa: F401 (the reference, beside the kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,14 +54,6 @@ def round_half_even(y):
   return jnp.where(up, f + 1.0, f)
 
 
-def _saturate_cast(y, dtype):
-  qmax = qmax_of(dtype)
-  y = jnp.minimum(jnp.maximum(y, -qmax), qmax)
-  if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
-    y = round_half_even(y)
-  return y.astype(dtype)
-
-
 def _quantize_rows_kernel(x_ref, s_ref, scale_ref, xq_ref, sx_ref, *, m, k, block_m, block_k):
   pid = pl.program_id(0)
   rows = pid * block_m + jnp.arange(block_m)
@@ -91,12 +83,10 @@ def _quantize_rows_kernel(x_ref, s_ref, scale_ref, xq_ref, sx_ref, *, m, k, bloc
   else:  # static per tensor
     sx = jnp.full((block_m,), _compat.triton_load(scale_ref.at[pl.ds(0, 1)])[0], jnp.float32)
 
-  r = 1.0 / sx
-
   def quantize_step(i, probe):
     x, inv, k_slice, col_ok = load_block(i)
-    f = r[:, None] if inv is None else inv[None, :] * r[:, None]  # numerics.quantize_factor
-    xq = _saturate_cast(x * f, xq_ref.dtype)
+    f = numerics.quantize_factor(inv, sx)
+    xq = numerics.saturate_cast(x * (f if inv is not None else f[:, None]), xq_ref.dtype, round_half_even)
     _compat.triton_store(xq_ref.at[m_slice, k_slice], xq, mask=row_ok[:, None] & col_ok[None, :])
     return probe if scale_ref is None else probe + numerics.nonfinite_probe(x)
   probe = lax.fori_loop(0, n_k, quantize_step, zeros)

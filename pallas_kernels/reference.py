@@ -76,18 +76,19 @@ def dynamic_scale(amax):
 def quantize_factor(inv_smooth, sx):
   """The multiplier of x: inv_smooth * (1 / sx), or 1 / sx. inv_smooth (K,) and sx (M,)
   give an (M, K) outer product; scalars and keepdims scales broadcast."""
-  r = jnp.float32(1.0) / sx
+  r = 1.0 / sx  # (sx is f32: a weak-typed 1.0, which the Triton lowering takes)
   if inv_smooth is None:
     return r
   return inv_smooth.astype(jnp.float32)[None, :] * r[:, None]
 
 
-def saturate_cast(y: jax.Array, dtype) -> jax.Array:
-  """Round (half to even) and saturate f32 values already divided by their scale."""
-  qmax = jnp.float32(qmax_of(dtype))
-  y = jnp.clip(y, -qmax, qmax)
+def saturate_cast(y: jax.Array, dtype, round_half_even=jnp.round) -> jax.Array:
+  """Round (half to even) and saturate f32 values already divided by their scale.
+  round_half_even: jnp.round, or a kernel's own (lax.round has no Triton lowering)."""
+  qmax = qmax_of(dtype)  # (a Python float: a weak-typed constant, which the Triton lowering takes)
+  y = jnp.minimum(jnp.maximum(y, -qmax), qmax)  # jnp.clip's ops, written out for the Triton lowering
   if jnp.dtype(dtype) == jnp.dtype(jnp.int8):
-    y = jnp.round(y)
+    y = round_half_even(y)
   return y.astype(dtype)
 
 
