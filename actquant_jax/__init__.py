@@ -40,13 +40,13 @@ from actquant_jax.quant import qtype_dtype as qtype_dtype
 from actquant_jax.quant import qtype_max as qtype_max
 from actquant_jax.quant import quantize as quantize
 from actquant_jax.quant import quantize_kernel as quantize_kernel
+from actquant_jax.report import LayerReport as LayerReport
+from actquant_jax.report import format_report as format_report
+from actquant_jax.report import report_summary as report_summary
 from actquant_jax.sharding import quantized_partition_specs as quantized_partition_specs
 from actquant_jax.sharding import shard_quantized as shard_quantized
 from actquant_jax.sharding import sharded_w8a8_dot as sharded_w8a8_dot
-from actquant_jax.transform import LayerReport as LayerReport
-from actquant_jax.transform import format_report as format_report
 from actquant_jax.transform import quantize_params as quantize_params
-from actquant_jax.transform import report_summary as report_summary
 from actquant_jax.transform import smooth_params as smooth_params
 
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ from flax import nnx
 from actquant_jax import _capture
 from actquant_jax._dataflow import FOLDABLE_KINDS, dataflow_facts, fingerprint, kind_offsets, read_elsewhere
 from actquant_jax.errors import CalibrationError, StatsFileError
+from actquant_jax.report import stats_summary
 
 
 def _is_nnx(model) -> bool:
@@ -140,39 +141,6 @@ def model_program(model, variables, forward, batch) -> tuple[_capture.Program, l
       return forward(v, b)
   program = _capture.trace(fn, variables, paths, batch)
   return program, _capture.program_inputs(variables, (batch,))
-
-
-def stacked_note(layers) -> str:
-  """" (2 of them stacked weights x 3 scanned layers)" for the stack sizes (LayerStats.layers,
-  0: not stacked) of some weight matmuls, or "" -- the wording of report_summary's and
-  stats_summary's lines."""
-  stacks: dict[int, int] = {}
-  for n in layers:
-    if n:
-      stacks[n] = stacks.get(n, 0) + 1
-  text = ", ".join(f"{c} of them stacked weights x {n} scanned layers" for n, c in stacks.items())
-  return f" ({text})" if text else ""
-
-
-def float_note(floats) -> str:
-  """"; float (why): a, b; float (why 2): c" for (layer, reason) pairs, grouped by reason
-  in first-seen order, or "" -- the wording of report_summary's and stats_summary's lines."""
-  reasons: dict[str, list] = {}
-  for path, why in floats:
-    reasons.setdefault(why, []).append(path)
-  return "".join(f"; float ({why}): {', '.join(paths)}" for why, paths in reasons.items())
-
-
-def stats_summary(stats: Stats) -> str:
-  """One line about a calibration: "calibrated 15 weight matmuls: 14 quantizable (10 with a
-  foldable producer), 1 float; float (weight has batch axes ...): per_head". Float here
-  means a layout that cannot run quantized; rules (LayerRule skip) are applied later by
-  quantize_params, whose report_summary line names those."""
-  floats = [(p, s.reason) for p, s in stats.items() if s.reason]
-  foldable = sum(1 for s in stats.values() if not s.reason and s.foldable)
-  return (f"calibrated {len(stats)} weight matmuls{stacked_note(s.layers for s in stats.values())}: "
-          f"{len(stats) - len(floats)} quantizable ({foldable} with a foldable producer), {len(floats)} float"
-          + float_note(floats))
 
 
 def describe_sites(graph: _capture.Graph) -> str:

@@ -39,34 +39,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from actquant_jax import smooth
 from actquant_jax._capture import layer_name
 from actquant_jax._dataflow import DataflowFacts, layer_dataflow
-from actquant_jax.calibrate import LayerStats, check_stats, float_note, stacked_note
+from actquant_jax.calibrate import LayerStats, check_stats
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel, check_finite
+from actquant_jax.report import LayerReport
 from actquant_jax.sharding import kernel_axes, put_like
 from pallas_kernels import reference as numerics
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerReport:
-  path: str
-  quantized: bool
-  qtype: str | None = None
-  act_mode: str | None = None
-  alpha: Any = None              # the alpha used (None: no smoothing)
-  smoothing: str = "none"        # "folded" (into producer), "runtime" (vector in quantize pass), "none"
-  producer: str = ""
-  producer_kind: str = ""
-  act_scale: float | None = None
-  outlier_ratio_before: float = 0.0
-  outlier_ratio_after: float = 0.0
-  weight_error: float = 0.0      # ||dq(W') - W'|| / ||W'||
-  output_error: float = 0.0      # ||y_q - y|| / ||y|| on calibration rows (this layer alone)
-  alpha_errors: dict | None = None  # "auto": error of each grid value (group total)
-  reason: str = ""               # why a layer stays float ("rule", or an unsupported layout)
-  note: str = ""                 # why a setting differs from the config (e.g. the alpha="auto" fallback)
-  layers: int = 0                # a stack of L scanned layers: errors and ratios are the worst layer's,
-                                 # act_scale the largest, alpha a tuple when the layers' differ
 
 
 def _split_root(params):
@@ -454,16 +433,6 @@ def _stack_report(p, ref: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
                              layers=plan.stats.layers, **worst)
 
 
-def report_summary(report: dict[str, LayerReport]) -> str:
-  """One line: "quantized 15 of 15 weight matmuls; 11 smoothing vectors folded, 4 at run time"."""
-  q = [r for r in report.values() if r.quantized]
-  folded = {r.path for r in q if r.smoothing == "folded"}
-  runtime = {r.path for r in q if r.smoothing == "runtime"}
-  line = (f"quantized {len(q)} of {len(report)} weight matmuls{stacked_note(r.layers for r in q)}; "
-          f"{len(folded)} smoothing vectors folded, {len(runtime)} at run time")
-  return line + float_note((r.path, r.reason or "rule") for r in report.values() if not r.quantized)
-
-
 def _layer_report(p, weight: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
   s, qt, mode = plan.s, plan.settings.qtype, plan.settings.act_mode
   weight_error, output_error = smooth.layer_errors(weight, qk.values, qk.scale, s, plan.stats.samples, plan.x_absmax,
@@ -476,19 +445,3 @@ def _layer_report(p, weight: smooth.WeightRef, qk, plan: LayerPlan) -> LayerRepo
       outlier_ratio_before=smooth.outlier_ratio(plan.x_absmax),
       outlier_ratio_after=smooth.outlier_ratio(plan.x_absmax, s),
       weight_error=weight_error, output_error=output_error, alpha_errors=plan.alpha_errors, note=plan.note)
-
-
-def format_report(report: dict[str, LayerReport]) -> str:
-  """A fixed-width table of the report, one line per layer."""
-  head = f"{'layer':40s} {'mode':22s} {'alpha':>5s} {'smoothing':9s} {'outlier x':>15s} {'w err':>8s} {'y err':>8s}"
-  lines = [report_summary(report), head, "-" * len(head)]
-  for p, r in report.items():
-    if not r.quantized:
-      lines.append(f"{p:40s} {'float (' + (r.reason or 'rule') + ')':22s}")
-      continue
-    a = "-" if r.alpha is None else ("var" if isinstance(r.alpha, tuple) else f"{r.alpha:.2f}")
-    p = f"{p} (x{r.layers})" if r.layers else p
-    lines.append(f"{p:40s} {r.qtype + ' ' + r.act_mode:22s} {a:>5s} {r.smoothing:9s} "
-                 f"{r.outlier_ratio_before:6.1f}->{r.outlier_ratio_after:6.1f} {r.weight_error:8.2e} {r.output_error:8.2e}"
-                 + (f"  note: {r.note}" if r.note else ""))
-  return "\n".join(lines)

@@ -5,7 +5,7 @@ import pytest
 import flax.linen as nn
 
 import actquant_jax as aq
-from actquant_jax.calibrate import stats_summary
+from actquant_jax.report import stats_summary
 from tests import toy_models as tm
 
 
