@@ -29,6 +29,7 @@ transposed, scales with its output axis's), never gathered to one device or the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -186,32 +187,58 @@ def _host(x) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
-def _layer_ref(ref: smooth.WeightRef, i: int) -> smooth.WeightRef:
-  """Layer i of a scan's stacked weight: its slice (one layer's temporaries) and its
-  pending updates' vectors for that layer (a stack's updates are (L, K) / (L, N); a
-  (K,) / (N,) one, from an unstacked group, applies to every layer)."""
-  return smooth.WeightRef(ref.leaf[i], ref.contract, ref.out,
-                          tuple((kind, v[i] if np.ndim(v) == 2 else v) for kind, v in ref.ops))
+def _layer(x, i):
+  """Layer i of something stacked over a scan's L layers: an array's slice; a WeightRef's
+  slice with its pending updates' vectors for that layer (a stack's updates are (L, K) /
+  (L, N); a (K,) / (N,) one, from an unstacked group, applies to every layer); a
+  LayerPlan's smoothing, absmax and stats; a LayerStats' absmax and samples; a
+  QuantizedKernel's arrays; each item of a list, tuple or dict; None as is."""
+  if x is None:
+    return None
+  if isinstance(x, smooth.WeightRef):
+    return smooth.WeightRef(x.leaf[i], x.contract, x.out,
+                            tuple((kind, v[i] if np.ndim(v) == 2 else v) for kind, v in x.ops))
+  if isinstance(x, LayerPlan):
+    return dataclasses.replace(x, s=_layer(x.s, i), x_absmax=x.x_absmax[i], stats=_layer(x.stats, i))
+  if isinstance(x, LayerStats):
+    return dataclasses.replace(x, absmax=x.absmax[i], samples=x.samples[i], layers=0)
+  if isinstance(x, QuantizedKernel):
+    return dataclasses.replace(jax.tree.map(lambda a: a[i], x), param_shape=tuple(x.param_shape)[1:])
+  if isinstance(x, (list, tuple)):
+    return type(x)(_layer(v, i) for v in x)
+  if isinstance(x, dict):
+    return {k: _layer(v, i) for k, v in x.items()}
+  return x[i]
 
 
-def _stack_smoothing(first, config, st, refs, x_absmax):
-  """alpha, alpha_errors, note and s (L, K) of a layer stack's group: each layer its own
-  (alpha="auto" searched per layer on that layer's calibration rows), each computed on
-  its layer's slice of the weights as an unstacked layer's would be."""
-  alphas, errors, notes, ss = [], [], [], []
-  for i in range(st.layers):
-    ks = [_layer_ref(r, i) for r in refs]
-    a, e, note = first.alpha, None, ""
-    if a == "auto":
-      a, e, note = smooth.auto_alpha(st.samples[i], ks, x_absmax[i], config.alpha_grid, first.qtype, first.act_mode)
-    alphas.append(a)
-    errors.append(e)
-    notes.append(note)
-    ss.append(None if a is None else smooth.smoothing_factors(x_absmax[i], smooth.weight_row_absmax(ks), a))
-    del ks
-  s = None if all(v is None for v in ss) else np.stack(
-      [np.ones(x_absmax.shape[-1], np.float32) if v is None else v for v in ss])
-  alpha = alphas[0] if len(set(alphas)) == 1 else tuple(alphas)
+def _per_layer(layers: int, fn, *stacked) -> list:
+  """[fn(*layer i of each of `stacked`) for each of a scan's L layers]: a layer stack is
+  handled one layer at a time (one layer's temporaries), each layer's slice read by the
+  same functions as an unstacked weight, so its numbers are exactly the unrolled model's."""
+  return [fn(*(_layer(x, i) for x in stacked)) for i in range(layers)]
+
+
+def _stacked(layers: int, fn, *stacked):
+  """_per_layer's results (arrays, or pytrees of them) stacked along a leading layer axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *_per_layer(layers, fn, *stacked))
+
+
+def _smoothing(first, grid, samples, refs, x_absmax):
+  """(alpha, alpha_errors, note, s) of a group: alpha fixed, or searched on the calibration
+  rows (alpha="auto")."""
+  alpha, errors, note = first.alpha, None, ""
+  if alpha == "auto":
+    alpha, errors, note = smooth.auto_alpha(samples, refs, x_absmax, grid, first.qtype, first.act_mode)
+  s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(refs), alpha)
+  return alpha, errors, note, s
+
+
+def _stack_smoothing(per, k: int):
+  """A layer stack's (alpha, alpha_errors, note, s (L, K)) from its layers' _smoothing:
+  alpha a tuple when the layers' differ, errors summed, s = 1 for a layer not smoothed."""
+  alphas, errors, notes, ss = zip(*per)
+  s = None if all(v is None for v in ss) else np.stack([np.ones(k, np.float32) if v is None else v for v in ss])
+  alpha = alphas[0] if len(set(alphas)) == 1 else alphas
   alpha_errors = None if any(e is None for e in errors) else {a: sum(e[a] for e in errors) for a in errors[0]}
   return alpha, alpha_errors, next((n for n in notes if n), ""), s
 
@@ -221,12 +248,9 @@ def _fold(kind, producer_params, s, names, layers):
   stacked by the same scan)."""
   if not layers:
     return smooth.fold_inverse(kind, producer_params, s, names)
-  out = dict(producer_params)
-  for n in names or smooth.FOLD_PARAMS[kind]:
-    if n in out:
-      v = out[n]
-      out[n] = jnp.stack([smooth.fold_inverse(kind, {n: v[i]}, s[i], (n,))[n] for i in range(layers)])
-  return out
+  folded = {n: producer_params[n] for n in names or smooth.FOLD_PARAMS[kind] if n in producer_params}
+  return {**producer_params,
+          **_stacked(layers, lambda p, si: smooth.fold_inverse(kind, p, si, tuple(folded)), folded, s)}
 
 
 def _can_fold(kind, producer_params, names, layers):
@@ -277,13 +301,12 @@ def _plan(params, stats, config):
       alpha, s = None, None
       note = (f"not smoothed: {', '.join(tied)} is also read outside its matmuls (a tied embedding's lookup "
               "reads the int8 table)")
-    elif st.layers:  # a scan's layer stack: one smoothing per layer
-      alpha, alpha_errors, note, s = _stack_smoothing(first, config, st, refs, x_absmax)
+    elif st.layers:  # a scan's layer stack: one smoothing per layer (alpha="auto" searched per layer)
+      alpha, alpha_errors, note, s = _stack_smoothing(
+          _per_layer(st.layers, functools.partial(_smoothing, first, config.alpha_grid), st.samples, refs, x_absmax),
+          x_absmax.shape[-1])
     else:
-      if alpha == "auto":
-        alpha, alpha_errors, note = smooth.auto_alpha(st.samples, refs, x_absmax, config.alpha_grid,
-                                                      first.qtype, first.act_mode)
-      s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(refs), alpha)
+      alpha, alpha_errors, note, s = _smoothing(first, config.alpha_grid, st.samples, refs, x_absmax)
     # Exact only if, at every call, every reader of the producer's output is a quantized
     # layer of this group (a float-kept reader would see X / s), and every producer can take it.
     producers = sorted({q for p in quantized for q in (live[p].producers or (live[p].producer,))})
@@ -321,10 +344,7 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
   for wp, ups in updates.items():
     st = layouts[wp]
     ref = smooth.WeightRef(_get(new_root, wp), st.contract, st.out, ups)
-    if st.layers:  # a scan's layer stack: layer by layer
-      w = jnp.stack([smooth.apply_updates(_layer_ref(ref, i)) for i in range(st.layers)])
-    else:
-      w = smooth.apply_updates(ref)
+    w = _stacked(st.layers, smooth.apply_updates, ref) if st.layers else smooth.apply_updates(ref)
     new_root = _set(new_root, wp, w)
   return rebuild(new_root), plans
 
@@ -397,14 +417,9 @@ def _quantize_stack(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> Quanti
   layer's slice and smoothing: exactly an unstacked layer's kernel) into one
   QuantizedKernel with a leading layer axis on every array. A stack with a NamedSharding
   is placed as quantized_partition_specs places it (its layer axis's spec first)."""
-  per = []
-  for i in range(plan.stats.layers):
-    one = dataclasses.replace(plan, s=None if plan.s is None else plan.s[i], x_absmax=plan.x_absmax[i])
-    per.append(_quantize_layer(_layer_ref(ref, i), one, f"{name}[{i}]"))
-  stack = lambda f: None if getattr(per[0], f) is None else jnp.stack([getattr(q, f) for q in per])
-  qk = dataclasses.replace(per[0], values=stack("values"), scale=stack("scale"), act_scale=stack("act_scale"),
-                           inv_smooth=stack("inv_smooth"), param_shape=tuple(np.shape(ref.leaf)))
-  del per
+  layers = plan.stats.layers
+  qk = _stacked(layers, lambda r, pl, i: _quantize_layer(r, pl, f"{name}[{i}]"), ref, plan, np.arange(layers))
+  qk = dataclasses.replace(qk, param_shape=tuple(np.shape(ref.leaf)))
   sharding = getattr(ref.leaf, "sharding", None)
   if isinstance(ref.leaf, jax.Array) and isinstance(sharding, NamedSharding):
     rank = ref.leaf.ndim
@@ -421,12 +436,7 @@ def _quantize_stack(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> Quanti
 
 def _stack_report(p, ref: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
   """The report of a layer stack: each layer's, the worst layer's errors and ratios."""
-  rs = []
-  for i in range(plan.stats.layers):
-    one = dataclasses.replace(qk, values=qk.values[i], scale=qk.scale[i])
-    st = dataclasses.replace(plan.stats, absmax=plan.stats.absmax[i], samples=plan.stats.samples[i], layers=0)
-    rs.append(_layer_report(p, _layer_ref(ref, i), one, dataclasses.replace(
-        plan, s=None if plan.s is None else plan.s[i], x_absmax=plan.x_absmax[i], stats=st)))
+  rs = _per_layer(plan.stats.layers, functools.partial(_layer_report, p), ref, qk, plan)
   worst = {f: max(getattr(r, f) for r in rs)
            for f in ("outlier_ratio_before", "outlier_ratio_after", "weight_error", "output_error")}
   return dataclasses.replace(rs[0], act_scale=None if rs[0].act_scale is None else max(r.act_scale for r in rs),
