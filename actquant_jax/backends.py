@@ -280,15 +280,22 @@ class W8A8Kernel:
     return jax.numpy.dtype(jax.numpy.int8 if self.problem.qtype == "int8" else jax.numpy.float8_e4m3fn)
 
   # -- stage 1: x -> xq, sx
-  def quantize(self, x, inv_smooth=None, scale=None, *, k_axis: str | None = None):
+  def quantize(self, x, inv_smooth=None, scale=None, *, rotate: bool = False, k_axis: str | None = None):
     """x (M, K) float -> (xq (M, K) 8-bit, sx (M,) f32) by numerics.quantize_rows_ref's
     formulas: per token (scale None) or the static scale, after multiplying by
-    inv_smooth. k_axis: the mesh axis x's K is split over (inside shard_map): row maxima
-    and sums are reduced over it (the XLA formulas: the native and Pallas passes see one
-    shard)."""
+    inv_smooth -- and, rotate=True, by the Hadamard rotation R of K (rotation.py; XLA ops
+    before the pass). k_axis: the mesh axis x's K is split over (inside shard_map): row
+    maxima and sums are reduced over it (the XLA formulas: the native and Pallas passes
+    see one shard)."""
     if (scale is None) != (self.problem.act == "dynamic"):
       raise BackendError(f"this kernel was chosen for {self.problem.act} activations; "
                          f"got scale={'None' if scale is None else 'a static scale'}")
+    if rotate:
+      if k_axis is not None:
+        raise BackendError("a rotated layer needs its whole rows: shard its K over no mesh axis")
+      from actquant_jax import rotation
+      x = rotation.rotate_rows(x if inv_smooth is None else x.astype(jax.numpy.float32) * inv_smooth)
+      inv_smooth = None
     if k_axis is not None:
       return numerics.quantize_rows_ref(x, inv_smooth, dtype=self.dtype, scale=scale,
                                         row_max=lambda v: jax.lax.pmax(v, k_axis),
@@ -373,9 +380,10 @@ class W8A8Kernel:
     return matmul.scaled_matmul(xq, wq, sx, sw, bias, out_dtype=out_dtype, backend=self.backend,
                                 interpret=self.problem.interpret)
 
-  def dot(self, x, inv_smooth, scale, wq, sw, bias=None, out_dtype=jax.numpy.float32):
-    """The whole matmul: scaled_matmul(*quantize(x, inv_smooth, scale), wq, sw, bias)."""
-    return self.scaled_matmul(*self.quantize(x, inv_smooth, scale), wq, sw, bias, out_dtype)
+  def dot(self, x, qk, bias=None, out_dtype=jax.numpy.float32):
+    """The whole matmul of x (M, K) with a QuantizedKernel: quantize, then scaled_matmul."""
+    xq, sx = self.quantize(x, qk.inv_smooth, qk.act_scale, rotate=qk.rotated)
+    return self.scaled_matmul(xq, sx, qk.values, qk.scale, bias, out_dtype)
 
 
 _lock = threading.Lock()

@@ -43,7 +43,7 @@ _FORMAT_PREFIX = "actquant-jax-checkpoint/"
 _META, _PARAMS, _STATS = "actquant.json", "params", "stats.npz"
 _OWN_ENTRIES = frozenset({_META, _PARAMS, _STATS})  # all a checkpoint directory holds
 _QK_FIELDS = ("values", "scale", "act_scale", "inv_smooth", "kept")
-_QK_LAYOUT = ("contract", "out", "param_shape", "param_dtype", "folded_into", "dataflow")  # static, JSON
+_QK_LAYOUT = ("contract", "out", "param_shape", "param_dtype", "folded_into", "dataflow", "rotated")  # static, JSON
 
 
 def _sha256(a) -> str:

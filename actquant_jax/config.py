@@ -67,6 +67,11 @@ class QuantConfig:
               [0, 1], "auto" (per group of layers sharing an input, the grid value with the
               least quantized-output error on calibration activations), or None (off).
   alpha_grid: the candidates for "auto"; None in it means "no smoothing".
+  rotate:     rotate each quantized matmul's contraction by a randomized Hadamard matrix R
+              (rotation.py): R^T W quantized offline, x R per token at run time (QuaRot's
+              online rotation). Spreads outlier channels over all K; dynamic activations
+              only; skipped (and reported) where K has no Hadamard size or a lookup reads
+              the weight.
   rules:      LayerRule overrides, matched on the module path; later rules win.
   """
 
@@ -74,6 +79,7 @@ class QuantConfig:
   act_mode: str = "dynamic"
   alpha: Alpha = 0.5
   alpha_grid: tuple[float | None, ...] = DEFAULT_ALPHA_GRID
+  rotate: bool = False
   rules: tuple[LayerRule, ...] = ()
 
   def __post_init__(self):
@@ -81,6 +87,9 @@ class QuantConfig:
     if self.act_mode not in ACT_MODES:
       raise QuantizationError(f"QuantConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
     _check_alpha(self.alpha, "QuantConfig")
+    if self.rotate and (self.act_mode != "dynamic" or any(r.act_mode == "static" for r in self.rules)):
+      raise QuantizationError("QuantConfig: rotate=True needs act_mode='dynamic' (a static scale would be "
+                              "calibrated on unrotated activations)")
     if not self.alpha_grid:
       raise QuantizationError("QuantConfig: alpha_grid must not be empty")
     for a in self.alpha_grid:

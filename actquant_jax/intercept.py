@@ -174,10 +174,10 @@ def _shared_quantize(shared: dict, x, site: _capture.Contraction, x2d, qk: Quant
   act_group, quantize pass) in one model call (q/k/v, a gated MLP's gate/up), with the
   settings of the group's first layer (the others' must equal them: see settings_mismatch)."""
   if not qk.act_group:
-    return kernel.quantize(x2d, qk.inv_smooth, qk.act_scale)
-  key = (id(x), tuple(site.x_contract), qk.act_group, kernel.quantizer, kernel.marks)
+    return kernel.quantize(x2d, qk.inv_smooth, qk.act_scale, rotate=qk.rotated)
+  key = (id(x), tuple(site.x_contract), qk.act_group, qk.rotated, kernel.quantizer, kernel.marks)
   if key not in shared:  # (x is kept in the entry: its id stays unique while the call runs)
-    shared[key] = (x, qk, *kernel.quantize(x2d, qk.inv_smooth, qk.act_scale))
+    shared[key] = (x, qk, *kernel.quantize(x2d, qk.inv_smooth, qk.act_scale, rotate=qk.rotated))
     return shared[key][2:]
   _, first, xq, sx = shared[key]
   return xq, sx + ops.settings_mismatch(qk, first)
@@ -255,6 +255,10 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
       raise QuantizationError(f"{where}: weight {p} is read by a lookup, but its 8-bit table holds the smoothed weight "
                               f"(its 1/s was folded into {', '.join(qk.folded_into)}), which a lookup cannot read: "
                               "quantize it again (quantize_params does not smooth a weight a lookup reads)")
+    if lookups and qk.rotated:
+      raise QuantizationError(f"{where}: weight {p} is read by a lookup, but its 8-bit table holds the rotated weight "
+                              "R^T W, which a lookup cannot read: quantize it again (quantize_params does not rotate "
+                              "a weight a lookup reads)")
   _check_folds(graph, qks, routed, where)
   # The stand-ins were for tracing only: a weight with no float copy is not materialized
   # (a lookup reads its 8-bit table: _Table).

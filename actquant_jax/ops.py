@@ -62,7 +62,7 @@ def quantize_activations(x2d: jax.Array, qk: QuantizedKernel, *, backend: str = 
   applied first; a row holding NaN or Inf gets sx = NaN (backend "xla": the reference
   formulas; another backend's pass may mark such rows in xq instead, see W8A8Kernel)."""
   kernel = choose_kernel(qk, m=x2d.shape[0], backend=backend, interpret=interpret)
-  return kernel.quantize(x2d, qk.inv_smooth, qk.act_scale)
+  return kernel.quantize(x2d, qk.inv_smooth, qk.act_scale, rotate=qk.rotated)
 
 
 def settings_mismatch(qk: QuantizedKernel, first: QuantizedKernel) -> jax.Array:
@@ -70,8 +70,8 @@ def settings_mismatch(qk: QuantizedKernel, first: QuantizedKernel) -> jax.Array:
   its act_group whose quantization it shares (added to the shared scales: an edited
   member gives NaN outputs, never another layer's quantization). A comparison of two
   (K,) vectors: nothing over x."""
-  if (qk.qtype, qk.act_scale is None, qk.inv_smooth is None) != (first.qtype, first.act_scale is None,
-                                                                  first.inv_smooth is None):
+  if (qk.qtype, qk.act_scale is None, qk.inv_smooth is None, qk.rotated) != (
+      first.qtype, first.act_scale is None, first.inv_smooth is None, first.rotated):
     return jnp.float32(jnp.nan)
   same = jnp.bool_(True)
   for a, b in ((qk.act_scale, first.act_scale), (qk.inv_smooth, first.inv_smooth)):
@@ -104,5 +104,5 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   out_dtype = x.dtype if out_dtype is None else out_dtype
   x2d = x.reshape(-1, qk.in_features)
   kernel = choose_kernel(qk, m=x2d.shape[0], out_dtype=out_dtype, backend=backend, interpret=interpret)
-  y = kernel.dot(x2d, qk.inv_smooth, qk.act_scale, qk.values, qk.scale, bias, out_dtype)
+  y = kernel.dot(x2d, qk, bias, out_dtype)
   return y.reshape(*x.shape[:-1], qk.out_features)

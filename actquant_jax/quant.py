@@ -203,6 +203,8 @@ class QuantizedKernel:
               would be wrong: qparams from another model's stats).
   dataflow:   static; a digest of the layer's calibrated dataflow (producers, whether
               its input is read elsewhere, contraction); running the model checks it.
+  rotated:    static; values hold R^T W for the randomized Hadamard R of K (rotation.py),
+              and x is rotated (x R, after inv_smooth) before it is quantized.
 
   A weight stacked over the L layers of a scan (nn.scan / nnx.scan) is one QuantizedKernel
   whose arrays all have a leading layer axis (values (L, N, K), scale (L, N), act_scale
@@ -223,6 +225,7 @@ class QuantizedKernel:
   param_dtype: str = dataclasses.field(default="float32", metadata=dict(static=True))
   folded_into: tuple = dataclasses.field(default=(), metadata=dict(static=True))
   dataflow: str = dataclasses.field(default="", metadata=dict(static=True))
+  rotated: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
   @property
   def in_features(self) -> int:
@@ -249,6 +252,9 @@ class QuantizedKernel:
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The (K, N) float kernel this computes with, inverse smoothing included."""
     w = jnp.swapaxes(self.values.astype(jnp.float32), -1, -2) * self.scale[..., None, :]
+    if self.rotated:  # R (R^T W)
+      from actquant_jax import rotation
+      w = rotation.unrotate_weight(w)
     if self.inv_smooth is not None:
       w = w * self.inv_smooth[..., :, None]
     return w.astype(dtype)

@@ -168,7 +168,7 @@ def sharded_w8a8_dot(x, qk: QuantizedKernel, bias=None, *, mesh, batch_axis=None
       return ops.w8a8_dot(xb, q, b, out_dtype=out_dtype, backend=backend, interpret=interpret)
     # The kernel's stages, with the row maxima / sums and the partial products reduced
     # over the K shards.
-    xq, sx = kernel.quantize(xb, q.inv_smooth, q.act_scale, k_axis=k_axis)
+    xq, sx = kernel.quantize(xb, q.inv_smooth, q.act_scale, rotate=q.rotated, k_axis=k_axis)
     acc, flags = kernel.accumulate(xq, q.values, k_axis=k_axis)
     return kernel.epilogue(acc, sx + flags, q.scale, b, out_dtype)
 

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax._dataflow import kind_offsets
-from actquant_jax import backends
+from actquant_jax import backends, rotation
 from actquant_jax.quant import qtype_max, quantize_with_scale, scale_from_absmax, weight_matrix
 from actquant_jax.sharding import kernel_axes, put_like
 
@@ -165,9 +165,12 @@ def _row_absmax(w, vecs, *, kinds, contract, out):
   return _row_absmax_of(_current32(w, vecs, kinds, contract, out), contract, out)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC + ("qtype", "values_sharding", "scale_sharding"))
-def _quantize_weight(w, vecs, *, kinds, contract, out, qtype, values_sharding, scale_sharding):
-  values, scale = _quantize_in_place(_current32(w, vecs, kinds, contract, out), qtype, contract, out)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("qtype", "rotate", "values_sharding", "scale_sharding"))
+def _quantize_weight(w, vecs, *, kinds, contract, out, qtype, rotate, values_sharding, scale_sharding):
+  w32 = _current32(w, vecs, kinds, contract, out)
+  if rotate:  # R^T W, quantized from its (K, N) matrix
+    w32, contract, out = rotation.rotate_weight(weight_matrix(w32, contract, out)), (0,), (1,)
+  values, scale = _quantize_in_place(w32, qtype, contract, out)
   if values_sharding is not None:  # (N, K): the weight's own sharding, transposed
     values = jax.lax.with_sharding_constraint(values, values_sharding)
     scale = jax.lax.with_sharding_constraint(scale, scale_sharding)
@@ -189,7 +192,7 @@ def weight_row_absmax(kernels) -> np.ndarray:
   return np.max(np.stack([np.asarray(m) for m in jax.device_get(maxima)]), axis=0).astype(np.float32)
 
 
-def quantize_weight(ref: WeightRef, qtype: str):
+def quantize_weight(ref: WeightRef, qtype: str, rotate: bool = False):
   """(values (N, K), scale (N,)) of the weight with its updates, quantized per output
   channel (bit for bit what quantize_kernel gives), on the weight's devices; a
   weight with a NamedSharding gives values with its spec transposed and scales with its
@@ -200,7 +203,7 @@ def quantize_weight(ref: WeightRef, qtype: str):
     k_axis, n_axis = kernel_axes(sharding.spec, ref.leaf.ndim, ref.contract, ref.out)
     vs, ss = NamedSharding(sharding.mesh, P(n_axis, k_axis)), NamedSharding(sharding.mesh, P(n_axis))
   return _quantize_weight(ref.leaf, ref.vectors(), kinds=ref.kinds, contract=ref.contract, out=ref.out, qtype=qtype,
-                          values_sharding=vs, scale_sharding=ss)
+                          rotate=rotate, values_sharding=vs, scale_sharding=ss)
 
 
 def _as_2d(w32, contract, out):
@@ -211,15 +214,18 @@ def _as_2d(w32, contract, out):
   return weight_matrix(w32, contract, out), 0
 
 
-def _w8a8_in_place(x, w2, k_axis: int, s, inv, act_scale, qtype: str, act_mode: str):
+def _w8a8_in_place(x, w2, k_axis: int, s, inv, act_scale, qtype: str, act_mode: str, rotate: bool = False):
   """x @ diag(s) W through the library's W8A8 numbers (the XLA kernel's stages), with 1/s
-  at run time -- the weight quantized and contracted in its own 2-D layout (traced). XLA
-  CPU ran the int8 dot of a weight quantized in place and transposed to (N, K) 17x
-  slower than this contraction over its own K axis; the int32 sums are the same."""
+  at run time (and rotate: R^T diag(s) W, x rotated) -- the weight quantized and
+  contracted in its own 2-D layout (traced). XLA CPU ran the int8 dot of a weight
+  quantized in place and transposed to (N, K) 17x slower than this contraction over its
+  own K axis; the int32 sums are the same."""
   ws = w2 * (s[:, None] if k_axis == 0 else s[None, :])
+  if rotate:
+    ws = rotation.rotate_weight(ws) if k_axis == 0 else rotation.rotate_rows(ws)
   scale = _channel_scale(ws, 1 - k_axis, qtype)
   kernel = backends.choose("xla", backends.problem_for(k=x.shape[1], qtype=qtype, act=act_mode))
-  xq, sx = kernel.quantize(x, inv, act_scale if act_mode == "static" else None)
+  xq, sx = kernel.quantize(x, inv, act_scale if act_mode == "static" else None, rotate=rotate)
   acc, flags = kernel.accumulate(xq, quantize_with_scale(ws, scale, qtype), w_k_axis=k_axis)
   return kernel.epilogue(acc, sx + flags, scale.reshape(-1), None, x.dtype)
 
@@ -231,15 +237,16 @@ def _error_terms(x, w32, contract, out):
   return w2, k_axis, y, jnp.sum(jnp.sum(y * y, axis=1))
 
 
-@functools.partial(jax.jit, static_argnames=("kinds", "contracts", "outs", "qtype", "act_mode"))
-def _grid_errors(samples, leaves, vecs, s_grid, inv_grid, act_grid, *, kinds, contracts, outs, qtype, act_mode):
+@functools.partial(jax.jit, static_argnames=("kinds", "contracts", "outs", "qtype", "act_mode", "rotate"))
+def _grid_errors(samples, leaves, vecs, s_grid, inv_grid, act_grid, *, kinds, contracts, outs, qtype, act_mode,
+                 rotate):
   total = jnp.zeros(s_grid.shape[0], jnp.float32)
   for x, w, v, kind, contract, out in zip(samples, leaves, vecs, kinds, contracts, outs):
     x = x.astype(jnp.float32)
     w2, k_axis, y, den = _error_terms(x, _current32(w, v, kind, contract, out), contract, out)
 
     def err(a):
-      d = _w8a8_in_place(x, w2, k_axis, *a, qtype, act_mode) - y
+      d = _w8a8_in_place(x, w2, k_axis, *a, qtype, act_mode, rotate) - y
       return jnp.sum(jnp.sum(d * d, axis=1))
     # One candidate at a time (lax.map, inside the one jitted call): vmap over the grid
     # ran 2x slower here and would hold every candidate's smoothed copy of the weight.
@@ -259,7 +266,7 @@ def _put_rows(x, ref: WeightRef):
   return put_like(x, ref.leaf)
 
 
-def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: str) -> np.ndarray:
+def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: str, rotate: bool = False) -> np.ndarray:
   """For each smoothing vector of `svecs` (None = no smoothing): the sum over a group's
   layers of ||y_q - y||^2 / ||y||^2 on calibration rows, y_q being the library's own
   W8A8 path with 1/s at run time. One jitted call on the weights' devices for the whole
@@ -274,7 +281,7 @@ def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: st
                       tuple(r.vectors() for r in refs), put_like(s_grid, like), put_like(inv_grid, like),
                       put_like(act_grid, like), kinds=tuple(r.kinds for r in refs),
                       contracts=tuple(r.contract for r in refs), outs=tuple(r.out for r in refs), qtype=qtype,
-                      act_mode=act_mode)
+                      act_mode=act_mode, rotate=rotate)
   return np.asarray(jax.device_get(errs), np.float64)
 
 
@@ -284,12 +291,12 @@ def output_error(samples, kernels, x_absmax, s, qtype: str, act_mode: str) -> fl
   return float(smoothing_errors(samples, kernels, x_absmax, [s], qtype, act_mode)[0])
 
 
-def choose_alpha(samples, kernels, x_absmax, grid, qtype: str, act_mode: str):
+def choose_alpha(samples, kernels, x_absmax, grid, qtype: str, act_mode: str, rotate: bool = False):
   """The grid value (None = no smoothing) with the least output error; returns
   (alpha, {alpha: error}). kernels: the group's (K, N) kernels or WeightRefs."""
   w_absmax = weight_row_absmax(kernels)
   svecs = [None if a is None else smoothing_factors(x_absmax, w_absmax, a) for a in grid]
-  errs = smoothing_errors(samples, kernels, x_absmax, svecs, qtype, act_mode)
+  errs = smoothing_errors(samples, kernels, x_absmax, svecs, qtype, act_mode, rotate)
   errors = {a: float(e) for a, e in zip(grid, errs)}
   best = min(grid, key=lambda a: (errors[a], -1 if a is None else a))
   return best, errors
@@ -300,22 +307,23 @@ def _rel(a, b):
   return jnp.where(d > 0, jnp.sqrt(jnp.sum(jnp.sum((a - b) ** 2, axis=-1))) / jnp.where(d > 0, d, 1.0), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("contract", "out", "qtype", "act_mode"))
-def _layer_errors(w, values, scale, s, inv, act_scale, samples, *, contract, out, qtype, act_mode):
+@functools.partial(jax.jit, static_argnames=("contract", "out", "qtype", "act_mode", "rotate"))
+def _layer_errors(w, values, scale, s, inv, act_scale, samples, *, contract, out, qtype, act_mode, rotate):
   w32 = jnp.asarray(w).astype(jnp.float32)
   # ||dq(W') - W'|| in the (N, K) layout of values: W' transposed in f32 (a report only)
-  weight_err = _rel(values.astype(jnp.float32) * scale[:, None],
-                    weight_matrix(w32, out, contract) * s[None, :])
+  w_nk = weight_matrix(w32, out, contract) * s[None, :]
+  weight_err = _rel(values.astype(jnp.float32) * scale[:, None], rotation.rotate_rows(w_nk) if rotate else w_nk)
   if samples.shape[0] == 0:
     return weight_err, jnp.float32(0.0)
   x = samples.astype(jnp.float32)
   w2, k_axis, y, den = _error_terms(x, w32, contract, out)
-  d = _w8a8_in_place(x, w2, k_axis, s, inv, act_scale, qtype, act_mode) - y
+  d = _w8a8_in_place(x, w2, k_axis, s, inv, act_scale, qtype, act_mode, rotate) - y
   e = jnp.sum(jnp.sum(d * d, axis=1))
   return weight_err, jnp.where(den > 0, jnp.sqrt(e) / jnp.sqrt(jnp.where(den > 0, den, 1.0)), 0.0)
 
 
-def layer_errors(weight, values, scale, s, samples, x_absmax, qtype: str, act_mode: str) -> tuple[float, float]:
+def layer_errors(weight, values, scale, s, samples, x_absmax, qtype: str, act_mode: str,
+                 rotate: bool = False) -> tuple[float, float]:
   """(||dq(W') - W'|| / ||W'||, ||y_q - y|| / ||y|| on calibration rows) of one layer:
   W' = diag(s) W (the float weight's matrix, before any update), (values, scale) its
   quantized weight, y_q the layer alone in W8A8 with 1/s at run time (equal to a folded
@@ -327,7 +335,7 @@ def layer_errors(weight, values, scale, s, samples, x_absmax, qtype: str, act_mo
   errs = _layer_errors(ref.leaf, values, scale, put_like(sv, like), put_like((1.0 / sv).astype(np.float32), like),
                        put_like(static_act_scale(x_absmax, s, qtype), like),
                        _put_rows(samples, ref), contract=ref.contract, out=ref.out,
-                       qtype=qtype, act_mode=act_mode)
+                       qtype=qtype, act_mode=act_mode, rotate=rotate)
   return tuple(float(e) for e in jax.device_get(errs))
 
 
@@ -339,14 +347,14 @@ MIN_AUTO_ROWS = 64
 AUTO_FALLBACK_ALPHA = 0.5
 
 
-def auto_alpha(samples, kernels, x_absmax, grid, qtype: str, act_mode: str):
+def auto_alpha(samples, kernels, x_absmax, grid, qtype: str, act_mode: str, rotate: bool = False):
   """alpha="auto" for one group: (alpha, {alpha: error} or None, note). With fewer than
   MIN_AUTO_ROWS calibration rows no search is run: (AUTO_FALLBACK_ALPHA, None, why)."""
   rows = int(np.shape(samples)[0])
   if rows < MIN_AUTO_ROWS:
     return AUTO_FALLBACK_ALPHA, None, (f"alpha='auto' needs >= {MIN_AUTO_ROWS} calibration rows, got {rows}: "
                                        f"used alpha={AUTO_FALLBACK_ALPHA} (calibrate on more tokens to search)")
-  alpha, errors = choose_alpha(samples, kernels, x_absmax, grid, qtype, act_mode)
+  alpha, errors = choose_alpha(samples, kernels, x_absmax, grid, qtype, act_mode, rotate)
   return alpha, errors, ""
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from actquant_jax import smooth
+from actquant_jax import rotation, smooth
 from actquant_jax._capture import layer_name
 from actquant_jax._dataflow import DataflowFacts, layer_dataflow
 from actquant_jax.calibrate import LayerStats, check_stats
@@ -110,6 +110,7 @@ class LayerPlan:
   x_absmax: np.ndarray     # calibration absmax of the (unsmoothed) input
   stats: LayerStats
   note: str = ""
+  rotated: bool = False    # R^T W quantized, x rotated at run time (QuantConfig.rotate)
 
 
 def weight_path(layer: str, st: LayerStats) -> str:
@@ -223,12 +224,12 @@ def _stacked(layers: int, fn, *stacked):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *_per_layer(layers, fn, *stacked))
 
 
-def _smoothing(first, grid, samples, refs, x_absmax):
+def _smoothing(first, grid, rotate, samples, refs, x_absmax):
   """(alpha, alpha_errors, note, s) of a group: alpha fixed, or searched on the calibration
-  rows (alpha="auto")."""
+  rows (alpha="auto"; with the group's rotation)."""
   alpha, errors, note = first.alpha, None, ""
   if alpha == "auto":
-    alpha, errors, note = smooth.auto_alpha(samples, refs, x_absmax, grid, first.qtype, first.act_mode)
+    alpha, errors, note = smooth.auto_alpha(samples, refs, x_absmax, grid, first.qtype, first.act_mode, rotate)
   s = None if alpha is None else smooth.smoothing_factors(x_absmax, smooth.weight_row_absmax(refs), alpha)
   return alpha, errors, note, s
 
@@ -295,6 +296,9 @@ def _plan(params, stats, config):
     refs = [ref(p) for p in quantized]
     alpha, alpha_errors, note = first.alpha, None, ""
     tied = [weight_path(p, live[p]) for p in quantized if live[p].keep_float]
+    rotate = config.rotate and not tied and rotation.factors(x_absmax.shape[-1]) is not None
+    rotate_note = ("" if rotate or not config.rotate else "not rotated: " + (
+        f"{', '.join(tied)} is also read by a lookup" if tied else rotation.why_not(x_absmax.shape[-1])))
     if tied and alpha is not None:
       # A weight other ops read too (a tied embedding's lookup) is served from its int8
       # table, which must then hold the weight itself, not diag(s) W: not smoothed.
@@ -303,10 +307,11 @@ def _plan(params, stats, config):
               "reads the int8 table)")
     elif st.layers:  # a scan's layer stack: one smoothing per layer (alpha="auto" searched per layer)
       alpha, alpha_errors, note, s = _stack_smoothing(
-          _per_layer(st.layers, functools.partial(_smoothing, first, config.alpha_grid), st.samples, refs, x_absmax),
+          _per_layer(st.layers, functools.partial(_smoothing, first, config.alpha_grid, rotate), st.samples, refs,
+                     x_absmax),
           x_absmax.shape[-1])
     else:
-      alpha, alpha_errors, note, s = _smoothing(first, config.alpha_grid, st.samples, refs, x_absmax)
+      alpha, alpha_errors, note, s = _smoothing(first, config.alpha_grid, rotate, st.samples, refs, x_absmax)
     # Exact only if, at every call, every reader of the producer's output is a quantized
     # layer of this group (a float-kept reader would see X / s), and every producer can take it.
     producers = sorted({q for p in quantized for q in (live[p].producers or (live[p].producer,))})
@@ -325,7 +330,8 @@ def _plan(params, stats, config):
     for p in quantized:
       if s is not None:  # input channels of W times s (per layer for a stack: s (L, K))
         updates.setdefault(weight_path(p, live[p]), []).append(("rows", s))
-      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p], note)
+      plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p],
+                           "; ".join(n for n in (note, rotate_note) if n), rotate)
   return rebuild, new_root, {wp: tuple(u) for wp, u in updates.items()}, plans
 
 
@@ -400,7 +406,7 @@ def _quantize_layer(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> Quanti
     raise QuantizationError(f"{name}: act_scale must be in (0, 2^126] (its reciprocal multiplies x), "
                             f"got {float(act_scale)}")
   inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
-  values, scale = smooth.quantize_weight(ref, qt)
+  values, scale = smooth.quantize_weight(ref, qt, plan.rotated)
   leaf = ref.leaf
   sharding = getattr(leaf, "sharding", None)
   k_axis = (kernel_axes(sharding.spec, leaf.ndim, ref.contract, ref.out)[0]
@@ -409,7 +415,8 @@ def _quantize_layer(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> Quanti
                          act_scale=None if act_scale is None else put_like(act_scale, leaf),
                          inv_smooth=None if inv is None else put_like(inv, leaf, P(k_axis)),
                          qtype=qt, contract=tuple(ref.contract), out=tuple(ref.out),
-                         param_shape=tuple(np.shape(leaf)), param_dtype=jnp.dtype(leaf.dtype).name)
+                         param_shape=tuple(np.shape(leaf)), param_dtype=jnp.dtype(leaf.dtype).name,
+                         rotated=plan.rotated)
 
 
 def _quantize_stack(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> QuantizedKernel:
@@ -446,7 +453,7 @@ def _stack_report(p, ref: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
 def _layer_report(p, weight: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
   s, qt, mode = plan.s, plan.settings.qtype, plan.settings.act_mode
   weight_error, output_error = smooth.layer_errors(weight, qk.values, qk.scale, s, plan.stats.samples, plan.x_absmax,
-                                                   qt, mode)
+                                                   qt, mode, plan.rotated)
   return LayerReport(
       p, True, qt, mode, plan.alpha,
       smoothing="none" if s is None else ("folded" if plan.folded else "runtime"),

@@ -95,10 +95,13 @@ MODES: list[tuple[str, object]] = [
     ("W8A8 dynamic, no smoothing", _q(act_mode="dynamic", alpha=None)),
     ("W8A8 dynamic, SmoothQuant 0.5", _q(act_mode="dynamic", alpha=0.5)),
     ("W8A8 dynamic, auto alpha", _q(act_mode="dynamic", alpha="auto")),
+    ("W8A8 dynamic, rotated", _q(act_mode="dynamic", alpha=None, rotate=True)),
+    ("W8A8 dynamic, rotated + auto alpha", _q(act_mode="dynamic", alpha="auto", rotate=True)),
     ("W8A8 static, no smoothing", _q(act_mode="static", alpha=None)),
     ("W8A8 static, SmoothQuant 0.5", _q(act_mode="static", alpha=0.5)),
     ("W8A8 static, auto alpha", _q(act_mode="static", alpha="auto")),
     ("FP8 e4m3 dynamic, no smoothing", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None)),
+    ("FP8 e4m3 dynamic, rotated", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None, rotate=True)),
 ]
 
 
@@ -307,6 +310,8 @@ def main():
   ap.add_argument("--modes", default=None, help="mode names to run, separated by ';' (default: all)")
   ap.add_argument("--json", default=None, help="default: results/llm_<model>.json")
   ap.add_argument("--png", default=None, help="default: results/llm_<model>.png")
+  ap.add_argument("--no-publish", action="store_true",
+                  help="print the table only: leave docs/results and README as they are (exploratory runs)")
   ap.add_argument("--render", action="store_true",
                   help="run nothing: write the docs/README tables from --json (a finished run)")
   args = ap.parse_args()
@@ -333,7 +338,8 @@ def main():
   print(f"{args.model}, {versions}")
   print(table)
   print(f"wrote {args.json} and {args.png}")
-  publish(stem, table, json.loads(Path(args.json).read_text())["run"])
+  if not args.no_publish:
+    publish(stem, table, json.loads(Path(args.json).read_text())["run"])
 
 
 if __name__ == "__main__":
