@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from actquant_jax import _capture, backends, ops
+from actquant_jax import _capture, backends, ops, rotation
 from actquant_jax._dataflow import dataflow_facts, layer_dataflow
 from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
@@ -135,6 +135,10 @@ def _lookup(qk: QuantizedKernel, indices, params):
   # An index out of range gives the fill of the float gather: 1 * fill (NaN by default).
   rows = g(values, sizes, 1).astype(jnp.float32) * g(scale, tuple(1 if a in contract else n for a, n in
                                                                    enumerate(sizes)), fill)
+  if qk.rotated:  # the table holds E R along its one contracted axis: rows times R^T
+    kept = [a for a in range(len(shape)) if a not in dn.collapsed_slice_dims]
+    at = dn.offset_dims[kept.index(contract[0])]
+    rows = jnp.moveaxis(rotation.unrotate_rows(jnp.moveaxis(rows, at, -1)), -1, at)
   if qk.inv_smooth is not None:  # along the contracted axes, which are the slices' (offset) axes
     inv = weight_from_matrix(qk.inv_smooth[:, None], tuple(1 if a in out else n for a, n in enumerate(shape)),
                              contract, out)
@@ -255,10 +259,10 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
       raise QuantizationError(f"{where}: weight {p} is read by a lookup, but its 8-bit table holds the smoothed weight "
                               f"(its 1/s was folded into {', '.join(qk.folded_into)}), which a lookup cannot read: "
                               "quantize it again (quantize_params does not smooth a weight a lookup reads)")
-    if lookups and qk.rotated:
-      raise QuantizationError(f"{where}: weight {p} is read by a lookup, but its 8-bit table holds the rotated weight "
-                              "R^T W, which a lookup cannot read: quantize it again (quantize_params does not rotate "
-                              "a weight a lookup reads)")
+    if lookups and qk.rotated and len(qk.contract) != 1:
+      raise QuantizationError(f"{where}: weight {p} is read by a lookup, but its 8-bit table holds the weight rotated "
+                              f"over {len(qk.contract)} contracted axes, which a lookup cannot undo: quantize it again "
+                              "(quantize_params rotates a lookup's table only over one contracted axis)")
   _check_folds(graph, qks, routed, where)
   # The stand-ins were for tracing only: a weight with no float copy is not materialized
   # (a lookup reads its 8-bit table: _Table).

@@ -114,3 +114,13 @@ def unrotate_weight(w_kn: jax.Array) -> jax.Array:
   y = jnp.asarray(w_kn, jnp.float32).reshape(w_kn.shape[:-2] + (m, p, w_kn.shape[-1]))
   y = jnp.einsum("...cdn,ac,bd->...abn", y, hm, hp, precision=jax.lax.Precision.HIGHEST)
   return y.reshape(w_kn.shape) * signs[:, None]
+
+
+def unrotate_rows(y: jax.Array) -> jax.Array:
+  """y (..., K) @ R^T, in f32: rows of a rotated table (E R) back to E's."""
+  k = y.shape[-1]
+  signs, hm, hp = _parts(k)
+  m, p = hm.shape[0], hp.shape[0]
+  z = jnp.asarray(y, jnp.float32).reshape(y.shape[:-1] + (m, p))
+  z = jnp.einsum("...cd,ac,bd->...ab", z, hm, hp, precision=jax.lax.Precision.HIGHEST)
+  return z.reshape(y.shape) * signs

@@ -296,9 +296,12 @@ def _plan(params, stats, config):
     refs = [ref(p) for p in quantized]
     alpha, alpha_errors, note = first.alpha, None, ""
     tied = [weight_path(p, live[p]) for p in quantized if live[p].keep_float]
-    rotate = config.rotate and not tied and rotation.factors(x_absmax.shape[-1]) is not None
+    # (a lookup reading a rotated table rotates its rows back: one contracted axis)
+    multi = [weight_path(p, live[p]) for p in quantized if live[p].keep_float and len(live[p].contract) != 1]
+    rotate = config.rotate and not multi and rotation.factors(x_absmax.shape[-1]) is not None
     rotate_note = ("" if rotate or not config.rotate else "not rotated: " + (
-        f"{', '.join(tied)} is also read by a lookup" if tied else rotation.why_not(x_absmax.shape[-1])))
+        f"{', '.join(multi)} is read by a lookup over several contracted axes" if multi
+        else rotation.why_not(x_absmax.shape[-1])))
     if tied and alpha is not None:
       # A weight other ops read too (a tied embedding's lookup) is served from its int8
       # table, which must then hold the weight itself, not diag(s) W: not smoothed.

@@ -169,3 +169,21 @@ def test_nnx_tied_embedding():
   logits, rows = qm(_ids(4))
   np.testing.assert_array_equal(np.asarray(rows), _table_rows(qk, _ids(4), jnp.float32))
   assert float(jnp.linalg.norm(logits - ref[0]) / jnp.linalg.norm(ref[0])) < 0.05
+
+
+@pytest.mark.parametrize("lookup", ["embed", "index"])
+def test_rotated_table_serves_the_lookup(lookup):
+  # QuantConfig(rotate=True): the head's table holds E R (int8); the lookup gathers its
+  # rows and rotates them back (rows R^T): the dequantized weight's rows.
+  m = Tied(lookup)
+  params = m.init(jax.random.key(0), _ids(0))
+  stats = aq.calibrate(m, params, [_ids(0), _ids(1)], forward=lambda v, x: m.apply(v, x)[0], progress=False)
+  q = aq.quantize_params(params, stats, aq.QuantConfig(alpha=None, rotate=True))
+  qk = q["params"]["embed"]["embedding"]
+  assert qk.rotated
+  logits, rows = jax.jit(aq.quantized_apply(m, backend="xla"))(q, _ids(5))
+  np.testing.assert_allclose(np.asarray(rows), _table_rows(qk, _ids(5), jnp.float32), rtol=1e-5, atol=1e-6)
+  _, ref_rows = m.apply(params, _ids(5))
+  assert float(jnp.linalg.norm(rows - ref_rows) / jnp.linalg.norm(ref_rows)) < 0.02
+  ref_logits, _ = m.apply(params, _ids(5))
+  assert float(jnp.linalg.norm(logits - ref_logits) / jnp.linalg.norm(ref_logits)) < 0.05
