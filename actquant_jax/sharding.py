@@ -75,7 +75,7 @@ def quantized_partition_specs(qparams, float_specs):
                                  kept=None if q.kept is None else P(*spec))
     if isinstance(q, dict):
       if not isinstance(s, dict) or set(s) != set(q):
-        raise ValueError(f"quantized_partition_specs: {path or '/'}: float_specs does not match the params tree")
+        raise QuantizationError(f"quantized_partition_specs: {path or '/'}: float_specs does not match the params tree")
       return {k: go(q[k], s[k], f"{path}/{k}") for k in q}
     return s
   return go(qparams, float_specs, "")

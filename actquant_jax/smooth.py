@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax._dataflow import kind_offsets
 from actquant_jax import backends, rotation
+from actquant_jax.errors import QuantizationError
 from actquant_jax.quant import qtype_max, quantize_with_scale, scale_from_absmax, weight_matrix
 from actquant_jax.sharding import kernel_axes, put_like
 
@@ -39,9 +40,9 @@ def smoothing_factors(x_absmax, w_absmax, alpha: float) -> np.ndarray:
   x = np.asarray(x_absmax, np.float64)
   w = np.asarray(w_absmax, np.float64)
   if x.shape != w.shape or x.ndim != 1:
-    raise ValueError(f"smoothing_factors: x_absmax {x.shape} and w_absmax {w.shape} must be equal (K,) vectors")
+    raise QuantizationError(f"smoothing_factors: x_absmax {x.shape} and w_absmax {w.shape} must be equal (K,) vectors")
   if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"smoothing_factors: alpha must be in [0, 1], got {alpha}")
+    raise QuantizationError(f"smoothing_factors: alpha must be in [0, 1], got {alpha}")
   ok = (x > 0) & (w > 0)
   s = np.where(ok, np.power(np.where(ok, x, 1.0), alpha) / np.power(np.where(ok, w, 1.0), 1.0 - alpha), 1.0)
   return np.clip(s, S_MIN, S_MAX).astype(np.float32)

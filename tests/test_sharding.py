@@ -19,7 +19,7 @@ def test_partition_specs_follow_the_float_rules():
   # a spec naming only the first axis leaves the output axis unsharded
   s1 = aq.quantized_partition_specs(qparams, {"params": {**float_specs["params"], "fc": {"kernel": P("model"), "bias": P()}}})
   assert s1["params"]["fc"]["kernel"].values == P(None, "model") and s1["params"]["fc"]["kernel"].scale == P(None)
-  with pytest.raises(ValueError, match="does not match the params tree"):
+  with pytest.raises(aq.QuantizationError, match="does not match the params tree"):
     aq.quantized_partition_specs(qparams, {"params": {"fc": float_specs["params"]["fc"]}})
 
 

@@ -20,9 +20,9 @@ def test_smoothing_factors_formula_and_guards():
   assert s[4] == smooth.S_MAX  # clipped
   np.testing.assert_allclose(smooth.smoothing_factors(x[:2], w[:2], 1.0), x[:2])
   np.testing.assert_allclose(smooth.smoothing_factors(x[:2], w[:2], 0.0), 1 / w[:2])
-  with pytest.raises(ValueError, match="alpha"):
+  with pytest.raises(aq.QuantizationError, match="alpha"):
     smooth.smoothing_factors(x, w, 1.5)
-  with pytest.raises(ValueError, match="equal"):
+  with pytest.raises(aq.QuantizationError, match="equal"):
     smooth.smoothing_factors(x, w[:3], 0.5)
 
 
