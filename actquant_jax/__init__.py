@@ -26,6 +26,7 @@ from actquant_jax.errors import QuantizationError as QuantizationError
 from actquant_jax.errors import QuantizationTypeError as QuantizationTypeError
 from actquant_jax.config import QuantConfig as QuantConfig
 from actquant_jax.intercept import quantize_model as quantize_model
+from actquant_jax.intercept import quantize_model_with_report as quantize_model_with_report
 from actquant_jax.intercept import quantized as quantized
 from actquant_jax.intercept import quantized_apply as quantized_apply
 from actquant_jax.layers import QuantizedDense as QuantizedDense
@@ -47,6 +48,7 @@ from actquant_jax.sharding import quantized_partition_specs as quantized_partiti
 from actquant_jax.sharding import shard_quantized as shard_quantized
 from actquant_jax.sharding import sharded_w8a8_dot as sharded_w8a8_dot
 from actquant_jax.transform import quantize_params as quantize_params
+from actquant_jax.transform import quantize_params_with_report as quantize_params_with_report
 from actquant_jax.transform import smooth_params as smooth_params
 
 __version__ = "0.1.0"

@@ -408,17 +408,16 @@ class Absent:
 
 
 def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: dict, *,
-             reduce_aux: Callable | None = None, on_absent: Callable | None = None):
+             reduce_aux: Callable = lambda site, aux: aux, on_absent: Callable | None = None):
   """Run the program on flat `inputs`; at each site in `sites` call
-  on_contraction(site, x, w, run, layer) -> y (run(x, w) is the original float matmul; w
-  may be an Absent; layer: for a stacked site (site.stack > 0), the iteration's layer
-  index, a traced int32 scalar, else None). Returns the flat outputs.
+  on_contraction(site, x, w, run, layer) -> (y, aux) (run(x, w) is the original float
+  matmul; w may be an Absent; layer: for a stacked site (site.stack > 0), the iteration's
+  layer index, a traced int32 scalar, else None; aux: a pytree of arrays about that call,
+  or None). Returns (the flat outputs, {site index: aux}).
 
-  With reduce_aux, on_contraction returns (y, aux), aux a pytree of arrays about that
-  call, and evaluate returns (outputs, {site index: aux}). A site inside a scan runs once
-  per iteration: its aux leaves the scan as a scan output, stacked along a new leading
-  axis -- kept for a stacked site of that scan (per layer), else merged by
-  reduce_aux(site, stacked aux) (the calls of one weight).
+  A site inside a scan runs once per iteration: its aux leaves the scan as a scan output,
+  stacked along a new leading axis -- kept for a stacked site of that scan (per layer),
+  else merged by reduce_aux(site, stacked aux) (the calls of one weight; default: kept).
 
   on_absent(eqn, ins) -> outputs or None: asked first when an op other than a matmul site
   reads an Absent (a quantized weight's lookup served from its 8-bit values); None: the
@@ -437,11 +436,8 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
       site = sites.get(idx)
       if site is not None and site.reason is None:
         x, w = (ins[1], ins[0]) if site.weight_lhs else (ins[0], ins[1])
-        r = on_contraction(site, x, w, run, iters[site.scan] if site.stack else None)
-        if reduce_aux is None:
-          return [r]
-        aux[-1][idx] = r[1]
-        return [r[0]]
+        y, aux[-1][idx] = on_contraction(site, x, w, run, iters[site.scan] if site.stack else None)
+        return [y]
     if any(isinstance(a, Absent) for a in ins):
       served = None if on_absent is None else on_absent(eqn, ins)
       if served is not None:
@@ -492,7 +488,7 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
     return list(carry) + ys
 
   outs = _interpret(program.closed.jaxpr, list(program.closed.consts), inputs, bind, lambda c: c, scan)
-  return outs if reduce_aux is None else (outs, aux[0])
+  return outs, aux[0]
 
 
 def unflatten_output(program: Program, flat):

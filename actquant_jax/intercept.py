@@ -36,7 +36,7 @@ from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel, weight_from_matrix
 from actquant_jax.sharding import quantized_param_class
-from actquant_jax.transform import quantize_params
+from actquant_jax.transform import quantize_params, quantize_params_with_report
 
 _is_qk = lambda x: isinstance(x, QuantizedKernel)
 
@@ -272,10 +272,10 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
   inputs = (jax.tree_util.tree_leaves(absent, is_leaf=lambda x: isinstance(x, _capture.Absent))
             + _capture.program_inputs({}, (args, kwargs)))
   shared = {}  # activation quantizations of this call, by input and act_group
-  flat = _capture.evaluate(program, inputs,
-                           lambda site, x, w, run, layer: _matmul(site, _layer(qks[site.param], layer), x, w, run,
-                                                                  backend, interpret, shared),
-                           routed, on_absent=_serve_table)
+  flat, _ = _capture.evaluate(program, inputs,
+                              lambda site, x, w, run, layer: (_matmul(site, _layer(qks[site.param], layer), x, w,
+                                                                      run, backend, interpret, shared), None),
+                              routed, on_absent=_serve_table)
   return _capture.unflatten_output(program, flat)
 
 
@@ -379,7 +379,7 @@ def _quantized_class(cls, backend: str, interpret: bool):
 
 
 def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig(), *, copy: bool = False,
-                   backend: str = "auto", interpret: bool = False, return_report: bool = False):
+                   backend: str = "auto", interpret: bool = False):
   """Quantize an nnx model: each calibrated weight's nnx.Param gets its QuantizedKernel,
   producers that absorbed 1/s get their new params, and calling the model runs its weight
   matmuls in 8 bits (any module kind, layers in nnx.List / nnx.Sequential / dicts). A
@@ -394,14 +394,31 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
   leaves, so `jax.device_put(state, nnx.get_named_sharding(state, mesh))` and nnx.update
   place the quantized model as the float one would be.
   """
+  model = _target(model, copy)
+  return _install(model, quantize_params(_float_params(model), stats, config), backend, interpret)
+
+
+def quantize_model_with_report(model: nnx.Module, stats, config: QuantConfig = QuantConfig(), *,
+                               copy: bool = False, backend: str = "auto", interpret: bool = False):
+  """quantize_model, and quantize_params_with_report's report: (model, {layer: LayerReport})."""
+  model = _target(model, copy)
+  qpure, report = quantize_params_with_report(_float_params(model), stats, config)
+  return _install(model, qpure, backend, interpret), report
+
+
+def _target(model, copy: bool):
+  """The nnx model quantize_model writes into: the model, or its clone."""
   if not isinstance(model, nnx.Module):
     raise QuantizationTypeError(f"quantize_model: expected an nnx Module, got {type(model).__name__}")
-  if copy:
-    model = nnx.clone(model)
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  result = quantize_params(pure, stats, config, return_report=return_report)
-  qpure, report = result if return_report else (result, None)
-  del pure
+  return nnx.clone(model) if copy else model
+
+
+def _float_params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _install(model, qpure, backend: str, interpret: bool):
+  """The model with the quantized params `qpure` written into its Params, its calls in 8 bits."""
   # Write every param back through its Variable (shared Variables are one object: a tie
   # stays a tie).
   params = nnx.state(model, nnx.Param)
@@ -421,7 +438,7 @@ def quantize_model(model: nnx.Module, stats, config: QuantConfig = QuantConfig()
   cls = type(model)
   if not hasattr(cls, "__aq_float_class__"):
     object.__setattr__(model, "__class__", _quantized_class(cls, backend, interpret))
-  return (model, report) if return_report else model
+  return model
 
 
 def _flatten_pure(tree, prefix=()):

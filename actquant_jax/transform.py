@@ -358,23 +358,36 @@ def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = Qu
   return rebuild(new_root), plans
 
 
-def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig(), *,
-                    return_report: bool = False):
-  """Quantize every calibrated weight matmul of `params` per `config`.
+def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig()):
+  """Quantize every calibrated weight matmul of `params` per `config`: returns qparams.
 
-  Returns qparams (and a {layer: LayerReport} dict with return_report=True; every layer
-  the calibration saw is in it, quantized or float with a reason; report_summary(report)
-  is the one-line account). Pure: the input tree is not modified. Raises on missing or
-  mismatched stats, non-finite weights, and rules that give layers sharing one input
-  different smoothing.
+  Pure: the input tree is not modified. Raises on missing or mismatched stats, non-finite
+  weights, and rules that give layers sharing one input different smoothing.
+  quantize_params_with_report also returns what was done to each layer.
   """
+  return _quantize(params, stats, config)[0]
+
+
+def quantize_params_with_report(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig()):
+  """quantize_params, and its report: (qparams, {layer: LayerReport}). Every layer the
+  calibration saw is in the report, quantized or float with a reason; report_summary(report)
+  is the one-line account, format_report(report) the table."""
+  qparams, plans = _quantize(params, stats, config)
+  orig_root, qroot = _split_root(params)[0], _split_root(qparams)[0]
+  report = {p: LayerReport(p, quantized=False, producer=st.producer, producer_kind=st.producer_kind,
+                           reason=st.reason or "rule") for p, st in stats.items() if p not in plans}
+  for p, plan in plans.items():
+    st = plan.stats
+    wp = weight_path(p, st)
+    ref = smooth.WeightRef(_get(orig_root, wp), st.contract, st.out)
+    report[p] = (_stack_report if st.layers else _layer_report)(p, ref, _get(qroot, wp), plan)
+  return qparams, report
+
+
+def _quantize(params, stats, config):
+  """(qparams, plans): every planned weight quantized, read once where it lives."""
   rebuild, root, updates, plans = _plan(params, stats, config)
   orig_root, _ = _split_root(params)
-  report: dict[str, LayerReport] = {}
-  for p, st in stats.items():
-    if p not in plans:
-      report[p] = LayerReport(p, quantized=False, producer=st.producer, producer_kind=st.producer_kind,
-                              reason=st.reason or "rule")
   group_sizes: dict[str, int] = {}
   for plan in plans.values():
     group_sizes[plan.stats.group] = group_sizes.get(plan.stats.group, 0) + 1
@@ -392,11 +405,7 @@ def quantize_params(params, stats: dict[str, LayerStats], config: QuantConfig = 
                                                                    st.exclusive, st.producers, st.fold_params),
                                                      st.contract, st.out) if st.producers else "")
     root = _set(root, wp, qk)
-    if return_report:
-      ref = smooth.WeightRef(_get(orig_root, wp), st.contract, st.out)
-      report[p] = (_stack_report if st.layers else _layer_report)(p, ref, qk, plan)
-  qparams = rebuild(root)
-  return (qparams, report) if return_report else qparams
+  return rebuild(root), plans
 
 
 def _quantize_layer(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> QuantizedKernel:
@@ -454,6 +463,7 @@ def _stack_report(p, ref: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
 
 
 def _layer_report(p, weight: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
+  """The report of one quantized layer: its errors measured on its calibration rows."""
   s, qt, mode = plan.s, plan.settings.qtype, plan.settings.act_mode
   weight_error, output_error = smooth.layer_errors(weight, qk.values, qk.scale, s, plan.stats.samples, plan.x_absmax,
                                                    qt, mode, plan.rotated)

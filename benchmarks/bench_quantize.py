@@ -110,11 +110,12 @@ def measure(cache: Path, alpha, act_mode: str, report: bool):
   stats = jax.tree.map(jnp.asarray, meta.pop("stats"))
   f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
   cfg = aq.QuantConfig(alpha=alpha, act_mode=act_mode)
+  quantize = aq.quantize_params_with_report if report else aq.quantize_params
   gc.collect()
   rss_before = _status_kib("VmRSS")
   _reset_peak()
   t = time.perf_counter()
-  out = jax.block_until_ready(aq.quantize_params(params, stats, cfg, return_report=report))
+  out = jax.block_until_ready(quantize(params, stats, cfg))
   cold = time.perf_counter() - t
   peak = _status_kib("VmHWM")
   q = out[0] if report else out
@@ -125,7 +126,7 @@ def measure(cache: Path, alpha, act_mode: str, report: bool):
   del out, q
   gc.collect()
   t = time.perf_counter()
-  jax.block_until_ready(aq.quantize_params(params, stats, cfg, return_report=report))
+  jax.block_until_ready(quantize(params, stats, cfg))
   warm = time.perf_counter() - t
   kib = 1024
   print(json.dumps(dict(alpha=str(alpha), act_mode=act_mode, report=report, params=meta["num_params"],
@@ -149,7 +150,7 @@ def main():
   ap.add_argument("--calib", type=int, default=4, help="random (1, 128) calibration batches")
   ap.add_argument("--variants", nargs="+", default=["0.5", "auto"], help="alpha values: a float, auto or none")
   ap.add_argument("--act-mode", default="dynamic", choices=("dynamic", "static"))
-  ap.add_argument("--report", action="store_true", help="return_report=True as well")
+  ap.add_argument("--report", action="store_true", help="quantize_params_with_report: the report as well")
   ap.add_argument("--cache", default="/tmp/actquant_bench_quantize")
   ap.add_argument("--json", default=str(ROOT / "results" / "bench_quantize.json"))
   ap.add_argument("--_prepare", action="store_true", help=argparse.SUPPRESS)

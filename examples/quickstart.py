@@ -35,7 +35,7 @@ for cfg in (aq.QuantConfig(act_mode="static", alpha=None),      # naive W8A8
             aq.QuantConfig(act_mode="static", alpha="auto"),    # + SmoothQuant
             aq.QuantConfig(act_mode="dynamic", alpha="auto"),   # per-token scales
             aq.QuantConfig(qtype="float8_e4m3fn", alpha=None)): # FP8 e4m3
-  qparams, report = aq.quantize_params(params, stats, cfg, return_report=True)  # pure
+  qparams, report = aq.quantize_params_with_report(params, stats, cfg)  # pure
   y = run(qparams, x)
   err = float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
   print(f"{cfg.qtype:14s} {cfg.act_mode:8s} alpha={str(cfg.alpha):5s} relative error {err:.2e}  "

@@ -105,7 +105,7 @@ def _rel(a, b):
 
 def _quantized_error(model, params, cal, x, config=aq.QuantConfig()):
   stats = aq.calibrate(model, params, cal, progress=False)
-  qparams, report = aq.quantize_params(params, stats, config, return_report=True)
+  qparams, report = aq.quantize_params_with_report(params, stats, config)
   f = aq.quantized_apply(model, backend="xla")
   return _rel(f(qparams, x), model.apply(params, x)), tm.int8_matmuls(f, qparams, x), report
 
@@ -172,7 +172,7 @@ def test_tied_embedding_head_runs_int8():
   params = m.init(jax.random.key(0), ids[0])
   stats = aq.calibrate(m, params, ids, progress=False)
   assert stats["embed/embedding"].keep_float and stats["embed/embedding"].contract == (1,)
-  q, report = aq.quantize_params(params, stats, return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats)
   qk = q["params"]["embed"]["embedding"]
   assert isinstance(qk, aq.QuantizedKernel) and qk.kept is None  # the lookup reads the int8 table
   # (so the table holds E itself: not smoothed, and the report says why)
@@ -218,7 +218,7 @@ def test_shared_module_folds_into_every_call_site():
   stats = aq.calibrate(m, params, cal, progress=False)
   assert set(stats) == {"proj"} and set(stats["proj"].producers) == {"ln_0", "ln_1"}
   assert int(stats["proj"].tokens) == 2 * 3 * 4 * 16  # statistics over both calls
-  q, report = aq.quantize_params(params, stats, return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats)
   assert report["proj"].smoothing == "folded"
   err = _rel(aq.quantized_apply(m, backend="xla")(q, x), m.apply(params, x))
   # the unshared model with the same weights
@@ -285,7 +285,7 @@ def test_nnx_containers_and_aliases(container):
   y_float = m(x)
   stats = aq.calibrate(m, None, cal, progress=False)
   assert len([s for s in stats.values() if not s.reason]) == 5  # 2 x (up, down) + the aliased head once
-  q, report = aq.quantize_model(m, stats, copy=True, return_report=True)
+  q, report = aq.quantize_model_with_report(m, stats, copy=True)
   assert q.alias is q.head and isinstance(q.head.kernel.get_value(), aq.QuantizedKernel)
   assert tm.int8_matmuls(lambda v: q(v), x) == 2 * 2 + 2  # the head is called twice
   err = _rel(q(x), y_float)
@@ -415,7 +415,7 @@ def test_unsupported_layout_is_float_with_a_reason():
   params = m.init(jax.random.key(0), x)
   stats = aq.calibrate(m, params, [x], progress=False)
   assert "batch axes" in stats["per_head"].reason
-  q, report = aq.quantize_params(params, stats, return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats)
   assert not isinstance(q["params"]["per_head"]["kernel"], aq.QuantizedKernel)
   line = aq.report_summary(report)
   assert line.startswith("quantized 1 of 2 weight matmuls") and "per_head" in line and "batch axes" in line

@@ -90,8 +90,8 @@ def test_nnx_in_place_and_report(setup):
   nm = tm.load_linen_into_nnx(tm.NNXTinyGPT(), params)
   nstats = aq.calibrate(nm, None, cal, progress=False)
   ln_scale_before = np.asarray(nm.block_0.ln_1.scale.get_value())
-  out, report = aq.quantize_model(nm, nstats, aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)),
-                                  return_report=True)
+  out, report = aq.quantize_model_with_report(nm, nstats,
+                                              aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)))
   assert out is nm
   assert isinstance(nm.block_0.q.kernel.get_value(), aq.QuantizedKernel)
   assert not isinstance(nm.head.kernel.get_value(), aq.QuantizedKernel)  # kept in float by the rule
@@ -122,7 +122,7 @@ def test_layers_smoothed_together_share_one_quantize_pass():
   is_qk = lambda n: isinstance(n, aq.QuantizedKernel)
   for mode in ("dynamic", "static"):
     cfg = aq.QuantConfig(act_mode=mode, alpha=0.5)
-    qparams, report = aq.quantize_params(params, stats, cfg, return_report=True)
+    qparams, report = aq.quantize_params_with_report(params, stats, cfg)
     assert {r.smoothing for r in report.values()} == {"runtime"}
     kernel = lambda qp, p: qp["params"][p.split("/")[0]][p.split("/")[1]]["kernel"]
     assert len({kernel(qparams, f"layer_0/{n}").act_group for n in "qkv"}) == 1

@@ -57,7 +57,7 @@ def test_every_weight_matmul_int8(name):
   ids = [jax.random.randint(jax.random.key(i), (2, T), 0, V) for i in range(3)]
   fwd = lambda v, b: model.module.apply(v, b, method=_forward)
   stats = aq.calibrate(model.module, params, ids[:2], forward=fwd, progress=False)
-  q, report = aq.quantize_params(params, stats, aq.QuantConfig(), return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig())
   n, folded, runtime = EXPECT[name]
   assert aq.report_summary(report).startswith(f"quantized {n} of {n} weight matmuls; {folded} smoothing vectors "
                                                f"folded, {runtime} at run time")

@@ -116,7 +116,7 @@ def test_gemma_norms_fold_into_qkv_and_mlp(form, data):
         s = stats[f"block_{i}/{r}"]
         assert (s.producer, s.producer_kind, s.fold_params) == (f"block_{i}/{norm}", f"rmsnorm(1+{name})", (name,))
         assert s.foldable, (r, s)
-  q, report = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5), return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5))
   folded = sorted(p for p, r in report.items() if r.smoothing == "folded")
   assert set(folded) == {f"block_{i}/{r}" for i in range(L) for r in ("q", "k", "v", "gate", "up")}
   assert "10 smoothing vectors folded" in aq.report_summary(report)
@@ -204,7 +204,7 @@ def test_bfloat16_scale_is_recognized_but_kept_at_run_time(data):
   stats = aq.calibrate(m, params, cal, progress=False)
   s = stats["block_0/q"]
   assert s.producer_kind == "rmsnorm(1+scale)" and s.foldable
-  q, report = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5), return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5))
   assert {r.smoothing for r in report.values()} == {"runtime"}
   np.testing.assert_array_equal(q["params"]["block_0"]["input_norm"]["scale"],
                                 params["params"]["block_0"]["input_norm"]["scale"])
@@ -235,7 +235,7 @@ def test_stacked_gemma_norms_fold_per_layer_like_unrolled(data):
   stats = aq.calibrate(m, params, cal, progress=False)
   assert stats["layers/block/q"].producer_kind == "rmsnorm(1+scale)" and stats["layers/block/q"].foldable
   config = aq.QuantConfig(alpha=0.5)
-  q, report = aq.quantize_params(params, stats, config, return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats, config)
   uq = aq.quantize_params(uparams, aq.calibrate(u, uparams, cal, progress=False), config)
   assert sum(r.smoothing == "folded" for r in report.values()) == 5
   for i in range(L):

@@ -117,7 +117,7 @@ def test_linen_scan_has_per_layer_stats(linen_pair):
 def test_linen_scan_runs_int8_like_unrolled(linen_pair, act_mode, alpha):
   m, params, stats, u, uparams, ustats, x, y_float = linen_pair
   config = aq.QuantConfig(act_mode=act_mode, alpha=alpha)
-  q, report = aq.quantize_params(params, stats, config, return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats, config)
   uq = aq.quantize_params(uparams, ustats, config)
   for w in WEIGHTS:
     qk = q["params"]["layers"]["block"][w]["kernel"]

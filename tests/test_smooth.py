@@ -127,7 +127,7 @@ def test_auto_alpha_with_too_few_rows_falls_back_and_says_so():
   cal = tm.batches(2)
   params = tm.with_outlier_channels(m.init(jax.random.key(0), cal[0]), tm.GPT_READERS)
   stats = aq.calibrate(m, params, [cal[0][:1, :1]], progress=False)  # one token
-  _, report = aq.quantize_params(params, stats, aq.QuantConfig(alpha="auto"), return_report=True)
+  _, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha="auto"))
   for r in report.values():
     assert r.alpha == smooth.AUTO_FALLBACK_ALPHA and r.alpha_errors is None
     assert f">= {smooth.MIN_AUTO_ROWS} calibration rows, got 1" in r.note

@@ -45,7 +45,7 @@ def _ids(seed, b=4, t=16):
 def _quantized(m, config=aq.QuantConfig()):
   params = m.init(jax.random.key(0), _ids(0))
   stats = aq.calibrate(m, params, [_ids(0), _ids(1)], forward=lambda v, x: m.apply(v, x)[0], progress=False)
-  q, report = aq.quantize_params(params, stats, config, return_report=True)
+  q, report = aq.quantize_params_with_report(params, stats, config)
   return params, q, report
 
 

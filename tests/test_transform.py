@@ -87,7 +87,7 @@ def test_fp8(gpt):
 def test_rules_keep_layers_in_float(gpt):
   m, params, stats, ev, refs = gpt
   cfg = aq.QuantConfig(rules=(aq.LayerRule(r"^head$", skip=True), aq.LayerRule(r"fc2", act_mode="static")))
-  qparams, report = aq.quantize_params(params, stats, cfg, return_report=True)
+  qparams, report = aq.quantize_params_with_report(params, stats, cfg)
   head = qparams["params"]["head"]["kernel"]
   assert not isinstance(head, aq.QuantizedKernel)
   np.testing.assert_array_equal(np.asarray(head), np.asarray(params["params"]["head"]["kernel"]))
@@ -100,7 +100,7 @@ def test_rules_keep_layers_in_float(gpt):
 
 def test_report(gpt):
   m, params, stats, _, _ = gpt
-  _, report = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static", alpha="auto"), return_report=True)
+  _, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(act_mode="static", alpha="auto"))
   r = report["block_1/fc1"]
   assert r.quantized and r.smoothing in ("folded", "none") and r.producer == "block_1/ln_2"
   assert r.alpha_errors is not None and set(r.alpha_errors) == set(aq.QuantConfig().alpha_grid)

@@ -210,7 +210,7 @@ def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True
     elif cfg == "bf16":
       params, apply, m = bf16_params, bf16_model.apply, bf16_model
     else:
-      params, reports[name] = aq.quantize_params(lm.params, stats, cfg, return_report=True)
+      params, reports[name] = aq.quantize_params_with_report(lm.params, stats, cfg)
       apply, m = q_apply, model
     rec = dict(mode=name)
     rec.update(base if cfg is None else evaluate(_eval_fn(apply), params, evals, ref)[0])

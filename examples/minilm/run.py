@@ -119,7 +119,7 @@ def run(n_calib=None, n_eval=None, speed=True, out_json=None, out_png=None, log=
     if cfg is None:
       params, apply, report = mm.params, float_apply, None
     else:
-      params, report = aq.quantize_params(mm.params, stats, cfg, return_report=True)
+      params, report = aq.quantize_params_with_report(mm.params, stats, cfg)
       apply = q_apply
     rec = dict(mode=name, **compare(ref, embed(apply, params, eval_batches)),
                weight_bytes=dense_bytes(params), weight_bytes_ratio=dense_bytes(params) / fp32_bytes)
