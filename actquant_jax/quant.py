@@ -28,8 +28,6 @@ Granularity = Literal["tensor", "channel", "token"]
 
 QTYPES: tuple[str, ...] = ("int8", "float8_e4m3fn")
 _DTYPES = {"int8": jnp.int8, "float8_e4m3fn": jnp.float8_e4m3fn}
-# int8 is symmetric in [-127, 127]: -128 is never produced, so negation is exact.
-_QMAX = {"int8": 127.0, "float8_e4m3fn": float(jnp.finfo(jnp.float8_e4m3fn).max)}  # 448
 
 
 def check_qtype(qtype: str) -> str:
@@ -44,8 +42,9 @@ def qtype_dtype(qtype: str):
 
 
 def qtype_max(qtype: str) -> float:
-  """Largest representable magnitude: 127 for int8, 448 for float8_e4m3fn."""
-  return _QMAX[check_qtype(qtype)]
+  """Largest magnitude quantization produces: 127 for int8 (symmetric: -128 is never
+  produced, so negation is exact), 448 for float8_e4m3fn -- reference.py's qmax_of."""
+  return numerics.qmax_of(qtype_dtype(qtype))
 
 
 def qtype_of(dtype) -> str:
