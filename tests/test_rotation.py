@@ -61,3 +61,17 @@ def test_quantize_params_rotate(rng):
   assert err(qp_rot) < err(qp_plain) / 2, (err(qp_rot), err(qp_plain))
   with pytest.raises(aq.QuantizationError, match="rotate=True needs act_mode='dynamic'"):
     aq.QuantConfig(rotate=True, act_mode="static")
+
+
+def test_rotated_qparams_round_trip_a_checkpoint(tmp_path, rng):
+  # `rotated` is static: lost, the restored model would run R^T W on unrotated x.
+  w = jnp.asarray(rng.standard_normal((64, 16)), jnp.float32)
+  qk = aq.QuantizedKernel(**{**vars(aq.quantize_kernel(rotation.rotate_weight(w))), "rotated": True})
+  cfg = aq.QuantConfig(alpha=None, rotate=True)
+  aq.save_checkpoint(tmp_path / "ckpt", {"dense": {"kernel": qk}}, config=cfg)
+  restored, _ = aq.restore_checkpoint(tmp_path / "ckpt", config=cfg)
+  back = restored["dense"]["kernel"]
+  assert back.rotated
+  x = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(aq.w8a8_dot(x, back, backend="xla")),
+                                np.asarray(aq.w8a8_dot(x, qk, backend="xla")))
