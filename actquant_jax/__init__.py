@@ -21,6 +21,7 @@ from actquant_jax.errors import CalibrationError as CalibrationError
 from actquant_jax.errors import CheckpointError as CheckpointError
 from actquant_jax.errors import CheckpointExistsError as CheckpointExistsError
 from actquant_jax.errors import CheckpointTypeError as CheckpointTypeError
+from actquant_jax.errors import ModelArgumentError as ModelArgumentError
 from actquant_jax.errors import ModelConfigError as ModelConfigError
 from actquant_jax.errors import QuantizationError as QuantizationError
 from actquant_jax.errors import QuantizationTypeError as QuantizationTypeError

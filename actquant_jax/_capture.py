@@ -40,6 +40,8 @@ import jax.extend
 import numpy as np
 from flax import nnx
 
+from actquant_jax.errors import QuantizationError
+
 Literal = jax.extend.core.Literal
 # Sub-programs run inline (their boundary has no meaning for a forward pass).
 _INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
@@ -444,7 +446,7 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
         return served
       if eqn.primitive.name in LAYOUT_PRIMITIVES:
         return [Absent(v.aval) for v in eqn.outvars]
-      raise ValueError(f"a quantized weight without its float copy is read by `{eqn.primitive.name}`")
+      raise QuantizationError(f"a quantized weight without its float copy is read by `{eqn.primitive.name}`")
     out = run(*ins)
     return out if eqn.primitive.multiple_results else [out]
 
@@ -455,7 +457,7 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
     length = int(eqn.params["length"])
     consts, init, xs = ins[:nc], ins[nc:nc + ncar], ins[nc + ncar:]
     if any(isinstance(a, Absent) for a in init):
-      raise ValueError("a quantized weight without its float copy is a scan's carry")
+      raise QuantizationError("a quantized weight without its float copy is a scan's carry")
     absent = [isinstance(a, Absent) for a in xs]
     start, end = (counter[0], scans[0]), {}
 
@@ -469,7 +471,7 @@ def evaluate(program: Program, inputs: list, on_contraction: Callable, sites: di
                  for a, ab in zip(xs, absent)]
       outs = _interpret(body, list(bconsts), list(consts) + list(carry) + body_xs, bind, lambda c: c, scan)
       if any(isinstance(o, Absent) for o in outs[:ncar]):
-        raise ValueError("a quantized weight without its float copy is a scan's carry")
+        raise QuantizationError("a quantized weight without its float copy is a scan's carry")
       # An absent weight passed through (nnx returns its module state) stays absent, stacked.
       end["ys"] = [o.aval if isinstance(o, Absent) else None for o in outs[ncar:]]
       end["at"] = counter[0], scans[0]

@@ -26,7 +26,7 @@ from flax import nnx
 
 from actquant_jax import _capture
 from actquant_jax._dataflow import FOLDABLE_KINDS, dataflow_facts, fingerprint, kind_offsets, read_elsewhere
-from actquant_jax.errors import CalibrationError, StatsFileError
+from actquant_jax.errors import CalibrationError, QuantizationTypeError, StatsFileError
 from actquant_jax.report import stats_summary
 
 
@@ -394,7 +394,7 @@ def load_stats(file) -> Stats:
 def check_stats(stats: Stats, where: str = "stats") -> None:
   for path, s in stats.items():
     if not isinstance(s, LayerStats):
-      raise TypeError(f"{where}: layer {path}: expected LayerStats, got {type(s).__name__}")
+      raise QuantizationTypeError(f"{where}: layer {path}: expected LayerStats, got {type(s).__name__}")
     if s.reason:
       continue
     a = np.asarray(s.absmax)

@@ -54,3 +54,8 @@ class ModelConfigError(ActquantError, ValueError):
   """A checkpoint (config.json, GGUF metadata or weights) asks for something the bundled
   model code does not implement: an unknown field that changes the math, an unsupported
   value, a missing or leftover tensor. Never a silent default."""
+
+
+class ModelArgumentError(ActquantError, ValueError):
+  """A bundled model (actquant_jax.models) is called or loaded with an argument it cannot
+  take: logits_to_keep, generate's lengths or model, a dtype, encode without a tokenizer."""

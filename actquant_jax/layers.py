@@ -92,7 +92,7 @@ class QuantizedLinear(nnx.Module):
     self.quantize, self.qtype, self.backend, self.interpret = quantize, qtype, backend, interpret
     if kernel is None:
       if rngs is None:
-        raise ValueError("QuantizedLinear: pass rngs (to initialise) or kernel")
+        raise QuantizationError("QuantizedLinear: pass rngs (to initialise) or kernel")
       kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
     if not hasattr(kernel, "shape"):
       raise QuantizationTypeError(f"QuantizedLinear: kernel must be an array or a QuantizedKernel, got a "
@@ -103,7 +103,7 @@ class QuantizedLinear(nnx.Module):
     if use_bias:
       if bias is None:
         if rngs is None:
-          raise ValueError("QuantizedLinear: pass rngs (to initialise) or bias")
+          raise QuantizationError("QuantizedLinear: pass rngs (to initialise) or bias")
         bias = bias_init(rngs.params(), (out_features,), param_dtype)
       check_bias(bias, out_features, "QuantizedLinear")
       self.bias = nnx.Param(bias)

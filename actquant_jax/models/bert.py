@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from actquant_jax.errors import ModelConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -33,8 +35,8 @@ class BertConfig:
   @classmethod
   def from_hf(cls, cfg: dict) -> "BertConfig":
     if cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("position_embedding_type", "absolute") != "absolute":
-      raise ValueError(f"unsupported BERT variant: hidden_act={cfg.get('hidden_act')}, "
-                       f"position_embedding_type={cfg.get('position_embedding_type')}")
+      raise ModelConfigError(f"unsupported BERT variant: hidden_act={cfg.get('hidden_act')}, "
+                             f"position_embedding_type={cfg.get('position_embedding_type')}")
     return cls(cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
                cfg["intermediate_size"], cfg["max_position_embeddings"], cfg["type_vocab_size"],
                cfg["layer_norm_eps"])
@@ -148,9 +150,9 @@ def params_from_hf(weights: dict, cfg: BertConfig) -> dict:
           "output_ln": _norm(w, f"{p}.output.LayerNorm"),
       }
   except KeyError as e:
-    raise ValueError(f"BERT weights: missing tensor {e}") from None
+    raise ModelConfigError(f"BERT weights: missing tensor {e}") from None
   if w:
-    raise ValueError(f"BERT weights: unused tensors {sorted(w)[:5]}")
+    raise ModelConfigError(f"BERT weights: unused tensors {sorted(w)[:5]}")
   return {"params": {"bert": bert}}
 
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from actquant_jax.errors import ModelConfigError
+from actquant_jax.errors import ModelArgumentError, ModelConfigError
 from actquant_jax.models import hf_config
 from actquant_jax.models import llama as _llama
 from actquant_jax.models.llama import (  # noqa: F401  (re-exported: the generic cache steps)
@@ -392,8 +392,8 @@ class Gemma3ForCausalLM(nn.Module):
     c = self.cfg
     b, t = input_ids.shape
     if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-      raise ValueError(f"Gemma3ForCausalLM: logits_to_keep must be an int >= 0 (0: every position), "
-                       f"got {logits_to_keep!r}")
+      raise ModelArgumentError(f"Gemma3ForCausalLM: logits_to_keep must be an int >= 0 (0: every position), "
+                               f"got {logits_to_keep!r}")
     embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02))
     x = embed(input_ids)
@@ -497,7 +497,7 @@ def load_gemma3(model_dir, dtype="float32") -> CausalLM:
     raise FileNotFoundError(f"load_gemma3: model_dir {str(d)!r} has no config.json")
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"load_gemma3: dtype must be float32 or bfloat16, got {dtype}")
+    raise ModelArgumentError(f"load_gemma3: dtype must be float32 or bfloat16, got {dtype}")
   hf = json.loads((d / "config.json").read_text())
   cfg = Gemma3Config.from_hf(hf)
   params = params_from_hf(read_checkpoint_weights(d), cfg, dtype)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from actquant_jax.errors import ModelConfigError
+from actquant_jax.errors import ModelArgumentError, ModelConfigError
 
 # Tensor names: llama.cpp's -> transformers' (per layer: "blk.{i}." -> "model.layers.{i}.").
 _LLAMA_LAYER = {
@@ -283,7 +283,7 @@ def load_gguf(path, dtype="float32"):
 
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.float32, jnp.bfloat16):
-    raise ModelConfigError(f"load_gguf: dtype must be float32 or bfloat16, got {dtype}")
+    raise ModelArgumentError(f"load_gguf: dtype must be float32 or bfloat16, got {dtype}")
   ck = read_gguf(path)
   if ck.arch == "gemma3":
     cfg = gemma3.Gemma3Config.from_hf(ck.config)

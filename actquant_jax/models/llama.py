@@ -32,7 +32,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from actquant_jax.errors import ModelConfigError
+from actquant_jax.errors import ModelArgumentError, ModelConfigError
 from actquant_jax.models import hf_config
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -331,8 +331,8 @@ class LlamaForCausalLM(nn.Module):
     c = self.cfg
     b, t = input_ids.shape
     if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-      raise ValueError(f"LlamaForCausalLM: logits_to_keep must be an int >= 0 (0: every position), "
-                       f"got {logits_to_keep!r}")
+      raise ModelArgumentError(f"LlamaForCausalLM: logits_to_keep must be an int >= 0 (0: every position), "
+                               f"got {logits_to_keep!r}")
     embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02))
     x = embed(input_ids)
@@ -413,12 +413,12 @@ def generate(apply, params, input_ids, max_new_tokens: int, *, temperature: floa
   if model is None:
     model = getattr(apply, "__self__", None)
   if not isinstance(model, nn.Module) or not hasattr(model, "cfg"):
-    raise ValueError("generate: pass model= (the causal LM module: its cache shapes are needed)")
+    raise ModelArgumentError("generate: pass model= (the causal LM module: its cache shapes are needed)")
   input_ids = jnp.asarray(input_ids, jnp.int32)
   b, t = input_ids.shape
   max_len = max_len or t + max_new_tokens
   if max_len < t + max_new_tokens:
-    raise ValueError(f"generate: max_len {max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
+    raise ModelArgumentError(f"generate: max_len {max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
   cache = init_cache(model, b, max_len, cache_dtype)
   logits, cache = prefill(apply, params, cache, input_ids)
   rng = jax.random.key(0) if rng is None else rng
@@ -548,7 +548,7 @@ class CausalLM:
 
   def encode(self, text: str) -> np.ndarray:
     if self.tokenizer is None:
-      raise ValueError("this checkpoint has no tokenizer")
+      raise ModelArgumentError("this checkpoint has no tokenizer")
     # The tokenizer's own special tokens (a tokenizer.json post-processor adding BOS), or
     # the BOS a GGUF asks for (its rebuilt tokenizer has no post-processor).
     ids = self.tokenizer.encode(text).ids
@@ -568,7 +568,7 @@ def load_llama(model_dir, dtype="float32") -> CausalLM:
     raise FileNotFoundError(f"load_llama: model_dir {str(d)!r} has no config.json")
   dtype = jnp.dtype(dtype)
   if dtype not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"load_llama: dtype must be float32 or bfloat16, got {dtype}")
+    raise ModelArgumentError(f"load_llama: dtype must be float32 or bfloat16, got {dtype}")
   cfg = LlamaConfig.from_hf(json.loads((d / "config.json").read_text()))
   params = params_from_hf(read_checkpoint_weights(d), cfg, dtype)
   tok = None
