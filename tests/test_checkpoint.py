@@ -185,5 +185,7 @@ def test_edited_metadata_is_a_checkpoint_error(tmp_path, edit):
     del doc["meta"]["skeleton"]["params"]["fc"]["kernel"]["__quantized_kernel__"]["qtype"]
     f.write_text(json.dumps(doc))
   assert f.read_bytes() != text.encode()
-  with pytest.raises(aq.CheckpointError):
+  # The file named, and why: the checksum over the metadata catches every edit.
+  why = "is corrupt: UnicodeDecodeError" if edit == "not_utf8" else "does not match its checksum"
+  with pytest.raises(aq.CheckpointError, match=rf"^restore_checkpoint: .*/actquant\.json {why}"):
     aq.restore_checkpoint(d)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 import actquant_jax as aq
@@ -16,25 +18,34 @@ def test_rules_resolve_in_order():
 
 
 def test_bad_config():
-  with pytest.raises(ValueError, match="qtype"):
+  # The library's own error, and a message that names the argument and the bad value.
+  with pytest.raises(aq.QuantizationError, match=r"qtype must be one of \('int8', 'float8_e4m3fn'\), got 'int4'"):
     aq.QuantConfig(qtype="int4")
-  with pytest.raises(ValueError, match="act_mode"):
+  with pytest.raises(aq.QuantizationError, match=r"^QuantConfig: act_mode must be one of .*, got 'per_channel'"):
     aq.QuantConfig(act_mode="per_channel")
-  with pytest.raises(ValueError, match="alpha must be in"):
+  with pytest.raises(aq.QuantizationError, match=r"^QuantConfig: alpha must be in \[0, 1\], 'auto' or None, got 1\.5"):
     aq.QuantConfig(alpha=1.5)
-  with pytest.raises(ValueError, match="alpha_grid cannot contain 'auto'"):
+  with pytest.raises(aq.QuantizationError, match=r"^QuantConfig\.alpha_grid: alpha must be in .*, got -0\.1"):
+    aq.QuantConfig(alpha_grid=(0.5, -0.1))
+  with pytest.raises(aq.QuantizationError, match="^QuantConfig: alpha_grid cannot contain 'auto'"):
     aq.QuantConfig(alpha_grid=("auto",))
-  with pytest.raises(ValueError, match="bad regex"):
+  with pytest.raises(aq.QuantizationError, match="^QuantConfig: alpha_grid must not be empty"):
+    aq.QuantConfig(alpha_grid=())
+  with pytest.raises(aq.QuantizationError, match=r"^LayerRule: bad regex 'fc\('"):
     aq.LayerRule("fc(")
-  with pytest.raises(TypeError, match="LayerRule"):
+  with pytest.raises(aq.QuantizationTypeError, match="^QuantConfig: rules must be LayerRule instances, got str"):
     aq.QuantConfig(rules=("fc1",))
-  with pytest.raises(ValueError, match="act_mode"):
+  with pytest.raises(aq.QuantizationError, match=r"^LayerRule\('x'\): act_mode must be one of .*, got 'token'"):
     aq.LayerRule("x", act_mode="token")
+  with pytest.raises(aq.QuantizationError, match=r"^LayerRule\('fc'\): alpha must be in .*, got 2"):
+    aq.LayerRule("fc", alpha=2)
 
 
 def test_config_is_frozen_and_hashable():
   cfg = aq.QuantConfig(rules=[aq.LayerRule("a")])
   assert isinstance(cfg.rules, tuple)
-  hash(cfg)
-  with pytest.raises(Exception):
+  assert hash(cfg) == hash(aq.QuantConfig(rules=(aq.LayerRule("a"),)))  # equal configs, equal hashes
+  with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'alpha'"):
     cfg.alpha = 0.1
+  with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'skip'"):
+    cfg.rules[0].skip = True

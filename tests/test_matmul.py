@@ -1,6 +1,7 @@
 """Triton int8/fp8 GEMM: interpret mode vs the reference, and the real CUDA lowering."""
 
 import functools
+import math
 import re
 
 import jax
@@ -145,11 +146,28 @@ def test_fp8_lowers_to_e4m3_dot(capfd):
 
 
 @pytest.mark.parametrize("blocks", [pk.DECODE_BLOCKS, pk.MEDIUM_BLOCKS, pk.PREFILL_BLOCKS, SMALL_BLOCKS])
-def test_every_block_config_lowers(blocks):
+def test_every_block_config_lowers(blocks, capfd):
+  # The lowered call is the Triton custom call on the i8 operands, launched with this
+  # config's grid / warps / stages, and its IR is a (block_m x block_k) x (block_k x
+  # block_n) i8 dot into an i32 accumulator, stored as bf16 tiles.
   m, n, k = 200, 300, 500
-  f = functools.partial(pk.int8_matmul, blocks=blocks)
-  lower_for_cuda(f, jnp.zeros((m, k), jnp.int8), jnp.zeros((n, k), jnp.int8),
-                 jnp.zeros((m,), jnp.float32), jnp.zeros((n,), jnp.float32))
+  f = functools.partial(pk.int8_matmul, blocks=blocks, debug=True)
+  hlo = lower_for_cuda(f, jnp.zeros((m, k), jnp.int8), jnp.zeros((n, k), jnp.int8),
+                       jnp.zeros((m,), jnp.float32), jnp.zeros((n,), jnp.float32))
+  ir = capfd.readouterr().out
+  call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(.*", hlo)
+  assert call, "no Triton custom call in the lowered module"
+  call = call.group(0)
+  assert call.endswith(f": (tensor<{m}x{k}xi8>, tensor<{n}x{k}xi8>, tensor<{m}xf32>, tensor<{n}xf32>) "
+                       f"-> tensor<{m}x{n}xbf16>"), call[-200:]
+  grid = math.ceil(m / blocks.block_m) * math.ceil(n / blocks.block_n)
+  for attr in (f"grid_x = {grid} : i32", f"num_warps = {blocks.num_warps} : i32",
+               f"num_stages = {blocks.num_stages} : i32"):
+    assert attr in call, attr
+  bm, bn, bk = blocks.block_m, blocks.block_n, blocks.block_k
+  dots = re.findall(r"tt\.dot .*: (tensor<\S+>) \* (tensor<\S+>) -> (tensor<\S+>)", ir)
+  assert dots == [(f"tensor<{bm}x{bk}xi8>", f"tensor<{bk}x{bn}xi8>", f"tensor<{bm}x{bn}xi32>")], dots
+  assert re.search(rf"tt\.store .*: tensor<{bm}x{bn}x!tt\.ptr<bf16>>", ir), "no bf16 tile store"
 
 
 @pytest.mark.gpu

@@ -53,7 +53,15 @@ def test_block_configs_and_epilogues_lower(out_dtype, bias, blocks):
                      blocks=blocks)
     return
   f = functools.partial(pk.int8_matmul, out_dtype=out_dtype, backend="mosaic", blocks=blocks)
-  lower_for_cuda(f, *_structs(256, 512, 384, jnp.int8, bias))
+  hlo = lower_for_cuda(f, *_structs(256, 512, 384, jnp.int8, bias))
+  # The Mosaic GPU call on the i8 operands (bias or not) with this out_dtype, and an
+  # int8 wgmma (s32 accumulator) as wide as the config's tile_n.
+  ir_out = {jnp.float32: "f32", jnp.bfloat16: "bf16", jnp.float16: "f16"}[out_dtype]
+  operands = "tensor<256x384xi8>, tensor<512x384xi8>, tensor<256xf32>, tensor<512xf32>"
+  operands += ", tensor<512xf32>" if bias else ""
+  assert re.search(rf"custom_call @mosaic_gpu_v2\(.*: \({operands}\) -> tensor<256x512x{ir_out}>\n", hlo)
+  tile_n = (blocks or pk.matmul_mosaic.default_mosaic_blocks(256, 512, 384, out_dtype)).tile_n
+  assert {int(x) for x in re.findall(WGMMA[jnp.int8], hlo)} == {tile_n}
 
 
 def test_bad_inputs():
