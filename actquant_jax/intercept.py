@@ -202,6 +202,7 @@ def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend,
   out_dtype = (jax.eval_shape(run, w_spec, x) if site.weight_lhs else jax.eval_shape(run, x, w_spec)).dtype
   rest = [a for a in range(x.ndim) if a not in site.x_contract]
   x2 = x if tuple(site.x_contract) == (x.ndim - 1,) else jnp.transpose(x, rest + list(site.x_contract))
+  x2 = x2.reshape(x2.shape[:len(rest)] + (-1,))  # the contracted axes flattened to K
   ops.check_inputs(x2, qk, None, site.layer)
   x2d = x2.reshape(-1, qk.in_features)
   kernel = ops.choose_kernel(qk, m=x2d.shape[0], out_dtype=out_dtype, backend=backend, interpret=interpret)

@@ -181,9 +181,9 @@ def test_quantize_params_holds_no_float_copy(gpt, monkeypatch):
   before, extra = live(), []
   quantize_weight = smooth.quantize_weight
 
-  def spy(ref, qtype):
+  def spy(ref, qtype, rotate=False):
     extra.append(live() - before)
-    return quantize_weight(ref, qtype)
+    return quantize_weight(ref, qtype, rotate)
   monkeypatch.setattr(smooth, "quantize_weight", spy)
   qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5))
   assert len(extra) == 13
