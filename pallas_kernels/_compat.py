@@ -68,14 +68,18 @@ def triton_call(kernel, *, out_shape, grid, num_warps, num_stages, interpret, na
                         interpret=interpret, name=name, debug=debug)
 
 
+OWN_KERNEL_PREFIX = "actquant_"  # the pallas_call names of this package's Triton kernels
+
+
 @functools.cache
 def enable_triton_fp8_wgmma() -> bool:
   """Makes Pallas Triton fp8 dots eligible for Hopper wgmma (QGMMA) by setting the dot's
   `max_num_imprecise_acc` to its K: the tensor core accumulates one K-tile, then Triton
   adds it into the f32 accumulator (the promotion interval DeepSeek-V3 and cuBLAS use).
-  Wraps JAX's private dot_general lowering rule for the Triton backend; only dots whose
-  operands are 8-bit floats are touched. Returns False (fp8 stays on HMMA) where the
-  rule is not where 0.10.2-0.11 keep it."""
+  Wraps JAX's private dot_general lowering rule for the Triton backend; only 8-bit float
+  dots inside this package's own kernels (pallas_call names starting with OWN_KERNEL_PREFIX)
+  are touched: another library's Triton kernels lower exactly as JAX lowers them. Returns
+  False (fp8 stays on HMMA) where the rule is not where 0.10.2-0.11 keep it."""
   try:
     from jax import lax
     from jax._src.lib.mlir import ir
@@ -88,6 +92,8 @@ def enable_triton_fp8_wgmma() -> bool:
   fp8_types = tuple(getattr(ir, n) for n in ("Float8E4M3FNType", "Float8E5M2Type") if hasattr(ir, n))
 
   def dot_general_fp8_wgmma(ctx, a, b, **params):
+    if not str(getattr(getattr(ctx, "context", None), "name", "")).startswith(OWN_KERNEL_PREFIX):
+      return original(ctx, a, b, **params)
     block = ir.InsertionPoint.current.block
     before = len(block.operations)
     out = original(ctx, a, b, **params)

@@ -158,7 +158,7 @@ def _triton_scaled_matmul(xq, wq, sx, sw, bias, *, out_dtype, blocks, interpret,
   return _compat.triton_call(
       kernel, out_shape=jax.ShapeDtypeStruct((m, n), out_dtype), grid=grid,
       num_warps=blocks.num_warps, num_stages=blocks.num_stages, interpret=interpret,
-      name=f"scaled_matmul_{jnp.dtype(xq.dtype).name}", debug=debug)(*args)
+      name=f"{_compat.OWN_KERNEL_PREFIX}scaled_matmul_{jnp.dtype(xq.dtype).name}", debug=debug)(*args)
 
 
 def _scaled_matmul(xq, wq, sx, sw, bias, *, dtype, out_dtype, backend, blocks, interpret, name,

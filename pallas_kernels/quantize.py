@@ -117,7 +117,8 @@ def _triton_quantize_rows(x, inv_smooth, scale, *, dtype, blocks, interpret, deb
   return _compat.triton_call(
       body, out_shape=(jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((m,), jnp.float32)),
       grid=(pl.cdiv(m, blocks.block_m),), num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-      interpret=interpret, name=f"quantize_rows_{jnp.dtype(dtype).name}", debug=debug)(*args)
+      interpret=interpret, name=f"{_compat.OWN_KERNEL_PREFIX}quantize_rows_{jnp.dtype(dtype).name}",
+      debug=debug)(*args)
 
 
 def quantize_rows(x, inv_smooth=None, *, scale=None, dtype=jnp.int8, backend="triton",

@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -32,3 +33,22 @@ def test_fp8_dots_may_use_hopper_wgmma(dtype, capsys):
 def test_supported_range():
   lo, hi = _compat.SUPPORTED_JAX
   assert lo <= _compat.JAX_VERSION < hi
+
+
+def test_fp8_wgmma_fix_leaves_other_kernels_alone(capsys):
+  # The wrapped lowering rule is process-wide; it must only touch this package's kernels
+  # (pallas_call names starting with OWN_KERNEL_PREFIX): another library's fp8 dot lowers
+  # as JAX lowers it.
+  assert _compat.enable_triton_fp8_wgmma()
+
+  def kernel(x_ref, w_ref, o_ref):
+    o_ref[...] = jax.lax.dot_general(x_ref[...], w_ref[...], (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
+
+  for name, expect in (("someone_elses_fp8_dot", False), (_compat.OWN_KERNEL_PREFIX + "probe", True)):
+    f = lambda x, w, name=name: _compat.triton_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((64, 64), jnp.float32), grid=(1,), num_warps=4, num_stages=1,
+        interpret=False, name=name, debug=True)(x, w)
+    lower_for_cuda(f, jnp.zeros((64, 64), jnp.float8_e4m3fn), jnp.zeros((64, 64), jnp.float8_e4m3fn))
+    dots = re.findall(r"tt\.dot .*", capsys.readouterr().out)
+    assert dots and all(("maxNumImpreciseAcc" in d) == expect for d in dots), (name, dots)
