@@ -329,6 +329,8 @@ def registry_rows() -> list[tuple[str, str, str, str]]:
   import warnings
   # The registry without the package's __init__ (which imports flax, absent from this venv):
   # a bare package object whose modules load from the source tree.
+  if str(ROOT) not in sys.path:  # (backends.py reads pallas_kernels/reference.py's formulas)
+    sys.path.insert(0, str(ROOT))
   if "actquant_jax" not in sys.modules:
     pkg = types.ModuleType("actquant_jax")
     pkg.__path__ = [str(ROOT / "actquant_jax")]
