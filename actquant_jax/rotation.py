@@ -108,12 +108,7 @@ def rotate_weight(w_kn: jax.Array) -> jax.Array:
 
 def unrotate_weight(w_kn: jax.Array) -> jax.Array:
   """R W' for a rotated (K, N) weight W' = R^T W: W again (stacked: any leading axes)."""
-  k = w_kn.shape[-2]
-  signs, hm, hp = _parts(k)
-  m, p = hm.shape[0], hp.shape[0]
-  y = jnp.asarray(w_kn, jnp.float32).reshape(w_kn.shape[:-2] + (m, p, w_kn.shape[-1]))
-  y = jnp.einsum("...cdn,ac,bd->...abn", y, hm, hp, precision=jax.lax.Precision.HIGHEST)
-  return y.reshape(w_kn.shape) * signs[:, None]
+  return jnp.swapaxes(unrotate_rows(jnp.swapaxes(w_kn, -1, -2)), -1, -2)
 
 
 def unrotate_rows(y: jax.Array) -> jax.Array:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 import cpu_kernels  # noqa: E402
+from benchmarks.results_md import cpu_model  # noqa: E402
 from benchmarks.timing import interleaved_medians, print_table  # noqa: E402
 from pallas_kernels import reference as ref  # noqa: E402
 
@@ -51,16 +51,6 @@ def evict_caches():
   if _evict_buf is None:
     _evict_buf = np.ones(96 * 2**20 // 8)
   _evict_buf.sum()
-
-
-def cpu_name() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def peak_mib(f, *args) -> float:
@@ -140,7 +130,7 @@ def main():
   ap.add_argument("--rounds", type=int, default=9)
   args = ap.parse_args()
   native = cpu_kernels.available()
-  print(f"jax {jax.__version__} on {cpu_name()}, {os.cpu_count()} cores; native int8 GEMM: "
+  print(f"jax {jax.__version__} on {cpu_model()}, {os.cpu_count()} cores; native int8 GEMM: "
         f"{'yes (AVX512-VNNI)' if native else 'no: ' + cpu_kernels.unavailable_reason()}")
   print("ratios vs jitted f32 x @ w + b\n")
   matmul_rows(SHAPES, args.rounds, native)

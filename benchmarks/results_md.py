@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import platform
 import shlex
 import sys
 import textwrap
@@ -47,14 +48,14 @@ def replace_block(text: str, job: str, content: str, *, where: str = "text") -> 
 
 
 def cpu_model() -> str:
-  """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+  """The CPU's model name from /proc/cpuinfo (elsewhere what `platform` knows)."""
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
       if line.startswith("model name"):
         return line.split(":", 1)[1].strip()
   except OSError:
     pass
-  return "unknown"
+  return platform.processor() or platform.machine() or "unknown"
 
 
 def machine() -> str:
