@@ -87,6 +87,8 @@ class QuantConfig:
     if self.act_mode not in ACT_MODES:
       raise QuantizationError(f"QuantConfig: act_mode must be one of {ACT_MODES}, got {self.act_mode!r}")
     _check_alpha(self.alpha, "QuantConfig")
+    if not isinstance(self.rotate, bool):
+      raise QuantizationTypeError(f"QuantConfig: rotate must be True or False, got {self.rotate!r}")
     if self.rotate and (self.act_mode != "dynamic" or any(r.act_mode == "static" for r in self.rules)):
       raise QuantizationError("QuantConfig: rotate=True needs act_mode='dynamic' (a static scale would be "
                               "calibrated on unrotated activations)")

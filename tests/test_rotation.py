@@ -61,6 +61,8 @@ def test_quantize_params_rotate(rng):
   assert err(qp_rot) < err(qp_plain) / 2, (err(qp_rot), err(qp_plain))
   with pytest.raises(aq.QuantizationError, match="rotate=True needs act_mode='dynamic'"):
     aq.QuantConfig(rotate=True, act_mode="static")
+  with pytest.raises(aq.QuantizationTypeError, match="rotate must be True or False, got 'yes'"):
+    aq.QuantConfig(rotate="yes")
 
 
 def test_rotated_qparams_round_trip_a_checkpoint(tmp_path, rng):
