@@ -14,6 +14,7 @@ import pytest
 import safetensors.numpy
 
 import actquant_jax as aq
+from actquant_jax.models import attention as A
 from actquant_jax.models import gemma3 as G
 from actquant_jax.models import llama as L
 from tests import toy_models as tm
@@ -101,14 +102,14 @@ def test_layers_are_one_scan(tiny):
   assert p["layers"]["self_attn"]["k_norm"]["scale"].shape == (4, 16)
   assert p["layers"]["post_feedforward_layernorm"]["scale"].shape == (4, 64)
   cache = L.init_cache(tiny.model, 2, 16)
-  assert cache["layers"]["self_attn"]["k"].shape == (4, 2, 16, 2, 16)
-  assert cache["layers"]["self_attn"]["index"].shape == (4,)
+  assert cache["layers"]["self_attn"]["k"].shape == (4, 2, 2, 16, 16)  # (L, B, kv, hd, S): keys K-major
+  assert cache["layers"]["self_attn"]["index"].shape == (4, 2)  # a position per sequence
   ids = jnp.zeros((2, 12), jnp.int32)
   jaxpr = jax.make_jaxpr(tiny.model.apply)(tiny.params, ids)
   assert [e.primitive.name for e in jaxpr.eqns].count("scan") == 1
   # a first call with decode=True and no cache creates it (shapes only, as init_cache does)
   shapes = jax.eval_shape(lambda: tiny.model.init(jax.random.key(0), ids, decode=True))
-  assert shapes["cache"]["layers"]["self_attn"]["v"].shape == (4, 2, 12, 2, 16)
+  assert shapes["cache"]["layers"]["self_attn"]["v"].shape == (4, 2, 2, 12, 16)  # (L, B, kv, S, hd)
   assert shapes["params"]["layers"]["mlp"]["down_proj"]["kernel"].shape == (4, 96, 64)
   assert G.Gemma3Config.from_hf(json.loads((mr.checkpoint_dir("gemma3") / "config.json").read_text())).num_params \
       == sum(a.size for a in jax.tree.leaves(tiny.params))
@@ -121,7 +122,7 @@ def test_cache_and_blocks_match_forward(tiny, tiny_ref, monkeypatch):
   # then decode steps past the window, all equal the one-block forward at each position.
   ids, n, _, _ = tiny_ref
   one_block = np.asarray(_forward(tiny.model, tiny.params, jnp.asarray(ids)))
-  monkeypatch.setattr(L, "_BLOCK_Q", 3)
+  monkeypatch.setattr(A, "BLOCK_Q", 3)
   apply = lambda *a, **k: tiny.model.apply(*a, **k)  # a new trace, with the 3-query blocks
   blocked = np.asarray(jax.jit(apply)(tiny.params, jnp.asarray(ids)))
   np.testing.assert_allclose(blocked, one_block, atol=1e-5)
@@ -132,7 +133,7 @@ def test_cache_and_blocks_match_forward(tiny, tiny_ref, monkeypatch):
   for t in range(n + 4, 12):
     step, cache = L.decode_step(tiny.model.apply, tiny.params, cache, jnp.asarray(ids[:, t]))
     got.append((step, t))
-  assert np.asarray(cache["layers"]["self_attn"]["index"]).tolist() == [12] * 4
+  assert np.asarray(cache["layers"]["self_attn"]["index"]).tolist() == [[12, 12]] * 4
   for logits, pos in got:
     np.testing.assert_allclose(np.asarray(logits), one_block[:, pos], atol=1e-5)
   # decode_loop (the jitted scan of steps) runs it too: greedy = argmax of the forward
@@ -151,7 +152,7 @@ def test_attention_softcap_and_scale():
   qg = rng.standard_normal((1, 3, 2, 2, 8)).astype(np.float32) * 3
   k, v = rng.standard_normal((2, 1, 5, 2, 8)).astype(np.float32) * 3
   allowed = np.tril(np.ones((3, 5), bool), k=2)
-  attend = jax.jit(lambda *a: G._merge([G._partial_attention(*a, scale=0.2, softcap=1.5)]))
+  attend = jax.jit(lambda *a: A.merge([A.attend_keys(*a, scale=0.2, softcap=1.5)]))
   ctx = attend(qg, k, v, jnp.asarray(allowed))
   s = np.einsum("btkgd,bskd->bktgs", qg, k) * 0.2
   s = np.where(allowed[:, None, :], np.tanh(s / 1.5) * 1.5, -np.inf)

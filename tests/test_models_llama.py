@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import actquant_jax as aq
+from actquant_jax.models import attention as A
 from actquant_jax.models import llama as L
 from examples.llm import make_reference as mr
 
@@ -143,7 +144,7 @@ def test_blocked_attention_and_chunked_prefill_match_one_block(window, monkeypat
   ids = np.random.default_rng(0).integers(0, 97, (2, 14)).astype(np.int32)
   forward = lambda: np.asarray(jax.jit(lambda p, x: model.apply(p, x))(lm.params, jnp.asarray(ids)))  # a new trace
   one_block = forward()
-  monkeypatch.setattr(L, "_BLOCK_Q", 3)
+  monkeypatch.setattr(A, "BLOCK_Q", 3)
   np.testing.assert_allclose(forward(), one_block, atol=2e-5)
   apply = lambda *a, **k: model.apply(*a, **k)
   cache = L.init_cache(model, 2, 16)

@@ -40,16 +40,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from actquant_jax.errors import ModelArgumentError, ModelConfigError
+from actquant_jax.models import attention as A
 from actquant_jax.models import hf_config
-from actquant_jax.models import llama as _llama
 from actquant_jax.models.llama import (  # noqa: F401  (re-exported: the generic cache steps)
-    CausalLM, TensorSource, _NEG, _merge, _window, apply_rope, decode_loop, decode_step, generate, init_cache,
+    CausalLM, TensorSource, apply_rope, check_call, decode_loop, decode_step, generate, init_cache, kept_positions,
     prefill, read_checkpoint_weights, rope_inv_freq, sample, scanned_layers, stack_layers, unstack_layers)
 
 SUPPORTED_ROPE = hf_config.ROPE_TYPES
 LAYER_TYPES = ("sliding_attention", "full_attention")
 ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> jax.nn.gelu(approximate=)
-_FULL = 1 << 30  # the window of a full-attention layer: longer than any sequence
+_FULL = A.FULL_WINDOW  # the window of a full-attention layer: longer than any sequence
 
 # Gemma3TextConfig's defaults: a Gemma3ForConditionalGeneration config.json's text_config
 # leaves out every field that has its default (gemma-3-4b-it's lists only 6).
@@ -227,47 +227,6 @@ def _inv_freq(head_dim: int, theta: float, scaling: tuple) -> np.ndarray:
   return rope_inv_freq(types.SimpleNamespace(head_dim=head_dim, rope_theta=theta, rope_scaling_dict=dict(scaling)))
 
 
-# ------------------------------------------------------------------ attention
-
-def _partial_attention(qg, keys, values, allowed, scale: float, softcap: float | None = None):
-  """llama._partial_attention with the score scale given (Gemma: query_pre_attn_scalar **
-  -0.5, not head_dim's) and optional soft-capping tanh(s / cap) * cap before the mask."""
-  scores = jnp.einsum("btkgd,bskd->bktgs", qg, keys.astype(qg.dtype)).astype(jnp.float32) * scale
-  if softcap is not None:
-    scores = jnp.tanh(scores / softcap) * softcap
-  scores = jnp.where(allowed[:, None, :], scores, _NEG)
-  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
-  e = jnp.exp(scores - m[..., None])
-  ctx = jnp.einsum("bktgs,bskd->btkgd", e.astype(qg.dtype), values.astype(qg.dtype),
-                   preferred_element_type=jnp.float32)
-  return m, jnp.sum(e, axis=-1), ctx
-
-
-def _causal_blocks(qg, k, v, window, cfg: Gemma3Config, attend):
-  """llama._causal_blocks with a traced per-layer window (the scan's): queries at 0..t-1
-  over their own keys in blocks of llama._BLOCK_Q. A block whose sliding window starts
-  after key 0 reads only the window's keys on sliding layers: with both kinds in the
-  scan, a lax.cond on the layer's window picks that or the full causal read."""
-  t, block = qg.shape[1], _llama._BLOCK_Q
-  parts = []
-  for start in range(0, t, block):
-    stop = min(start + block, t)
-    q_pos = np.arange(start, stop, dtype=np.int32)
-
-    def part(lo, q=qg[:, start:stop], stop=stop, q_pos=q_pos):
-      k_pos = np.arange(lo, stop, dtype=np.int32)
-      allowed = _window(jnp.asarray(k_pos[None, :] <= q_pos[:, None]), k_pos, q_pos, window)
-      return attend(q, k[:, lo:stop], v[:, lo:stop], allowed)
-    lo = max(0, start - cfg.sliding_window + 1) if cfg.has_sliding else 0
-    if lo == 0 or not cfg.has_full:
-      parts.append(part(lo))
-    else:
-      parts.append(jax.lax.cond(window < _FULL, functools.partial(part, lo), functools.partial(part, 0)))
-  if len(parts) == 1:
-    return parts[0]
-  return tuple(jnp.concatenate([p[i] for p in parts], axis=1 if i == 2 else 2) for i in range(3))
-
-
 # ------------------------------------------------------------------ modules
 
 class RMSNorm(nn.Module):
@@ -289,9 +248,10 @@ class Attention(nn.Module):
   cfg: Gemma3Config
   decode: bool = False
   param_dtype: Any = jnp.float32
+  kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions, window):
+  def __call__(self, x, positions, window, lengths=None):
     """window: this layer's (traced) window, _FULL on a full-attention layer."""
     c = self.cfg
     b, t, _ = x.shape
@@ -308,43 +268,17 @@ class Attention(nn.Module):
       inv_freq = jnp.where(window < _FULL, local_inv, full_inv)
     else:
       inv_freq = local_inv if c.has_sliding else full_inv
-    attend = functools.partial(_partial_attention, scale=float(c.query_pre_attn_scalar) ** -0.5,
-                               softcap=c.attn_logit_softcapping)
-    qg = lambda q: q.reshape(b, t, kv, h // kv, hd)  # GQA: h/kv query heads per key/value head
+    rope = lambda y, pos: apply_rope(y, pos, inv_freq)
+    scale, softcap = float(c.query_pre_attn_scalar) ** -0.5, c.attn_logit_softcapping
+    attend = functools.partial(A.attend_keys, scale=scale, softcap=softcap)
+    causal = lambda qg, k, v: A.causal_blocks(qg, k, v, attend, window, mixed=c.has_sliding and c.has_full,
+                                              max_window=c.sliding_window if c.has_sliding else None)
     if self.decode:
-      # as llama.Attention: the cache holds this layer's keys/values for [0, max_len); this
-      # call's tokens go at `index`; queries see keys at positions <= their own (and > their
-      # own - window on sliding layers)
-      initialized = self.has_variable("cache", "k")
-      ck = self.variable("cache", "k", jnp.zeros, (b, t, kv, hd), k.dtype)
-      cv = self.variable("cache", "v", jnp.zeros, (b, t, kv, hd), v.dtype)
-      ci = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-      index = ci.value if initialized else jnp.int32(0)
-      q_pos = index + jnp.arange(t, dtype=jnp.int32)
-      pos = jnp.broadcast_to(q_pos[None], (b, t))
-      q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-      if not initialized:  # init: the shapes are all that is wanted
-        ctx = _merge([_causal_blocks(qg(q), k, v, window, c, attend)])
-      else:
-        past_k, past_v = ck.value, cv.value
-        ck.value = jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), (0, index, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), (0, index, 0, 0))
-        ci.value = index + t
-        k_pos = jnp.arange(past_k.shape[1], dtype=jnp.int32)
-        if t == 1:  # a decode step: the one query over the updated cache
-          allowed = _window(k_pos[None, :] <= q_pos[:, None], k_pos, q_pos, window)
-          ctx = _merge([attend(qg(q), ck.value, cv.value, allowed)])
-        else:  # a prompt: causal blocks over its own keys, plus the cache before it (if any)
-          def past(q):
-            allowed = _window(jnp.broadcast_to(k_pos[None, :] < index, (t, k_pos.size)), k_pos, q_pos, window)
-            return attend(q, past_k, past_v, allowed)
-          empty = jax.eval_shape(past, qg(q))
-          nothing = lambda q: tuple(jnp.full(e.shape, _NEG if i == 0 else 0, e.dtype) for i, e in enumerate(empty))
-          ctx = _merge([_causal_blocks(qg(q), k, v, window, c, attend),
-                        jax.lax.cond(index > 0, past, nothing, qg(q))])
+      ctx = A.cached_attention(self, q, k, v, rope=rope, causal=causal, kv_cache=self.kv_cache, scale=scale,
+                               softcap=softcap, window=window, lengths=lengths)
     else:
-      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-      ctx = _merge([_causal_blocks(qg(q), k, v, window, c, attend)])
+      q, k = rope(q, positions), rope(k, positions)
+      ctx = A.merge([causal(q.reshape(b, t, kv, h // kv, hd), k, v)])
     ctx = ctx.astype(q.dtype).reshape(b, t, h * hd)
     return dense(c.hidden_size, "o_proj")(ctx)
 
@@ -368,12 +302,14 @@ class DecoderLayer(nn.Module):
   cfg: Gemma3Config
   decode: bool = False
   param_dtype: Any = jnp.float32
+  kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions, window):
+  def __call__(self, x, positions, window, lengths):
     c, dtype = self.cfg, x.dtype
     norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
-    h = Attention(c, self.decode, self.param_dtype, name="self_attn")(norm("input_layernorm")(x), positions, window)
+    h = Attention(c, self.decode, self.param_dtype, self.kv_cache, name="self_attn")(
+        norm("input_layernorm")(x), positions, window, lengths)
     x = x + norm("post_attention_layernorm")(h)
     h = MLP(c, self.param_dtype, name="mlp")(norm("pre_feedforward_layernorm")(x))
     return (x + norm("post_feedforward_layernorm")(h)).astype(dtype), None  # the scan's carry keeps its dtype
@@ -383,27 +319,27 @@ class Gemma3ForCausalLM(nn.Module):
   """input_ids (B, T) int -> logits (B, T, vocab) in f32; the call of
   llama.LlamaForCausalLM (decode, logits_to_keep), so llama.py's init_cache, prefill,
   decode_step and decode_loop run it. Params: embed_tokens, layers (every leaf stacked on
-  a leading axis of num_layers), norm, lm_head (untied only)."""
+  a leading axis of num_layers), norm, lm_head (untied only). lengths, kv_cache: as
+  llama.LlamaForCausalLM's."""
   cfg: Gemma3Config
   param_dtype: Any = jnp.float32
+  kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, input_ids, decode: bool = False, logits_to_keep: int = 0):
+  def __call__(self, input_ids, decode: bool = False, logits_to_keep: int = 0, lengths=None):
     c = self.cfg
     b, t = input_ids.shape
-    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-      raise ModelArgumentError(f"Gemma3ForCausalLM: logits_to_keep must be an int >= 0 (0: every position), "
-                               f"got {logits_to_keep!r}")
+    check_call(self, logits_to_keep, lengths, decode)
     embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02))
     x = embed(input_ids)
     # HF: embed * torch.tensor(hidden ** 0.5).to(weight dtype) (sqrt(3072) is 55.5 in bf16)
     x = x * jnp.asarray(np.float32(c.hidden_size ** 0.5), x.dtype)
     positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    layers = scanned_layers(DecoderLayer, c, c.num_layers, in_axes=(nn.broadcast, 0), decode=decode,
-                            param_dtype=self.param_dtype)
-    x, _ = layers(x, positions, jnp.asarray(c.layer_windows))
-    x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x[:, -logits_to_keep:] if logits_to_keep else x)
+    layers = scanned_layers(DecoderLayer, c, c.num_layers, in_axes=(nn.broadcast, 0, nn.broadcast), decode=decode,
+                            param_dtype=self.param_dtype, kv_cache=self.kv_cache)
+    x, _ = layers(x, positions, jnp.asarray(c.layer_windows), lengths)
+    x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(kept_positions(x, logits_to_keep, lengths))
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:

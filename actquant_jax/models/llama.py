@@ -33,6 +33,7 @@ import numpy as np
 import safetensors.numpy
 
 from actquant_jax.errors import ModelArgumentError, ModelConfigError
+from actquant_jax.models import attention as A
 from actquant_jax.models import hf_config
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -172,69 +173,14 @@ def apply_rope(x, positions, inv_freq):
   return x * cos + rot * sin
 
 
-# ------------------------------------------------------------------ attention
-
-_NEG = float(np.finfo(np.float32).min)  # a masked score (finite: exp(_NEG - max) is 0, never NaN)
-_BLOCK_Q = 256  # queries per causal block: each sees only the keys up to its last position
-
-
-def _window(allowed, k_pos, q_pos, window):
-  return allowed if window is None else allowed & (k_pos[None, :] > q_pos[:, None] - window)
-
-
-def _partial_attention(qg, keys, values, allowed):
-  """Softmax attention of qg (b, t, kv, g, d) over keys/values (b, s, kv, d) where
-  allowed (t, s), left unnormalized: (row max, row sum (b, kv, t, g), context (b, t, kv,
-  g, d) f32); _merge combines parts and normalizes. Scores in the dot's own output order
-  (b, kv, t, g, s): a (b, kv, g, t, s) order cost a transposed copy of the largest
-  tensor here (a third of the non-matmul time of a 512-token CPU prefill, measured)."""
-  scores = jnp.einsum("btkgd,bskd->bktgs", qg, keys.astype(qg.dtype)).astype(jnp.float32)
-  scores = jnp.where(allowed[:, None, :], scores / np.sqrt(qg.shape[-1]), _NEG)
-  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
-  e = jnp.exp(scores - m[..., None])
-  ctx = jnp.einsum("bktgs,bskd->btkgd", e.astype(qg.dtype), values.astype(qg.dtype),
-                   preferred_element_type=jnp.float32)
-  return m, jnp.sum(e, axis=-1), ctx
-
-
-def _causal_blocks(qg, k, v, window):
-  """_partial_attention of t queries at positions 0..t-1 over their own keys, causal, in
-  blocks of _BLOCK_Q queries: a block reads only the keys up to its last query (half the
-  work of the full square at length, and score tiles that stay in cache)."""
-  t = qg.shape[1]
-  parts = []
-  for start in range(0, t, _BLOCK_Q):
-    stop = min(start + _BLOCK_Q, t)
-    lo = 0 if window is None else max(0, start - window + 1)
-    q_pos, k_pos = np.arange(start, stop), np.arange(lo, stop)
-    allowed = _window(k_pos[None, :] <= q_pos[:, None], k_pos, q_pos, window)
-    parts.append(_partial_attention(qg[:, start:stop], k[:, lo:stop], v[:, lo:stop], jnp.asarray(allowed)))
-  if len(parts) == 1:
-    return parts[0]
-  return tuple(jnp.concatenate([p[i] for p in parts], axis=1 if i == 2 else 2) for i in range(3))
-
-
-def _merge(parts):
-  """The normalized context (b, t, kv, g, d) f32 from _partial_attention parts over
-  disjoint key sets (the log-sum-exp merge)."""
-  m = parts[0][0]
-  for p in parts[1:]:
-    m = jnp.maximum(m, p[0])
-  num = den = 0.0
-  for pm, pl, pctx in parts:
-    w = jnp.exp(pm - m)
-    den = den + pl * w
-    num = num + pctx * jnp.moveaxis(w, 1, 2)[..., None]
-  return num / jnp.moveaxis(den, 1, 2)[..., None]
-
-
 # ------------------------------------------------------------------ modules
 
 class Attention(nn.Module):
   cfg: LlamaConfig
+  kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions, decode: bool):
+  def __call__(self, x, positions, decode: bool, lengths=None):
     c = self.cfg
     b, t, _ = x.shape
     h, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
@@ -242,41 +188,16 @@ class Attention(nn.Module):
     k = nn.Dense(kv * hd, use_bias=c.qkv_bias, name="k_proj")(x).reshape(b, t, kv, hd)
     v = nn.Dense(kv * hd, use_bias=c.qkv_bias, name="v_proj")(x).reshape(b, t, kv, hd)
     inv_freq = rope_inv_freq(c)
-    window = c.sliding_window
-    qg = lambda q: q.reshape(b, t, kv, h // kv, hd)  # GQA: h/kv query heads per key/value head
+    rope = lambda y, pos: apply_rope(y, pos, inv_freq)
+    window, scale = c.sliding_window, hd ** -0.5
+    attend = functools.partial(A.attend_keys, scale=scale)
+    causal = lambda qg, k, v: A.causal_blocks(qg, k, v, attend, window, max_window=window)
     if decode:
-      # The cache holds this layer's keys/values for positions [0, max_len); this call's
-      # tokens go at `index`, and the queries see keys at positions <= their own.
-      initialized = self.has_variable("cache", "k")
-      ck = self.variable("cache", "k", jnp.zeros, (b, t, kv, hd), k.dtype)
-      cv = self.variable("cache", "v", jnp.zeros, (b, t, kv, hd), v.dtype)
-      ci = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
-      index = ci.value if initialized else jnp.int32(0)
-      q_pos = index + jnp.arange(t)
-      q, k = apply_rope(q, jnp.broadcast_to(q_pos[None], (b, t)), inv_freq), apply_rope(
-          k, jnp.broadcast_to(q_pos[None], (b, t)), inv_freq)
-      if not initialized:  # init: the shapes are all that is wanted
-        ctx = _merge([_causal_blocks(qg(q), k, v, window)])
-      else:
-        past_k, past_v = ck.value, cv.value
-        ck.value = jax.lax.dynamic_update_slice(past_k, k.astype(past_k.dtype), (0, index, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(past_v, v.astype(past_v.dtype), (0, index, 0, 0))
-        ci.value = index + t
-        k_pos = jnp.arange(past_k.shape[1])
-        if t == 1:  # a decode step: the one query over the updated cache
-          allowed = _window(k_pos[None, :] <= q_pos[:, None], k_pos, q_pos, window)
-          ctx = _merge([_partial_attention(qg(q), ck.value, cv.value, allowed)])
-        else:  # a prompt: causal blocks over its own keys, plus the cache before it (if any)
-          def past(q):
-            allowed = _window(jnp.broadcast_to(k_pos[None, :] < index, (t, k_pos.size)), k_pos, q_pos, window)
-            return _partial_attention(q, past_k, past_v, allowed)
-          empty = jax.eval_shape(past, qg(q))
-          nothing = lambda q: tuple(jnp.full(e.shape, _NEG if i == 0 else 0, e.dtype) for i, e in enumerate(empty))
-          ctx = _merge([_causal_blocks(qg(q), k, v, window), jax.lax.cond(index > 0, past, nothing, qg(q))])
-    else:
-      # positions are 0..t-1 (LlamaForCausalLM's own)
-      q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-      ctx = _merge([_causal_blocks(qg(q), k, v, window)])
+      ctx = A.cached_attention(self, q, k, v, rope=rope, causal=causal, kv_cache=self.kv_cache, scale=scale,
+                               softcap=None, window=window, lengths=lengths)
+    else:  # positions are 0..t-1 (LlamaForCausalLM's own)
+      q, k = rope(q, positions), rope(k, positions)
+      ctx = A.merge([causal(q.reshape(b, t, kv, h // kv, hd), k, v)])
     ctx = ctx.astype(q.dtype).reshape(b, t, h * hd)
     return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(ctx)
 
@@ -296,12 +217,13 @@ class DecoderLayer(nn.Module):
   """One pre-norm block; x -> (x, None) so that nn.scan can stack it (decode is static)."""
   cfg: LlamaConfig
   decode: bool = False
+  kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions):
+  def __call__(self, x, positions, lengths):
     eps, dtype = self.cfg.rms_norm_eps, x.dtype
-    x = x + Attention(self.cfg, name="self_attn")(nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions,
-                                                  self.decode)
+    x = x + Attention(self.cfg, self.kv_cache, name="self_attn")(
+        nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions, self.decode, lengths)
     y = x + MLP(self.cfg, name="mlp")(nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x))
     return y.astype(dtype), None  # the scan's carry keeps its dtype (init: f32 layers after a bf16 embedding)
 
@@ -319,26 +241,29 @@ class LlamaForCausalLM(nn.Module):
   """input_ids (B, T) int -> logits (B, T, vocab) in f32.
 
   decode=False: one causal pass over positions 0..T-1 (training, perplexity,
-  calibration). decode=True: through the KV cache (pass the cache and mutable=["cache"]).
-  logits_to_keep > 0: the logits of the last that many positions only (B, n, vocab), as
-  in transformers: a prefill needs one, and the (T, vocab) head is its largest matmul.
+  calibration). decode=True: through the KV cache (pass the cache and mutable=["cache"]),
+  each sequence at its own position; lengths (B,): the real tokens of right-padded
+  prompts (the rest are padding the cache does not keep). logits_to_keep > 0: the logits
+  of the last that many positions only (B, n, vocab), as in transformers: a prefill needs
+  one, and the (T, vocab) head is its largest matmul; with lengths, 1 keeps each
+  sequence's last real position. kv_cache: the cache's format, "float" (the params'
+  dtype), "int8" or "fp8" (models/attention.py).
   """
   cfg: LlamaConfig
   param_dtype: Any = jnp.float32
+  kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, input_ids, decode: bool = False, logits_to_keep: int = 0):
+  def __call__(self, input_ids, decode: bool = False, logits_to_keep: int = 0, lengths=None):
     c = self.cfg
     b, t = input_ids.shape
-    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-      raise ModelArgumentError(f"LlamaForCausalLM: logits_to_keep must be an int >= 0 (0: every position), "
-                               f"got {logits_to_keep!r}")
+    check_call(self, logits_to_keep, lengths, decode)
     embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02))
     x = embed(input_ids)
     positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    x, _ = scanned_layers(DecoderLayer, c, c.num_layers, decode=decode)(x, positions)
-    x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm")(x[:, -logits_to_keep:] if logits_to_keep else x)
+    x, _ = scanned_layers(DecoderLayer, c, c.num_layers, decode=decode, kv_cache=self.kv_cache)(x, positions, lengths)
+    x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm")(kept_positions(x, logits_to_keep, lengths))
     if c.tie_word_embeddings:
       logits = embed.attend(x)
     else:
@@ -346,15 +271,42 @@ class LlamaForCausalLM(nn.Module):
     return logits.astype(jnp.float32)
 
 
+def check_call(model: nn.Module, logits_to_keep, lengths, decode: bool) -> None:
+  """The call arguments of a bundled causal LM (named errors)."""
+  name = type(model).__name__
+  A.check_kv_cache(model.kv_cache, f"{name}.kv_cache")
+  if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+    raise ModelArgumentError(f"{name}: logits_to_keep must be an int >= 0 (0: every position), "
+                             f"got {logits_to_keep!r}")
+  if lengths is not None and (not decode or logits_to_keep not in (0, 1)):
+    raise ModelArgumentError(f"{name}: lengths (right-padded prompts) is for decode=True with logits_to_keep "
+                             f"0 or 1, got decode={decode}, logits_to_keep={logits_to_keep}")
+
+
+def kept_positions(x, logits_to_keep: int, lengths=None):
+  """x (B, T, d) -> the positions whose logits are wanted: all (0), the last n, or with
+  lengths (B,) and n = 1 each sequence's last real one (B, 1, d)."""
+  if not logits_to_keep:
+    return x
+  if lengths is None:
+    return x[:, -logits_to_keep:]
+  return jnp.take_along_axis(x, (lengths.astype(jnp.int32) - 1)[:, None, None], axis=1)
+
+
 # ------------------------------------------------------------------ cache and generation
 
 def init_cache(model: nn.Module, batch: int, max_len: int, dtype=None) -> dict:
-  """Zero KV cache for `batch` sequences of up to `max_len` tokens (dtype: the params'
-  by default), of any bundled causal LM (its "cache" collection)."""
+  """Zero KV cache for `batch` sequences of up to `max_len` tokens, of any bundled causal LM
+  (its "cache" collection, in the model's kv_cache format; a float cache in `dtype`, the
+  params' by default)."""
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((batch, max_len), jnp.int32),
                                              decode=True))["cache"]
   dtype = dtype or model.param_dtype
-  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype if s.dtype == jnp.int32 else dtype), shapes)
+
+  def zeros(path, s):
+    float_kv = path[-1].key in ("k", "v") and jnp.issubdtype(s.dtype, jnp.floating) and s.dtype.itemsize > 1
+    return jnp.zeros(s.shape, dtype if float_kv else s.dtype)
+  return jax.tree_util.tree_map_with_path(zeros, shapes)
 
 
 def _apply_fn(apply: Callable | nn.Module) -> Callable:
@@ -362,10 +314,12 @@ def _apply_fn(apply: Callable | nn.Module) -> Callable:
 
 
 @functools.partial(jax.jit, static_argnames=("apply",))
-def prefill(apply, params, cache, input_ids):
-  """Run the prompt through the cache. -> (logits of the last position (B, vocab), cache)."""
+def prefill(apply, params, cache, input_ids, lengths=None):
+  """Run the prompts through the cache. lengths (B,): right-padded prompts of these
+  lengths (None: all T tokens are real). -> (logits of each prompt's last token (B,
+  vocab), cache)."""
   variables = {**params, "cache": cache}
-  logits, new = apply(variables, input_ids, decode=True, logits_to_keep=1, mutable=["cache"])
+  logits, new = apply(variables, input_ids, decode=True, logits_to_keep=1, lengths=lengths, mutable=["cache"])
   return logits[:, -1], new["cache"]
 
 
@@ -387,26 +341,70 @@ def sample(logits, rng, temperature: float = 0.0, top_k: int = 0):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("apply", "steps", "temperature", "top_k"))
-def decode_loop(apply, params, cache, first_logits, rng, steps: int, temperature: float = 0.0, top_k: int = 0):
-  """`steps` tokens after the prefill, in one jitted scan: token i is sampled from the
-  logits of step i-1, then fed through the cache. -> (tokens (B, steps), cache)."""
-  def body(carry, key):
-    logits, cache = carry
-    tok = sample(logits, key, temperature, top_k)
+@functools.partial(jax.jit, static_argnames=("apply", "steps", "temperature", "top_k", "eos_token_id",
+                                             "pad_token_id"))
+def decode_loop(apply, params, cache, first_logits, rng, steps: int, temperature: float = 0.0, top_k: int = 0,
+                eos_token_id: int | None = None, pad_token_id: int = 0):
+  """`steps` tokens after the prefill, in one jitted loop: token i is sampled from the
+  logits of step i-1, then fed through the cache. With eos_token_id, a sequence stops at
+  its EOS (kept in its output, pad_token_id after it) and the loop ends when every
+  sequence has. -> (tokens (B, steps), cache)."""
+  b = first_logits.shape[0]
+  keys = jax.random.split(rng, steps)
+  if eos_token_id is None:
+    def body(carry, key):
+      logits, cache = carry
+      tok = sample(logits, key, temperature, top_k)
+      logits, cache = decode_step(apply, params, cache, tok)
+      return (logits, cache), tok
+    (_, cache), toks = jax.lax.scan(body, (first_logits, cache), keys)
+    return toks.T, cache
+
+  def cond(carry):
+    i, _, _, done, _ = carry
+    return (i < steps) & ~jnp.all(done)
+
+  def step(carry):
+    i, logits, cache, done, toks = carry
+    tok = jnp.where(done, pad_token_id, sample(logits, keys[i], temperature, top_k))
+    toks = toks.at[:, i].set(tok)
+    done = done | (tok == eos_token_id)
     logits, cache = decode_step(apply, params, cache, tok)
-    return (logits, cache), tok
-  (_, cache), toks = jax.lax.scan(body, (first_logits, cache), jax.random.split(rng, steps))
-  return toks.T, cache
+    return i + 1, logits, cache, done, toks
+  init = (jnp.int32(0), first_logits, cache, jnp.zeros((b,), bool), jnp.full((b, steps), pad_token_id, jnp.int32))
+  _, _, cache, _, toks = jax.lax.while_loop(cond, step, init)
+  return toks, cache
+
+
+def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
+  """A (B, T) array (all of length T) or a list of 1-D token sequences of any lengths ->
+  (ids (B, max length) right-padded with 0, lengths (B,))."""
+  if isinstance(prompts, (list, tuple)):
+    seqs = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+    if not seqs or min(len(s) for s in seqs) == 0:
+      raise ModelArgumentError("generate: prompts must be a non-empty list of non-empty token sequences")
+    ids = np.zeros((len(seqs), max(len(s) for s in seqs)), np.int32)
+    for i, s in enumerate(seqs):
+      ids[i, :len(s)] = s
+    return ids, np.asarray([len(s) for s in seqs], np.int32)
+  ids = np.asarray(prompts)
+  if ids.ndim != 2 or ids.shape[1] == 0:
+    raise ModelArgumentError(f"generate: input_ids must be (B, T) with T > 0 or a list of sequences, "
+                             f"got shape {ids.shape}")
+  return ids.astype(np.int32), np.full((ids.shape[0],), ids.shape[1], np.int32)
 
 
 def generate(apply, params, input_ids, max_new_tokens: int, *, temperature: float = 0.0, top_k: int = 0,
-             rng=None, max_len: int | None = None, cache_dtype=None, model: nn.Module | None = None):
-  """Generate `max_new_tokens` after the prompts input_ids (B, T) (equal lengths).
+             rng=None, max_len: int | None = None, cache_dtype=None, model: nn.Module | None = None,
+             eos_token_id: int | None = None, pad_token_id: int = 0):
+  """Generate `max_new_tokens` after each prompt: input_ids (B, T), or a list of token
+  sequences of different lengths (a ragged batch: right-padded, each sequence at its own
+  position in the cache, so its tokens are those it gets alone).
 
   apply: the model (its .apply is used), model.apply, or aq.quantized_apply(model) with
-  quantized params (then pass `model` too, for the cache shapes). Any bundled causal LM
-  (Llama family, Gemma 3). -> tokens (B, max_new_tokens).
+  quantized params (then pass `model` too, for the cache shapes and format). Any bundled
+  causal LM (Llama family, Gemma 3). eos_token_id: each sequence stops at its own EOS
+  (pad_token_id after it). -> tokens (B, max_new_tokens).
   """
   if isinstance(apply, nn.Module):
     model, apply = apply, apply.apply
@@ -414,15 +412,17 @@ def generate(apply, params, input_ids, max_new_tokens: int, *, temperature: floa
     model = getattr(apply, "__self__", None)
   if not isinstance(model, nn.Module) or not hasattr(model, "cfg"):
     raise ModelArgumentError("generate: pass model= (the causal LM module: its cache shapes are needed)")
-  input_ids = jnp.asarray(input_ids, jnp.int32)
-  b, t = input_ids.shape
+  ids, lengths = pad_prompts(input_ids)
+  b, t = ids.shape
   max_len = max_len or t + max_new_tokens
   if max_len < t + max_new_tokens:
     raise ModelArgumentError(f"generate: max_len {max_len} < prompt {t} + max_new_tokens {max_new_tokens}")
   cache = init_cache(model, b, max_len, cache_dtype)
-  logits, cache = prefill(apply, params, cache, input_ids)
+  ragged = bool((lengths != t).any())
+  logits, cache = prefill(apply, params, cache, jnp.asarray(ids), jnp.asarray(lengths) if ragged else None)
   rng = jax.random.key(0) if rng is None else rng
-  toks, _ = decode_loop(apply, params, cache, logits, rng, max_new_tokens, float(temperature), int(top_k))
+  toks, _ = decode_loop(apply, params, cache, logits, rng, max_new_tokens, float(temperature), int(top_k),
+                        eos_token_id, int(pad_token_id))
   return toks
 
 

@@ -1,0 +1,289 @@
+"""Causal attention with a KV cache, shared by the bundled causal LMs (llama.py, gemma3.py):
+softmax attention in parts merged by log-sum-exp, and the KV cache in one of three
+formats -- float (the params' dtype), int8 or FP8 e4m3 with a scale per token and KV head
+(computed as each token is written: no calibration).
+
+Every sequence of a batch has its own position (the cache's `index` is (B,)): prompts of
+different lengths are right-padded, prefilled with their `lengths`, and each sequence then
+writes and reads at its own position. A key is seen by a query iff its position is <= the
+query's (and > the query's - window on sliding layers) and it was written (< index).
+
+The 8-bit cache is read in 8 bits: the scores are an int8 x int8 -> int32 dot of the
+queries against the int8 keys, the context the same of the probabilities against the int8
+values; the float side (queries, probabilities times the value scales) is split into two
+int8 digits (hi + lo / 254, with its own scale per row), so the dot is float-accurate to
+~2^-15 of the row's max and the only error is the cache's rounding. Layouts are chosen for
+the dot that reads them on the CPU (measured: XLA's f32 dot is fastest with the contracted
+axis major in the cache, its int8 dot with it minor): float keys (B, kv, hd, S) and values
+(B, kv, S, hd); int8 keys (B, kv, S, hd) and values (B, kv, hd, S). FP8 e4m3 is stored in
+the int8 layout and upcast for the dot (no FP8 dot on CPUs; on GPUs it halves the read).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from actquant_jax.errors import ModelArgumentError
+from pallas_kernels import reference as numerics  # the one definition of the quantization formulas
+
+KV_CACHE_FORMATS = ("float", "int8", "fp8")
+NEG = float(np.finfo(np.float32).min)  # a masked score (finite: exp(NEG - max) is 0, never NaN)
+_SPLIT = 254.0  # the low digit's weight: |x / scale - hi| <= 1/2, so lo = round(that * 254) fits int8
+
+
+def check_kv_cache(kv_cache, where: str) -> str:
+  if kv_cache not in KV_CACHE_FORMATS:
+    raise ModelArgumentError(f"{where}: kv_cache must be one of {KV_CACHE_FORMATS}, got {kv_cache!r}")
+  return kv_cache
+
+
+# ------------------------------------------------------------------ quantization
+
+def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+  """x (..., hd) -> (xq (..., hd) int8 / e4m3, scale (...,) f32): one scale per vector
+  (a token's key or value in one KV head), absmax / qmax; NaN scale for a vector holding
+  NaN/Inf (its scores turn NaN, as they would in float)."""
+  x32 = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x32), axis=-1) * numerics.scale_factor(None, dtype)
+  scale = numerics.dynamic_scale(amax) + numerics.nonfinite_probe(x32, axis=-1)
+  xq = numerics.saturate_cast(x32 * numerics.quantize_factor(None, scale)[..., None], dtype)
+  return xq, scale
+
+
+def dequantize_kv(xq: jax.Array, scale: jax.Array) -> jax.Array:
+  """The reference read: xq * scale, f32."""
+  return xq.astype(jnp.float32) * scale[..., None]
+
+
+def split_int8(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """x f32 -> (digits, scale): digits int8 stacked on a new axis 0 (hi, lo) with
+  x ~= (hi + lo / 254) * scale, one scale per slice along `axis` (keepdims)."""
+  scale = numerics.dynamic_scale(jnp.max(jnp.abs(x), axis=axis, keepdims=True) / 127.0)
+  y = x / scale
+  hi = jnp.round(y)
+  lo = jnp.round((y - hi) * _SPLIT)
+  return jnp.stack([hi, lo]).astype(jnp.int8), scale
+
+
+def _join(acc: jax.Array, axis: int) -> jax.Array:
+  """(hi + lo / 254) of an int32 dot of split_int8's digits, stacked along `axis`."""
+  hi, lo = jnp.split(acc.astype(jnp.float32), 2, axis=axis)
+  return hi + lo / _SPLIT
+
+
+# ------------------------------------------------------------------ cache formats
+
+@dataclasses.dataclass(frozen=True)
+class KVFormat:
+  """How one layer's keys/values are stored, written and read. `kind` is one of
+  KV_CACHE_FORMATS; `dtype` the float cache's dtype."""
+  kind: str
+  dtype: jnp.dtype = jnp.float32
+
+  @property
+  def storage(self):
+    return {"float": self.dtype, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[self.kind]
+
+  def shapes(self, b: int, s: int, kv: int, hd: int) -> dict:
+    """name -> (shape, dtype) of the cache variables."""
+    if self.kind == "float":
+      return {"k": ((b, kv, hd, s), self.dtype), "v": ((b, kv, s, hd), self.dtype)}
+    return {"k": ((b, kv, s, hd), self.storage), "v": ((b, kv, hd, s), self.storage),
+            "k_scale": ((b, kv, s), jnp.float32), "v_scale": ((b, kv, s), jnp.float32)}
+
+  def write(self, cache: dict, k: jax.Array, v: jax.Array, pos: jax.Array) -> dict:
+    """k, v (b, t, kv, hd) written at positions pos (b, t) of each sequence (positions past
+    the cache's end are dropped)."""
+    bi = jnp.arange(pos.shape[0])[:, None]
+    # (advanced indices split by a slice: the indexed view is laid out (b, t, kv, hd), as k is)
+    if self.kind == "float":
+      # k (b, kv, hd, S): the update of cache[bi, :, :, pos] is laid out (b, t, kv, hd)
+      return {"k": cache["k"].at[bi, :, :, pos].set(k.astype(self.dtype), mode="drop"),
+              "v": cache["v"].at[bi, :, pos].set(v.astype(self.dtype), mode="drop")}
+    kq, ks = quantize_kv(k, self.storage)  # (b, t, kv, hd), (b, t, kv)
+    vq, vs = quantize_kv(v, self.storage)
+    return {"k": cache["k"].at[bi, :, pos].set(kq, mode="drop"),
+            "v": cache["v"].at[bi, :, :, pos].set(vq, mode="drop"),
+            "k_scale": cache["k_scale"].at[bi, :, pos].set(ks, mode="drop"),
+            "v_scale": cache["v_scale"].at[bi, :, pos].set(vs, mode="drop")}
+
+  def length(self, cache: dict) -> int:
+    return cache["v"].shape[2 if self.kind == "float" else 3]
+
+  def read(self, cache: dict) -> tuple[jax.Array, jax.Array]:
+    """The float keys/values (b, S, kv, hd) the cache stands for (tests, references)."""
+    if self.kind == "float":
+      return jnp.moveaxis(cache["k"], 3, 1), jnp.moveaxis(cache["v"], 2, 1)
+    k = dequantize_kv(jnp.moveaxis(cache["k"], 2, 1), jnp.moveaxis(cache["k_scale"], 2, 1))
+    v = dequantize_kv(jnp.moveaxis(cache["v"], (3, 2), (1, 3)), jnp.moveaxis(cache["v_scale"], 2, 1))
+    return k, v
+
+  def scores(self, qg: jax.Array, cache: dict) -> jax.Array:
+    """q . k of qg (b, t, kv, g, hd) over every cached key -> (b, kv, t, g, S) f32."""
+    if self.kind == "float":
+      return jnp.einsum("btkgd,bkds->bktgs", qg, cache["k"].astype(qg.dtype),
+                        preferred_element_type=jnp.float32)
+    ks = cache["k_scale"][:, :, None, None, :]
+    if self.kind == "fp8":
+      return jnp.einsum("btkgd,bksd->bktgs", qg, cache["k"].astype(qg.dtype),
+                        preferred_element_type=jnp.float32) * ks
+    digits, sq = split_int8(qg.astype(jnp.float32), axis=-1)  # (2, b, t, kv, g, hd), (b, t, kv, g, 1)
+    digits = jnp.concatenate([digits[0], digits[1]], axis=3)  # (b, t, kv, 2g, hd)
+    acc = jnp.einsum("btkgd,bksd->bktgs", digits, cache["k"], preferred_element_type=jnp.int32)
+    return _join(acc, axis=3) * jnp.moveaxis(sq, 1, 2) * ks
+
+  def context(self, e: jax.Array, cache: dict, dtype) -> jax.Array:
+    """sum_s e[..., s] v[s] of e (b, kv, t, g, S) f32 -> (b, t, kv, g, hd) f32."""
+    if self.kind == "float":
+      return jnp.einsum("bktgs,bksd->btkgd", e.astype(dtype), cache["v"].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    ev = e * cache["v_scale"][:, :, None, None, :]
+    if self.kind == "fp8":
+      return jnp.einsum("bktgs,bkds->btkgd", ev.astype(dtype), cache["v"].astype(dtype),
+                        preferred_element_type=jnp.float32)
+    digits, se = split_int8(ev, axis=-1)  # (2, b, kv, t, g, S), (b, kv, t, g, 1)
+    digits = jnp.concatenate([digits[0], digits[1]], axis=3)  # (b, kv, t, 2g, S)
+    acc = jnp.einsum("bktgs,bkds->btkgd", digits, cache["v"], preferred_element_type=jnp.int32)
+    return _join(acc, axis=3) * jnp.moveaxis(se, 1, 2)
+
+
+# ------------------------------------------------------------------ attention in parts
+
+def window_mask(allowed, k_pos, q_pos, window):
+  """allowed & (key within `window` of the query); k_pos (..., S), q_pos (..., t) ->
+  (..., t, S). window None: no window; a traced window: one per layer."""
+  if window is None:
+    return allowed
+  return allowed & (k_pos[..., None, :] > q_pos[..., :, None] - window)
+
+
+def _mask(allowed):
+  """allowed (t, S) or (b, t, S) -> broadcastable to scores (b, kv, t, g, S)."""
+  return allowed[:, None, :] if allowed.ndim == 2 else allowed[:, None, :, None, :]
+
+
+def softmax_part(scores, allowed, scale: float, softcap: float | None = None):
+  """Raw scores (b, kv, t, g, S) -> the unnormalized softmax (row max, exp, row sum) over the
+  allowed keys, the scores times `scale` and soft-capped tanh(s / cap) * cap first."""
+  scores = scores * scale
+  if softcap is not None:
+    scores = jnp.tanh(scores / softcap) * softcap
+  scores = jnp.where(_mask(allowed), scores, NEG)
+  m = jax.lax.stop_gradient(jnp.max(scores, axis=-1))
+  e = jnp.exp(scores - m[..., None])
+  return m, e, jnp.sum(e, axis=-1)
+
+
+def attend_keys(qg, keys, values, allowed, *, scale: float, softcap: float | None = None):
+  """Attention of qg (b, t, kv, g, hd) over float keys/values (b, s, kv, hd) where allowed
+  ((t, s) or (b, t, s)), left unnormalized: (row max, row sum (b, kv, t, g), context (b, t,
+  kv, g, hd) f32); merge() combines parts and normalizes. Scores in the dot's own output
+  order (b, kv, t, g, s): a (b, kv, g, t, s) order cost a transposed copy of the largest
+  tensor here (a third of the non-matmul time of a 512-token CPU prefill, measured)."""
+  scores = jnp.einsum("btkgd,bskd->bktgs", qg, keys.astype(qg.dtype)).astype(jnp.float32)
+  m, e, l = softmax_part(scores, allowed, scale, softcap)
+  ctx = jnp.einsum("bktgs,bskd->btkgd", e.astype(qg.dtype), values.astype(qg.dtype),
+                   preferred_element_type=jnp.float32)
+  return m, l, ctx
+
+
+def attend_cache(qg, fmt: KVFormat, cache: dict, allowed, *, scale: float, softcap: float | None = None):
+  """attend_keys over the cached keys/values, read in the cache's own format."""
+  m, e, l = softmax_part(fmt.scores(qg, cache), allowed, scale, softcap)
+  return m, l, fmt.context(e, cache, qg.dtype)
+
+
+BLOCK_Q = 256  # queries per causal block: each sees only the keys up to its last position
+FULL_WINDOW = 1 << 30  # a traced per-layer window this long is a full-attention layer
+
+
+def causal_blocks(qg, k, v, attend: Callable, window, *, max_window: int | None = None, mixed: bool = False):
+  """Attention parts of t queries at positions 0..t-1 over their own keys k, v (b, t, kv,
+  hd), causal, in blocks of BLOCK_Q queries: a block reads only the keys up to its last
+  query (half the work of the full square at length, and score tiles that stay in
+  cache), and on a sliding-window layer only its window's. window: this layer's (None,
+  an int, or traced per layer); max_window: the static window of the sliding layers;
+  mixed: sliding and full layers share this (traced) call, so a lax.cond on the window
+  picks the window's keys or all of them. attend(q, k, v, allowed) -> a part."""
+  t = qg.shape[1]
+  parts = []
+  for start in range(0, t, BLOCK_Q):
+    stop = min(start + BLOCK_Q, t)
+    q_pos = np.arange(start, stop, dtype=np.int32)
+
+    def part(lo, q=qg[:, start:stop], stop=stop, q_pos=q_pos):
+      k_pos = np.arange(lo, stop, dtype=np.int32)
+      allowed = window_mask(jnp.asarray(k_pos[None, :] <= q_pos[:, None]), k_pos, q_pos, window)
+      return attend(q, k[:, lo:stop], v[:, lo:stop], allowed)
+    lo = 0 if max_window is None else max(0, start - max_window + 1)
+    if lo == 0 or not mixed:
+      parts.append(part(lo))
+    else:
+      parts.append(jax.lax.cond(window < FULL_WINDOW, lambda lo=lo, part=part: part(lo), lambda part=part: part(0)))
+  if len(parts) == 1:
+    return parts[0]
+  return tuple(jnp.concatenate([p[i] for p in parts], axis=1 if i == 2 else 2) for i in range(3))
+
+
+def merge(parts):
+  """The normalized context (b, t, kv, g, hd) f32 from attention parts over disjoint key
+  sets (the log-sum-exp merge)."""
+  m = parts[0][0]
+  for p in parts[1:]:
+    m = jnp.maximum(m, p[0])
+  num = den = 0.0
+  for pm, pl, pctx in parts:
+    w = jnp.exp(pm - m)
+    den = den + pl * w
+    num = num + pctx * jnp.moveaxis(w, 1, 2)[..., None]
+  return num / jnp.moveaxis(den, 1, 2)[..., None]
+
+
+# ------------------------------------------------------------------ the decode-mode call
+
+def cached_attention(mdl: nn.Module, q, k, v, *, rope: Callable, causal: Callable, kv_cache: str,
+                     scale: float, softcap: float | None, window, lengths=None):
+  """A decode-mode attention call of module `mdl` through its "cache" collection.
+
+  q (b, t, h, hd), k, v (b, t, kv, hd) before RoPE; rope(x, positions (b, t)) rotates;
+  causal(qg, k, v) is the model's attention of the t new queries over their own keys
+  (causal blocks). Each sequence's t tokens go at its cache index; with `lengths` (b,)
+  only the first lengths[i] of them are real (right padding): the index advances by
+  that, so the padding's keys are never seen and the next token overwrites them.
+  -> context (b, t, h, hd) f32.
+  """
+  b, t, h, hd = q.shape
+  kv = k.shape[2]
+  qg = lambda x: x.reshape(b, t, kv, h // kv, hd)  # GQA: h/kv query heads per key/value head
+  initialized = mdl.has_variable("cache", "index")
+  ci = mdl.variable("cache", "index", lambda: jnp.zeros((b,), jnp.int32))
+  index = ci.value if initialized else jnp.zeros((b,), jnp.int32)
+  q_pos = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # (b, t)
+  q, k = rope(q, q_pos), rope(k, q_pos)
+  fmt = KVFormat(kv_cache, k.dtype)
+  shapes = fmt.shapes(b, t, kv, hd)  # at init, a cache as long as this call (init_cache sets the length)
+  cvars = {n: mdl.variable("cache", n, jnp.zeros, s, d) for n, (s, d) in shapes.items()}
+  if not initialized:  # init: the shapes are all that is wanted
+    return merge([causal(qg(q), k, v)]).reshape(b, t, h, hd)
+  cache = fmt.write({n: c.value for n, c in cvars.items()}, k, v, q_pos)
+  for n, c in cvars.items():
+    c.value = cache[n]
+  ci.value = index + (t if lengths is None else lengths.astype(jnp.int32))
+  k_pos = jnp.arange(fmt.length(cache), dtype=jnp.int32)
+  attend = lambda allowed: attend_cache(qg(q), fmt, cache, allowed, scale=scale, softcap=softcap)
+  if t == 1:  # a decode step: the one query over the cache, its own key included
+    ctx = merge([attend(window_mask(k_pos <= q_pos[:, :, None], k_pos, q_pos, window))])
+  else:  # a prompt: causal parts over its own keys, plus the cache before it (if any)
+    def past(_):
+      return attend(window_mask(jnp.broadcast_to(k_pos < index[:, None, None], (b, t, k_pos.size)),
+                                k_pos, q_pos, window))
+    empty = jax.eval_shape(past, None)
+    nothing = lambda _: tuple(jnp.full(e.shape, NEG if i == 0 else 0, e.dtype) for i, e in enumerate(empty))
+    ctx = merge([causal(qg(q), k, v), jax.lax.cond(jnp.any(index > 0), past, nothing, None)])
+  return ctx.reshape(b, t, h, hd)

@@ -1,0 +1,158 @@
+"""The KV cache of the bundled causal LMs (models/attention.py): the 8-bit formats' write
+and read against the formula (an independent numpy oracle), attention over the 8-bit
+cache against attention over the values it stands for, every format through prefill +
+decode against the no-cache forward, ragged batches against each prompt alone (greedy,
+EOS per sequence), and the bad-argument errors."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+import actquant_jax as aq
+from actquant_jax.models import attention as A
+from actquant_jax.models import gemma3 as G
+from actquant_jax.models import llama as L
+from examples.llm import make_reference as mr_llama
+from tools import make_gemma3_tiny_reference as mr_gemma
+
+FORMATS = ("int8", "fp8")
+
+
+@pytest.fixture(scope="module")
+def llama():
+  return L.load_llama(mr_llama.TINY_DIR)
+
+
+@pytest.fixture(scope="module")
+def gemma():
+  return G.load_gemma3(mr_gemma.checkpoint_dir("gemma3"))
+
+
+def _oracle(x, kind):
+  """numpy: a scale per vector absmax / qmax, round half to even (int8) or e4m3's own
+  rounding, saturating; -> (stored values as f32, scales)."""
+  qmax = {"int8": 127.0, "fp8": 448.0}[kind]
+  x = x.astype(np.float32)
+  s = np.abs(x).max(-1) * np.float32(1 / qmax)  # (times the f32 reciprocal, as reference.scale_factor)
+  s = np.where(s < np.finfo(np.float32).tiny, np.float32(1), s).astype(np.float32)
+  y = np.clip(x * (np.float32(1) / s)[..., None], -qmax, qmax)
+  q = np.round(y) if kind == "int8" else y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  return q, s
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_write_then_read_is_the_formula(kind):
+  # Tokens written at per-sequence positions (sequence 1 two ahead, one position past the
+  # end dropped) are stored as the oracle's values and scales; untouched slots stay 0.
+  rng = np.random.default_rng(0)
+  b, t, kv, hd, s = 2, 3, 2, 8, 6
+  k = rng.standard_normal((b, t, kv, hd)).astype(np.float32) * np.float32(5)
+  v = rng.standard_normal((b, t, kv, hd)).astype(np.float32)
+  k[0, 1, 0] = 0.0  # an all-zero vector: scale 1, exact zeros
+  fmt = A.KVFormat(kind)
+  cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
+  pos = np.array([[0, 1, 2], [3, 4, 5 + 1]], np.int32)  # (1, 2) is past the end: dropped
+  cache = jax.jit(fmt.write)(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos))
+  rk, rv = (np.asarray(a) for a in fmt.read(cache))
+  for name, x, got in (("k", k, rk), ("v", v, rv)):
+    q, sc = _oracle(x, kind)
+    want = np.zeros((b, s, kv, hd), np.float32)
+    for i in range(b):
+      for j in range(t):
+        if pos[i, j] < s:
+          want[i, pos[i, j]] = q[i, j] * sc[i, j][:, None]
+    np.testing.assert_array_equal(got, want, err_msg=name)
+  assert np.asarray(cache["k_scale"])[0, 0, 1] == 1.0 and not np.asarray(cache["k"])[0, 0, 1].any()
+
+
+@pytest.mark.parametrize("kind", ("float",) + FORMATS)
+def test_attention_over_the_cache_is_attention_over_what_it_holds(kind):
+  # The 8-bit read (int8: queries and probabilities split into two int8 digits against
+  # the int8 cache; fp8: upcast) equals float attention over the dequantized cache within
+  # the digits' precision; a per-sequence mask (sequence 1 sees fewer keys) is honoured.
+  rng = np.random.default_rng(1)
+  b, t, kv, g, hd, s = 2, 2, 2, 3, 16, 40
+  fmt = A.KVFormat(kind)
+  cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
+  kx = rng.standard_normal((b, s, kv, hd)).astype(np.float32) * 2
+  vx = rng.standard_normal((b, s, kv, hd)).astype(np.float32)
+  kx[:, 0] *= 40  # a sink-like key with a large norm
+  pos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))
+  cache = fmt.write(cache, jnp.asarray(kx), jnp.asarray(vx), jnp.asarray(pos))
+  keys, values = fmt.read(cache)
+  qg = jnp.asarray(rng.standard_normal((b, t, kv, g, hd)).astype(np.float32))
+  seen = np.array([s, 25])[:, None, None] > np.arange(s)  # (b, 1, s)
+  allowed = jnp.asarray(np.broadcast_to(seen, (b, t, s)))
+  got = A.merge([A.attend_cache(qg, fmt, cache, allowed, scale=0.25)])
+  want = A.merge([A.attend_keys(qg, keys, values, allowed, scale=0.25)])
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4 if kind == "int8" else 2e-5, rtol=1e-4)
+  if kind != "float":  # and the stored values are what a float cache would hold, to 8 bits
+    rel = float(jnp.abs(keys - kx).max() / np.abs(kx).max())
+    assert rel < (1 / 127 if kind == "int8" else 1 / 16), rel
+
+
+def _cached(model, params, ids, n):
+  cache = L.init_cache(model, ids.shape[0], ids.shape[1])
+  logits, cache = L.prefill(model.apply, params, cache, jnp.asarray(ids[:, :n]))
+  out = [logits]
+  for t in range(n, ids.shape[1]):
+    logits, cache = L.decode_step(model.apply, params, cache, jnp.asarray(ids[:, t]))
+    out.append(logits)
+  return np.stack([np.asarray(o) for o in out], axis=1)
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma"])
+def test_every_format_through_prefill_and_decode(which, llama, gemma, request):
+  # Float cache: the no-cache forward's logits; 8-bit caches: close to them (the cache's
+  # rounding only), int8 closer than fp8.
+  lm = llama if which == "llama" else gemma
+  ids = np.random.default_rng(2).integers(0, lm.cfg.vocab_size, (2, 12)).astype(np.int32)
+  full = np.asarray(jax.jit(lm.model.apply)(lm.params, jnp.asarray(ids)))[:, 4:]
+  scale = np.abs(full).max()
+  errs = {}
+  for kind in ("float",) + FORMATS:
+    model = lm.model.clone(kv_cache=kind)
+    errs[kind] = np.abs(_cached(model, lm.params, ids, 5) - full).max() / scale
+  assert errs["float"] < 1e-5, errs
+  assert 0 < errs["int8"] < 2e-2 and errs["int8"] < errs["fp8"] < 1e-1, errs
+
+
+@pytest.mark.parametrize("which, kind", [("llama", "float"), ("llama", "int8"), ("gemma", "int8")])
+def test_ragged_batch_is_each_prompt_alone(which, kind, llama, gemma):
+  # Prompts of 3, 9 and 6 tokens in one batch generate, greedy, the tokens each does alone;
+  # with an EOS id each sequence stops at its own (pad after it) and the rest go on. W8A8
+  # weights (quantized_apply) with the 8-bit cache too.
+  lm = llama if which == "llama" else gemma
+  model = lm.model.clone(kv_cache=kind)
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(1, lm.cfg.vocab_size, n).astype(np.int32) for n in (3, 9, 6)]
+  variants = [(model, lm.params)]
+  if kind == "int8":
+    ids = jnp.asarray(np.stack([np.resize(p, 9) for p in prompts]))
+    qparams = aq.quantize_params(lm.params, aq.calibrate(lm.model, lm.params, [ids], progress=False),
+                                 aq.QuantConfig())
+    variants.append((aq.quantized_apply(model), qparams))
+  for apply, params in variants:
+    batch = np.asarray(L.generate(apply, params, prompts, 8, model=model))
+    # (one cache length for all: one compile of the decode loop)
+    alone = np.stack([np.asarray(L.generate(apply, params, [p], 8, model=model, max_len=17))[0] for p in prompts])
+    np.testing.assert_array_equal(batch, alone)
+    eos = int(batch[1, 2])  # sequence 1's third token: it stops there; pad (0) after it
+    stopped = np.asarray(L.generate(apply, params, prompts, 8, model=model, eos_token_id=eos, pad_token_id=0))
+    for i, row in enumerate(alone):
+      hit = np.flatnonzero(row == eos)
+      want = row.copy() if not hit.size else np.concatenate([row[:hit[0] + 1], np.zeros(7 - hit[0], np.int32)])
+      np.testing.assert_array_equal(stopped[i], want)
+    assert (stopped[1, 3:] == 0).all()
+
+
+def test_bad_arguments_are_named(llama):
+  ids = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(aq.ModelArgumentError, match="kv_cache must be one of"):
+    llama.model.clone(kv_cache="int4").apply(llama.params, ids)
+  with pytest.raises(aq.ModelArgumentError, match="lengths .* is for decode=True"):
+    llama.model.apply(llama.params, ids, lengths=jnp.array([2]))
+  with pytest.raises(aq.ModelArgumentError, match="non-empty token sequences"):
+    L.generate(llama.model, llama.params, [np.array([1, 2]), np.array([], np.int32)], 2)
