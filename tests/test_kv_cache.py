@@ -123,22 +123,24 @@ def test_every_format_through_prefill_and_decode(which, llama, gemma, request):
 def test_ragged_batch_is_each_prompt_alone(which, kind, llama, gemma):
   # Prompts of 3, 9 and 6 tokens in one batch generate, greedy, the tokens each does alone;
   # with an EOS id each sequence stops at its own (pad after it) and the rest go on. W8A8
-  # weights (quantized_apply) with the 8-bit cache too.
+  # weights (quantized_apply) with the 8-bit cache too (Llama).
   lm = llama if which == "llama" else gemma
   model = lm.model.clone(kv_cache=kind)
   rng = np.random.default_rng(3)
   prompts = [rng.integers(1, lm.cfg.vocab_size, n).astype(np.int32) for n in (3, 9, 6)]
   variants = [(model, lm.params)]
-  if kind == "int8":
+  if kind == "int8" and which == "llama":
     ids = jnp.asarray(np.stack([np.resize(p, 9) for p in prompts]))
     qparams = aq.quantize_params(lm.params, aq.calibrate(lm.model, lm.params, [ids], progress=False),
                                  aq.QuantConfig())
     variants.append((aq.quantized_apply(model), qparams))
-  for apply, params in variants:
+  for n, (apply, params) in enumerate(variants):
     batch = np.asarray(L.generate(apply, params, prompts, 8, model=model))
     # (one cache length for all: one compile of the decode loop)
     alone = np.stack([np.asarray(L.generate(apply, params, [p], 8, model=model, max_len=17))[0] for p in prompts])
     np.testing.assert_array_equal(batch, alone)
+    if n:
+      continue  # (EOS handling is the loop's, whatever the weights)
     eos = int(batch[1, 2])  # sequence 1's third token: it stops there; pad (0) after it
     stopped = np.asarray(L.generate(apply, params, prompts, 8, model=model, eos_token_id=eos, pad_token_id=0))
     for i, row in enumerate(alone):

@@ -126,9 +126,8 @@ class KVFormat:
 
   def scores(self, qg: jax.Array, cache: dict) -> jax.Array:
     """q . k of qg (b, t, kv, g, hd) over every cached key -> (b, kv, t, g, S) f32."""
-    if self.kind == "float":
-      return jnp.einsum("btkgd,bkds->bktgs", qg, cache["k"].astype(qg.dtype),
-                        preferred_element_type=jnp.float32)
+    if self.kind == "float":  # (in the cache's dtype: XLA CPU has no bf16 x bf16 -> f32 dot thunk)
+      return jnp.einsum("btkgd,bkds->bktgs", qg.astype(self.dtype), cache["k"]).astype(jnp.float32)
     ks = cache["k_scale"][:, :, None, None, :]
     if self.kind == "fp8":
       return jnp.einsum("btkgd,bksd->bktgs", qg, cache["k"].astype(qg.dtype),
@@ -141,8 +140,7 @@ class KVFormat:
   def context(self, e: jax.Array, cache: dict, dtype) -> jax.Array:
     """sum_s e[..., s] v[s] of e (b, kv, t, g, S) f32 -> (b, t, kv, g, hd) f32."""
     if self.kind == "float":
-      return jnp.einsum("bktgs,bksd->btkgd", e.astype(dtype), cache["v"].astype(dtype),
-                        preferred_element_type=jnp.float32)
+      return jnp.einsum("bktgs,bksd->btkgd", e.astype(self.dtype), cache["v"]).astype(jnp.float32)
     ev = e * cache["v_scale"][:, :, None, None, :]
     if self.kind == "fp8":
       return jnp.einsum("bktgs,bkds->btkgd", ev.astype(dtype), cache["v"].astype(dtype),
@@ -266,9 +264,9 @@ def cached_attention(mdl: nn.Module, q, k, v, *, rope: Callable, causal: Callabl
   index = ci.value if initialized else jnp.zeros((b,), jnp.int32)
   q_pos = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # (b, t)
   q, k = rope(q, q_pos), rope(k, q_pos)
-  fmt = KVFormat(kv_cache, k.dtype)
-  shapes = fmt.shapes(b, t, kv, hd)  # at init, a cache as long as this call (init_cache sets the length)
+  shapes = KVFormat(kv_cache, k.dtype).shapes(b, t, kv, hd)  # at init: as long as this call (init_cache sets it)
   cvars = {n: mdl.variable("cache", n, jnp.zeros, s, d) for n, (s, d) in shapes.items()}
+  fmt = KVFormat(kv_cache, cvars["k"].value.dtype)  # a float cache keeps the dtype init_cache gave it
   if not initialized:  # init: the shapes are all that is wanted
     return merge([causal(qg(q), k, v)]).reshape(b, t, h, hd)
   cache = fmt.write({n: c.value for n, c in cvars.items()}, k, v, q_pos)
