@@ -28,6 +28,7 @@ from actquant_jax import _capture
 from actquant_jax._dataflow import FOLDABLE_KINDS, dataflow_facts, fingerprint, kind_offsets, read_elsewhere
 from actquant_jax.errors import CalibrationError, QuantizationTypeError, StatsFileError
 from actquant_jax.report import stats_summary
+from actquant_jax.sharding import to_host
 
 
 def _is_nnx(model) -> bool:
@@ -268,7 +269,7 @@ def calibrate(model, params, batches: Iterable, *, forward: Callable | None = No
       compiled[key] = (program, graph) + _batch_stats_fn(program, graph, num_samples)
     program, graph, stats_fn, call_order = compiled[key]
     inputs = _capture.program_inputs(variables, (batch,))
-    out = jax.device_get(stats_fn(inputs))
+    out = to_host(stats_fn(inputs))  # (on every process of a jax.distributed run)
     for path in call_order:  # in call order, so a NaN is reported where it first appears
       e = out[path]
       bad = np.asarray(e["nonfinite"])

@@ -42,6 +42,37 @@ def placement(like, spec: P = P()):
   return NamedSharding(jax.sharding.Mesh(np.array(devices), ("replica",)), P())
 
 
+def _identity(xs):
+  return xs
+
+
+def to_host(tree):
+  """Every array of `tree` as numpy on this host (explicit transfers, started together).
+
+  Under jax.distributed (one process per host, a mesh over every process's devices) an
+  array may span devices of other processes, which np.asarray / jax.device_get refuse: a
+  replicated one is read from a local copy; the sharded ones are gathered, all of one
+  mesh in one program (an all-gather to every process). That is a collective: every
+  process must ask for it, in the same order -- as it does running the same program
+  (calibrate, quantize_params)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  spread = {}  # mesh -> indices of its sharded leaves that span other processes
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.sharding.is_fully_replicated:
+      if isinstance(x.sharding, NamedSharding):
+        spread.setdefault(x.sharding.mesh, []).append(i)
+      else:
+        from jax.experimental import multihost_utils
+        leaves[i] = multihost_utils.process_allgather(x, tiled=True)
+  for idx in spread.values():
+    xs = tuple(leaves[i] for i in idx)
+    whole = jax.jit(_identity, out_shardings=tuple(x.sharding.update(spec=P()) for x in xs))(xs)
+    for i, x in zip(idx, whole):
+      leaves[i] = x
+  leaves = [x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x for x in leaves]
+  return jax.device_get(jax.tree.unflatten(treedef, leaves))
+
+
 def put_like(x, like, spec: P = P()):
   """Host data x onto `like`'s devices (see placement): an explicit transfer, so it runs
   under jax.transfer_guard("disallow")."""

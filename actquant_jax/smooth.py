@@ -26,7 +26,7 @@ from actquant_jax._dataflow import kind_offsets
 from actquant_jax import backends, rotation
 from actquant_jax.errors import QuantizationError
 from actquant_jax.quant import qtype_max, quantize_with_scale, scale_from_absmax, weight_matrix
-from actquant_jax.sharding import kernel_axes, put_like
+from actquant_jax.sharding import kernel_axes, put_like, to_host
 
 S_MIN, S_MAX = 1e-5, 1e5
 
@@ -190,7 +190,7 @@ def weight_row_absmax(kernels) -> np.ndarray:
   group: reduced on the weights' devices, the (K,) result on the host."""
   refs = [as_ref(k) for k in kernels]
   maxima = [_row_absmax(r.leaf, r.vectors(), kinds=r.kinds, contract=r.contract, out=r.out) for r in refs]
-  return np.max(np.stack([np.asarray(m) for m in jax.device_get(maxima)]), axis=0).astype(np.float32)
+  return np.max(np.stack([np.asarray(m) for m in to_host(maxima)]), axis=0).astype(np.float32)
 
 
 def quantize_weight(ref: WeightRef, qtype: str, rotate: bool = False):
@@ -283,7 +283,7 @@ def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: st
                       put_like(act_grid, like), kinds=tuple(r.kinds for r in refs),
                       contracts=tuple(r.contract for r in refs), outs=tuple(r.out for r in refs), qtype=qtype,
                       act_mode=act_mode, rotate=rotate)
-  return np.asarray(jax.device_get(errs), np.float64)
+  return np.asarray(to_host(errs), np.float64)
 
 
 def output_error(samples, kernels, x_absmax, s, qtype: str, act_mode: str) -> float:
@@ -337,7 +337,7 @@ def layer_errors(weight, values, scale, s, samples, x_absmax, qtype: str, act_mo
                        put_like(static_act_scale(x_absmax, s, qtype), like),
                        _put_rows(samples, ref), contract=ref.contract, out=ref.out,
                        qtype=qtype, act_mode=act_mode, rotate=rotate)
-  return tuple(float(e) for e in jax.device_get(errs))
+  return tuple(float(e) for e in to_host(errs))
 
 
 # alpha="auto" fits one value out of the grid to the calibration rows; with a handful of

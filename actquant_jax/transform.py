@@ -45,7 +45,7 @@ from actquant_jax.config import QuantConfig
 from actquant_jax.errors import QuantizationError, QuantizationTypeError
 from actquant_jax.quant import QuantizedKernel, check_finite
 from actquant_jax.report import LayerReport
-from actquant_jax.sharding import kernel_axes, put_like
+from actquant_jax.sharding import kernel_axes, put_like, to_host
 from pallas_kernels import reference as numerics
 
 
@@ -178,14 +178,14 @@ def _all_finite(x):
 def _check_finite(x, what: str):
   """check_finite, reduced on the array's own devices (one bool to the host; the host
   copy is made only to count the bad values of a failing weight)."""
-  if isinstance(x, jax.Array) and bool(jax.device_get(_all_finite(x))):
+  if isinstance(x, jax.Array) and bool(to_host(_all_finite(x))):
     return
-  check_finite(x, what)
+  check_finite(x if getattr(x, "is_fully_addressable", True) else to_host(x), what)  # (counts the bad values)
 
 
 def _host(x) -> np.ndarray:
   """A stats vector on the host (an explicit transfer)."""
-  return np.asarray(jax.device_get(x))
+  return np.asarray(to_host(x))
 
 
 def _layer(x, i):
