@@ -32,11 +32,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _SOURCE = Path(__file__).with_name("s8_gemm.cc")
 _TARGET = "actquant_s8_gemm"
 _MARKED_TARGET = "actquant_marked_rows"
 _QUANTIZE_TARGET = "actquant_quantize_rows"
+_ATTENTION_TARGETS = {jnp.dtype(jnp.int8): "actquant_decode_attention_s8",
+                      jnp.dtype(jnp.float32): "actquant_decode_attention_f32"}
 MAX_K = 65536  # the u8-offset intermediate 255 * 128 * K stays below 2^31
 
 
@@ -124,14 +127,28 @@ def _open_library() -> tuple[ctypes.CDLL, str]:
 
 
 @functools.cache
-def _load() -> tuple[bool, str]:
+def _library() -> tuple[ctypes.CDLL | None, str]:
+  """(the library, "") or (None, why not); registers the kernels any x86-64 CPU runs."""
   if platform.machine().lower() not in ("x86_64", "amd64"):
-    return False, f"not an x86-64 CPU ({platform.machine()})"
+    return None, f"not an x86-64 CPU ({platform.machine()})"
   global _how
   try:
     lib, _how = _open_library()
   except (OSError, RuntimeError) as e:
-    return False, str(e)
+    return None, str(e)
+  jax.ffi.register_ffi_target(_ATTENTION_TARGETS[jnp.dtype(jnp.int8)], jax.ffi.pycapsule(lib.ActquantDecodeAttentionS8),
+                              platform="cpu")
+  jax.ffi.register_ffi_target(_ATTENTION_TARGETS[jnp.dtype(jnp.float32)],
+                              jax.ffi.pycapsule(lib.ActquantDecodeAttentionF32), platform="cpu")
+  return lib, ""
+
+
+@functools.cache
+def _load() -> tuple[bool, str]:
+  """The int8 GEMM kernels: the library and AVX512-VNNI."""
+  lib, why = _library()
+  if lib is None:
+    return False, why
   if not lib.actquant_cpu_has_vnni():
     return False, "the CPU lacks AVX512-VNNI (avx512f/bw/vl/vnni)"
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ActquantS8Gemm), platform="cpu")
@@ -146,7 +163,7 @@ _how = ""
 def library_origin() -> str:
   """How the native library was obtained ("built at install time (...)" or "built on
   first use (...)"); "" when it is not available."""
-  _load()
+  _library()
   return _how
 
 
@@ -206,3 +223,44 @@ def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None) -> tuple[ja
     raise RuntimeError(f"quantize_rows is not available here: {why}")
   out = (jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(x.shape[:1], jnp.float32))
   return tuple(jax.ffi.ffi_call(_QUANTIZE_TARGET, out, vmap_method="sequential")(x, inv_smooth))
+
+
+def attention_available() -> bool:
+  """True where decode_attention can run: x86-64 with the library built (any vector ISA)."""
+  return _library()[0] is not None
+
+
+def attention_unavailable_reason() -> str:
+  return _library()[1]
+
+
+def decode_attention(q: jax.Array, kt: jax.Array, v: jax.Array, k_scale: jax.Array | None,
+                     v_scale: jax.Array | None, pos: jax.Array, window, *, scale: float,
+                     softcap: float | None = None) -> jax.Array:
+  """Softmax attention of one query token per sequence over its KV cache, the cache read
+  once in its own dtype: q (B, KV, G, D) f32, keys kt (B, KV, D, S) and values v (B, KV,
+  S, D), int8 (with k_scale / v_scale (B, KV, S) f32: a scale per key / value vector) or
+  f32 (scales None); pos (B,) the query's position (keys 0..pos seen); window: keys >
+  pos - window only (None, or an int / int32 scalar; <= 0 or past any position: none).
+  Scores are q . k * scale, soft-capped tanh(s / softcap) * softcap if softcap.
+  -> the normalized context (B, KV, G, D) f32. CPU only."""
+  dt = jnp.dtype(kt.dtype)
+  if dt not in _ATTENTION_TARGETS or v.dtype != dt or q.dtype != jnp.float32:
+    raise TypeError(f"decode_attention: expected f32 q and int8 or f32 kt/v, got {q.dtype}, {kt.dtype}, {v.dtype}")
+  b, kv, g, d = q.shape
+  s = kt.shape[-1]
+  if kt.shape != (b, kv, d, s) or v.shape != (b, kv, s, d) or pos.shape != (b,):
+    raise ValueError(f"decode_attention: expected q (B, KV, G, D), kt (B, KV, D, S), v (B, KV, S, D), pos (B,); "
+                     f"got {q.shape}, {kt.shape}, {v.shape}, {pos.shape}")
+  if (k_scale is None) != (dt == jnp.float32) or (v_scale is None) != (dt == jnp.float32):
+    raise ValueError("decode_attention: int8 kt/v need k_scale and v_scale; f32 ones take none")
+  if not attention_available():
+    raise RuntimeError(f"decode_attention is not available here: {attention_unavailable_reason()}")
+  empty = jnp.zeros((0,), jnp.float32)
+  ks = empty if k_scale is None else k_scale.astype(jnp.float32)
+  vs = empty if v_scale is None else v_scale.astype(jnp.float32)
+  w = jnp.asarray(0 if window is None else window, jnp.int32).reshape(())
+  call = jax.ffi.ffi_call(_ATTENTION_TARGETS[dt], jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                          vmap_method="sequential")
+  return call(q, kt, ks, v, vs, pos.astype(jnp.int32), w, scale=np.float32(scale),
+              softcap=np.float32(softcap or 0.0))

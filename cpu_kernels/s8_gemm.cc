@@ -40,6 +40,8 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <vector>
+#include <cmath>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -479,6 +481,139 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
   return ffi::Error::Success();
 }
 
+
+// ---- Decode attention over the KV cache: one query token per sequence, the cache read
+// once (int8 with a scale per key/value vector, or f32), in any CPU's vector width.
+//
+//   q (B, KV, G, D) f32 (RoPE applied), keys K-major kt (B, KV, D, S), values v (B, KV, S, D),
+//   k_scale / v_scale (B, KV, S) f32 (int8; empty for f32), pos (B,) int32 (the query's
+//   position: keys 0..pos are seen), window () int32 (keys > pos - window too; <= 0: none),
+//   attrs scale, softcap (0: none) -> out (B, KV, G, D) f32, the normalized context.
+//
+// Work units are (b, kv, chunk of kKeyChunk keys) through ParallelFor: a unit reads only
+// the keys its sequence sees (never the unwritten end of the buffer), computes its scores
+// (for each d, a row of kt against q[g][d]: vertical FMAs, no horizontal sums), their
+// softmax part (row max, exp, sum) and the context of its values (for each key, a row of
+// v scaled by p[g][s] * v_scale[s]); the parts of a (b, kv) are merged by log-sum-exp.
+// The loops are plain C++ compiled for AVX2+FMA and for the baseline (target_clones):
+// the int8 -> f32 widening and the FMAs vectorize either way.
+
+constexpr int64_t kKeyChunk = 256;
+
+template <typename T>
+__attribute__((target_clones("arch=haswell", "default")))
+void AttendKeys(const float* q, const T* kt, const float* ks, const T* v, const float* vs, int64_t S, int64_t D,
+                int64_t G, int64_t s0, int64_t n, float scale, float softcap, float* m_out, float* l_out,
+                float* ctx, float* p) {  // p: G * n scores, then max(n, D) scratch
+  float* wide = p + G * n;  // a row widened to f32 once, then used by every query head
+  for (int64_t i = 0; i < G * n; ++i) p[i] = 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    const T* row = kt + d * S + s0;
+    for (int64_t j = 0; j < n; ++j) wide[j] = static_cast<float>(row[j]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float qv = q[g * D + d];
+      float* pg = p + g * n;
+      for (int64_t j = 0; j < n; ++j) pg[j] += qv * wide[j];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* pg = p + g * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      float x = pg[j] * scale;
+      if (ks) x *= ks[s0 + j];
+      if (softcap > 0.0f) x = std::tanh(x / softcap) * softcap;
+      pg[j] = x;
+      m = std::max(m, x);
+    }
+    float l = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float e = std::exp(pg[j] - m);
+      l += e;
+      pg[j] = vs ? e * vs[s0 + j] : e;
+    }
+    m_out[g] = m;
+    l_out[g] = l;
+  }
+  for (int64_t i = 0; i < G * D; ++i) ctx[i] = 0.0f;
+  for (int64_t j = 0; j < n; ++j) {
+    const T* row = v + (s0 + j) * D;
+    for (int64_t d = 0; d < D; ++d) wide[d] = static_cast<float>(row[d]);
+    for (int64_t g = 0; g < G; ++g) {
+      const float pj = p[g * n + j];
+      float* cg = ctx + g * D;
+      for (int64_t d = 0; d < D; ++d) cg[d] += pj * wide[d];
+    }
+  }
+}
+
+template <ffi::DataType DT>
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_buf, ffi::Buffer<DT> kt_buf,
+                               ffi::Buffer<ffi::F32> ks_buf, ffi::Buffer<DT> v_buf, ffi::Buffer<ffi::F32> vs_buf,
+                               ffi::Buffer<ffi::S32> pos_buf, ffi::Buffer<ffi::S32> window_buf,
+                               ffi::ResultBuffer<ffi::F32> out_buf, float scale, float softcap) {
+  using T = ffi::NativeType<DT>;
+  auto qd = q_buf.dimensions(), kd = kt_buf.dimensions(), vd = v_buf.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || kd[1] != qd[1] || kd[2] != qd[3] ||
+      vd[0] != qd[0] || vd[1] != qd[1] || vd[2] != kd[3] || vd[3] != qd[3] || pos_buf.element_count() != qd[0]) {
+    return ffi::Error::InvalidArgument("actquant decode_attention: expected q (B, KV, G, D), kt (B, KV, D, S), "
+                                       "v (B, KV, S, D), pos (B,)");
+  }
+  const int64_t B = qd[0], KV = qd[1], G = qd[2], D = qd[3], S = kd[3];
+  const bool scaled = ks_buf.element_count() > 0;
+  if (scaled && (ks_buf.element_count() != B * KV * S || vs_buf.element_count() != B * KV * S)) {
+    return ffi::Error::InvalidArgument("actquant decode_attention: k_scale / v_scale must be (B, KV, S)");
+  }
+  const float* q = q_buf.typed_data();
+  const T* kt = kt_buf.typed_data();
+  const T* v = v_buf.typed_data();
+  const float* ks = scaled ? ks_buf.typed_data() : nullptr;
+  const float* vs = scaled ? vs_buf.typed_data() : nullptr;
+  const int32_t* pos = pos_buf.typed_data();
+  const int32_t window = window_buf.typed_data()[0];
+  float* out = out_buf->typed_data();
+  const int64_t chunks = (S + kKeyChunk - 1) / kKeyChunk, units = B * KV * chunks;
+  // per unit: m (G), l (G), ctx (G * D)
+  std::vector<float> parts(units * G * (D + 2));
+  ParallelFor(pool, units, [&](int64_t u) {
+    const int64_t b = u / (KV * chunks), h = (u / chunks) % KV, c = u % chunks;
+    float* m = parts.data() + u * G * (D + 2);
+    float* l = m + G;
+    float* ctx = l + G;
+    const int64_t last = std::min<int64_t>(pos[b], S - 1);
+    const int64_t first = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0;
+    const int64_t s0 = std::max(c * kKeyChunk, first), s1 = std::min((c + 1) * kKeyChunk, last + 1);
+    if (s1 <= s0) {
+      for (int64_t g = 0; g < G; ++g) m[g] = -std::numeric_limits<float>::infinity(), l[g] = 0.0f;
+      return;
+    }
+    thread_local std::vector<float> p;
+    p.resize(G * kKeyChunk + std::max(kKeyChunk, D));  // scores, and one widened row
+    const int64_t bh = b * KV + h;
+    AttendKeys<T>(q + bh * G * D, kt + bh * D * S, ks ? ks + bh * S : nullptr, v + bh * S * D,
+                  vs ? vs + bh * S : nullptr, S, D, G, s0, s1 - s0, scale, softcap, m, l, ctx, p.data());
+  });
+  for (int64_t bh = 0; bh < B * KV; ++bh) {
+    for (int64_t g = 0; g < G; ++g) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < chunks; ++c) mx = std::max(mx, parts[(bh * chunks + c) * G * (D + 2) + g]);
+      float den = 0.0f;
+      float* o = out + (bh * G + g) * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* part = parts.data() + (bh * chunks + c) * G * (D + 2);
+        if (part[G + g] == 0.0f) continue;  // no key seen in this chunk
+        const float w = std::exp(part[g] - mx);
+        den += part[G + g] * w;
+        const float* cg = part + 2 * G + g * D;
+        for (int64_t d = 0; d < D; ++d) o[d] += cg[d] * w;
+      }
+      for (int64_t d = 0; d < D; ++d) o[d] /= den;
+    }
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantMarkedRows, MarkedRowsImpl,
@@ -502,3 +637,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantQuantizeRows, QuantizeRowsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+#define ACTQUANT_DECODE_ATTENTION(NAME, DT)                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, DecodeAttentionImpl<DT>,                \
+                                ffi::Ffi::Bind()                              \
+                                    .Ctx<ffi::ThreadPool>()                   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<DT>>()                   \
+                                    .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
+                                    .Ret<ffi::Buffer<ffi::F32>>()             \
+                                    .Attr<float>("scale")                     \
+                                    .Attr<float>("softcap"));
+
+ACTQUANT_DECODE_ATTENTION(ActquantDecodeAttentionS8, ffi::S8)
+ACTQUANT_DECODE_ATTENTION(ActquantDecodeAttentionF32, ffi::F32)

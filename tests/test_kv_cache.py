@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import actquant_jax as aq
+import cpu_kernels
 from actquant_jax.models import attention as A
 from actquant_jax.models import gemma3 as G
 from actquant_jax.models import llama as L
@@ -18,6 +19,8 @@ from examples.llm import make_reference as mr_llama
 from tools import make_gemma3_tiny_reference as mr_gemma
 
 FORMATS = ("int8", "fp8")
+needs_native = pytest.mark.skipif(not cpu_kernels.attention_available(),
+                                  reason=f"native decode attention: {cpu_kernels.attention_unavailable_reason()}")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +45,8 @@ def _oracle(x, kind):
   return q, s
 
 
-@pytest.mark.parametrize("kind", FORMATS)
-def test_write_then_read_is_the_formula(kind):
+@pytest.mark.parametrize("kind, native", [("int8", False), ("int8", True), ("fp8", False)])
+def test_write_then_read_is_the_formula(kind, native):
   # Tokens written at per-sequence positions (sequence 1 two ahead, one position past the
   # end dropped) are stored as the oracle's values and scales; untouched slots stay 0.
   rng = np.random.default_rng(0)
@@ -51,7 +54,7 @@ def test_write_then_read_is_the_formula(kind):
   k = rng.standard_normal((b, t, kv, hd)).astype(np.float32) * np.float32(5)
   v = rng.standard_normal((b, t, kv, hd)).astype(np.float32)
   k[0, 1, 0] = 0.0  # an all-zero vector: scale 1, exact zeros
-  fmt = A.KVFormat(kind)
+  fmt = A.KVFormat(kind, native=native)  # (native: the kernel's layout; the write is XLA's either way)
   cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
   pos = np.array([[0, 1, 2], [3, 4, 5 + 1]], np.int32)  # (1, 2) is past the end: dropped
   cache = jax.jit(fmt.write)(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos))
@@ -64,17 +67,18 @@ def test_write_then_read_is_the_formula(kind):
         if pos[i, j] < s:
           want[i, pos[i, j]] = q[i, j] * sc[i, j][:, None]
     np.testing.assert_array_equal(got, want, err_msg=name)
-  assert np.asarray(cache["k_scale"])[0, 0, 1] == 1.0 and not np.asarray(cache["k"])[0, 0, 1].any()
+  assert np.asarray(cache["k_scale"])[0, 0, 1] == 1.0 and not np.asarray(fmt.read(cache)[0])[0, 1, 0].any()
 
 
-@pytest.mark.parametrize("kind", ("float",) + FORMATS)
-def test_attention_over_the_cache_is_attention_over_what_it_holds(kind):
+@pytest.mark.parametrize("kind, native", [("float", False), ("float", True), ("int8", False), ("int8", True),
+                                          ("fp8", False)])
+def test_attention_over_the_cache_is_attention_over_what_it_holds(kind, native):
   # The 8-bit read (int8: queries and probabilities split into two int8 digits against
   # the int8 cache; fp8: upcast) equals float attention over the dequantized cache within
   # the digits' precision; a per-sequence mask (sequence 1 sees fewer keys) is honoured.
   rng = np.random.default_rng(1)
   b, t, kv, g, hd, s = 2, 2, 2, 3, 16, 40
-  fmt = A.KVFormat(kind)
+  fmt = A.KVFormat(kind, native=native)
   cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
   kx = rng.standard_normal((b, s, kv, hd)).astype(np.float32) * 2
   vx = rng.standard_normal((b, s, kv, hd)).astype(np.float32)
@@ -88,9 +92,46 @@ def test_attention_over_the_cache_is_attention_over_what_it_holds(kind):
   got = A.merge([A.attend_cache(qg, fmt, cache, allowed, scale=0.25)])
   want = A.merge([A.attend_keys(qg, keys, values, allowed, scale=0.25)])
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4 if kind == "int8" else 2e-5, rtol=1e-4)
+  if native and cpu_kernels.attention_available():  # the decode-step kernel, one query per sequence
+    pos = jnp.array([s - 1, 24], jnp.int32)
+    got = fmt.decode(qg[:, :1], cache, pos, None, scale=0.25, softcap=None)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, :1]), atol=2e-6, rtol=1e-5)
   if kind != "float":  # and the stored values are what a float cache would hold, to 8 bits
     rel = float(jnp.abs(keys - kx).max() / np.abs(kx).max())
     assert rel < (1 / 127 if kind == "int8" else 1 / 16), rel
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_native_decode_reads_only_the_keys_a_sequence_sees(kind):
+  # Per-sequence positions, a sliding window and soft-capping as the XLA path computes
+  # them; the slots past each position (and before its window) hold NaN: the kernel
+  # never reads them, so nothing turns NaN. Also under vmap (the sequential rule).
+  rng = np.random.default_rng(5)
+  b, kv, g, hd, s = 3, 2, 2, 8, 700
+  fmt = A.KVFormat(kind, native=True)
+  cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
+  x = rng.standard_normal((2, b, s, kv, hd)).astype(np.float32)
+  cache = fmt.write(cache, jnp.asarray(x[0]), jnp.asarray(x[1]), jnp.asarray(np.broadcast_to(np.arange(s), (b, s))))
+  keys, values = fmt.read(cache)
+  pos = np.array([0, 300, s - 1], np.int32)
+  qg = jnp.asarray(rng.standard_normal((b, 1, kv, g, hd)).astype(np.float32))
+  k_pos = jnp.arange(s)
+  for window in (None, 100):
+    allowed = A.window_mask(k_pos <= pos[:, None, None], k_pos, jnp.asarray(pos)[:, None], window)
+    want = A.merge([A.attend_keys(qg, keys, values, allowed, scale=0.3, softcap=5.0)])
+    poisoned = dict(cache)
+    unseen = ~np.asarray(allowed[:, 0])  # (b, s)
+    if kind == "float":
+      poisoned["v"] = jnp.where(jnp.asarray(unseen)[:, None, :, None], jnp.nan, cache["v"])
+    else:
+      poisoned["k_scale"] = jnp.where(jnp.asarray(unseen)[:, None, :], jnp.nan, cache["k_scale"])
+    got = jax.jit(lambda q, c, w=window: fmt.decode(q, c, jnp.asarray(pos), w, scale=0.3, softcap=5.0))(qg, poisoned)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
+  batched = jax.vmap(lambda q, c: fmt.decode(q, c, jnp.asarray(pos), None, scale=0.3, softcap=None))(
+      jnp.stack([qg, qg * 2]), jax.tree.map(lambda a: jnp.stack([a, a]), cache))
+  one = fmt.decode(qg * 2, cache, jnp.asarray(pos), None, scale=0.3, softcap=None)
+  np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(one), atol=1e-6)
 
 
 def _cached(model, params, ids, n):
@@ -117,6 +158,16 @@ def test_every_format_through_prefill_and_decode(which, llama, gemma, request):
     errs[kind] = np.abs(_cached(model, lm.params, ids, 5) - full).max() / scale
   assert errs["float"] < 1e-5, errs
   assert 0 < errs["int8"] < 2e-2 and errs["int8"] < errs["fp8"] < 1e-1, errs
+  # decode steps through the native kernel (exact f32 products of the dequantized cache) =
+  # through XLA's int8 dots (two-digit queries / probabilities: ~2^-15 of each row's max)
+  if cpu_kernels.attention_available():
+    model = lm.model.clone(kv_cache="int8")
+    native = _cached(model, lm.params, ids, 5)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(A, "native_decode_available", lambda: False)
+      xla = _cached(model, lm.params, ids, 5)
+    np.testing.assert_allclose(native, xla, atol=1e-3 * scale)
+    assert np.abs(native - xla).max() < errs["int8"] * scale / 5  # well inside the cache's own rounding
 
 
 @pytest.mark.parametrize("which, kind", [("llama", "float"), ("llama", "int8"), ("gemma", "int8")])

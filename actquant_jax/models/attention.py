@@ -56,11 +56,6 @@ def quantize_kv(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   return xq, scale
 
 
-def dequantize_kv(xq: jax.Array, scale: jax.Array) -> jax.Array:
-  """The reference read: xq * scale, f32."""
-  return xq.astype(jnp.float32) * scale[..., None]
-
-
 def split_int8(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   """x f32 -> (digits, scale): digits int8 stacked on a new axis 0 (hi, lo) with
   x ~= (hi + lo / 254) * scale, one scale per slice along `axis` (keepdims)."""
@@ -79,76 +74,119 @@ def _join(acc: jax.Array, axis: int) -> jax.Array:
 
 # ------------------------------------------------------------------ cache formats
 
+def native_decode_available() -> bool:
+  """Whether decode steps here read the cache with the native CPU kernel
+  (cpu_kernels.decode_attention): on a CPU backend where the library is built."""
+  if jax.default_backend() != "cpu":
+    return False
+  import cpu_kernels
+  return cpu_kernels.attention_available()
+
+
 @dataclasses.dataclass(frozen=True)
 class KVFormat:
-  """How one layer's keys/values are stored, written and read. `kind` is one of
-  KV_CACHE_FORMATS; `dtype` the float cache's dtype."""
+  """How one layer's keys/values are stored, written and read. kind: one of
+  KV_CACHE_FORMATS; dtype: a float cache's dtype; native: decode steps read it with the
+  native CPU kernel (int8, or a float32 cache), in the kernel's layout (K-major keys,
+  token-major values: the float layout). Chosen once, by choose(), for the cache's
+  creation and every read."""
   kind: str
   dtype: jnp.dtype = jnp.float32
+  native: bool = False
+
+  @classmethod
+  def choose(cls, kind: str, dtype) -> "KVFormat":
+    can = kind == "int8" or (kind == "float" and jnp.dtype(dtype) == jnp.float32)
+    return cls(kind, jnp.dtype(dtype), native=can and native_decode_available())
 
   @property
   def storage(self):
     return {"float": self.dtype, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn}[self.kind]
 
+  @property
+  def keys_kmajor(self) -> bool:
+    """Keys (b, kv, hd, S) and values (b, kv, S, hd) (else keys (b, kv, S, hd), values
+    (b, kv, hd, S)): XLA's f32 dot and the native kernel want the contracted axis major,
+    XLA's int8 dot wants it minor."""
+    return self.kind == "float" or self.native
+
   def shapes(self, b: int, s: int, kv: int, hd: int) -> dict:
     """name -> (shape, dtype) of the cache variables."""
-    if self.kind == "float":
-      return {"k": ((b, kv, hd, s), self.dtype), "v": ((b, kv, s, hd), self.dtype)}
-    return {"k": ((b, kv, s, hd), self.storage), "v": ((b, kv, hd, s), self.storage),
-            "k_scale": ((b, kv, s), jnp.float32), "v_scale": ((b, kv, s), jnp.float32)}
+    major, minor = (b, kv, hd, s), (b, kv, s, hd)
+    k, v = (major, minor) if self.keys_kmajor else (minor, major)
+    out = {"k": (k, self.storage), "v": (v, self.storage)}
+    if self.kind != "float":
+      out.update(k_scale=((b, kv, s), jnp.float32), v_scale=((b, kv, s), jnp.float32))
+    return out
+
+  def length(self, cache: dict) -> int:
+    return cache["k_scale" if "k_scale" in cache else "v"].shape[2]
 
   def write(self, cache: dict, k: jax.Array, v: jax.Array, pos: jax.Array) -> dict:
     """k, v (b, t, kv, hd) written at positions pos (b, t) of each sequence (positions past
     the cache's end are dropped)."""
     bi = jnp.arange(pos.shape[0])[:, None]
     # (advanced indices split by a slice: the indexed view is laid out (b, t, kv, hd), as k is)
+    put_major = lambda c, x: c.at[bi, :, :, pos].set(x, mode="drop")  # (b, kv, hd, S)
+    put_minor = lambda c, x: c.at[bi, :, pos].set(x, mode="drop")  # (b, kv, S, hd) and scales (b, kv, S)
+    put_k, put_v = (put_major, put_minor) if self.keys_kmajor else (put_minor, put_major)
     if self.kind == "float":
-      # k (b, kv, hd, S): the update of cache[bi, :, :, pos] is laid out (b, t, kv, hd)
-      return {"k": cache["k"].at[bi, :, :, pos].set(k.astype(self.dtype), mode="drop"),
-              "v": cache["v"].at[bi, :, pos].set(v.astype(self.dtype), mode="drop")}
+      return {"k": put_k(cache["k"], k.astype(self.dtype)), "v": put_v(cache["v"], v.astype(self.dtype))}
     kq, ks = quantize_kv(k, self.storage)  # (b, t, kv, hd), (b, t, kv)
     vq, vs = quantize_kv(v, self.storage)
-    return {"k": cache["k"].at[bi, :, pos].set(kq, mode="drop"),
-            "v": cache["v"].at[bi, :, :, pos].set(vq, mode="drop"),
-            "k_scale": cache["k_scale"].at[bi, :, pos].set(ks, mode="drop"),
-            "v_scale": cache["v_scale"].at[bi, :, pos].set(vs, mode="drop")}
+    return {"k": put_k(cache["k"], kq), "v": put_v(cache["v"], vq),
+            "k_scale": put_minor(cache["k_scale"], ks), "v_scale": put_minor(cache["v_scale"], vs)}
 
-  def length(self, cache: dict) -> int:
-    return cache["v"].shape[2 if self.kind == "float" else 3]
+  def _subscripts(self) -> tuple[str, str]:
+    return ("bkds", "bksd") if self.keys_kmajor else ("bksd", "bkds")
 
   def read(self, cache: dict) -> tuple[jax.Array, jax.Array]:
     """The float keys/values (b, S, kv, hd) the cache stands for (tests, references)."""
+    ksub, vsub = self._subscripts()
+    k = jnp.einsum(f"{ksub}->bskd", cache["k"]).astype(jnp.float32)
+    v = jnp.einsum(f"{vsub}->bskd", cache["v"]).astype(jnp.float32)
     if self.kind == "float":
-      return jnp.moveaxis(cache["k"], 3, 1), jnp.moveaxis(cache["v"], 2, 1)
-    k = dequantize_kv(jnp.moveaxis(cache["k"], 2, 1), jnp.moveaxis(cache["k_scale"], 2, 1))
-    v = dequantize_kv(jnp.moveaxis(cache["v"], (3, 2), (1, 3)), jnp.moveaxis(cache["v_scale"], 2, 1))
-    return k, v
+      return k, v
+    return k * jnp.moveaxis(cache["k_scale"], 2, 1)[..., None], v * jnp.moveaxis(cache["v_scale"], 2, 1)[..., None]
 
   def scores(self, qg: jax.Array, cache: dict) -> jax.Array:
     """q . k of qg (b, t, kv, g, hd) over every cached key -> (b, kv, t, g, S) f32."""
+    ksub = self._subscripts()[0]
+    eq = f"btkgd,{ksub}->bktgs"
     if self.kind == "float":  # (in the cache's dtype: XLA CPU has no bf16 x bf16 -> f32 dot thunk)
-      return jnp.einsum("btkgd,bkds->bktgs", qg.astype(self.dtype), cache["k"]).astype(jnp.float32)
+      return jnp.einsum(eq, qg.astype(self.dtype), cache["k"]).astype(jnp.float32)
     ks = cache["k_scale"][:, :, None, None, :]
     if self.kind == "fp8":
-      return jnp.einsum("btkgd,bksd->bktgs", qg, cache["k"].astype(qg.dtype),
-                        preferred_element_type=jnp.float32) * ks
+      return jnp.einsum(eq, qg, cache["k"].astype(qg.dtype), preferred_element_type=jnp.float32) * ks
     digits, sq = split_int8(qg.astype(jnp.float32), axis=-1)  # (2, b, t, kv, g, hd), (b, t, kv, g, 1)
     digits = jnp.concatenate([digits[0], digits[1]], axis=3)  # (b, t, kv, 2g, hd)
-    acc = jnp.einsum("btkgd,bksd->bktgs", digits, cache["k"], preferred_element_type=jnp.int32)
+    acc = jnp.einsum(eq, digits, cache["k"], preferred_element_type=jnp.int32)
     return _join(acc, axis=3) * jnp.moveaxis(sq, 1, 2) * ks
 
   def context(self, e: jax.Array, cache: dict, dtype) -> jax.Array:
     """sum_s e[..., s] v[s] of e (b, kv, t, g, S) f32 -> (b, t, kv, g, hd) f32."""
+    vsub = self._subscripts()[1]
+    eq = f"bktgs,{vsub}->btkgd"
     if self.kind == "float":
-      return jnp.einsum("bktgs,bksd->btkgd", e.astype(self.dtype), cache["v"]).astype(jnp.float32)
+      return jnp.einsum(eq, e.astype(self.dtype), cache["v"]).astype(jnp.float32)
     ev = e * cache["v_scale"][:, :, None, None, :]
     if self.kind == "fp8":
-      return jnp.einsum("bktgs,bkds->btkgd", ev.astype(dtype), cache["v"].astype(dtype),
-                        preferred_element_type=jnp.float32)
+      return jnp.einsum(eq, ev.astype(dtype), cache["v"].astype(dtype), preferred_element_type=jnp.float32)
     digits, se = split_int8(ev, axis=-1)  # (2, b, kv, t, g, S), (b, kv, t, g, 1)
     digits = jnp.concatenate([digits[0], digits[1]], axis=3)  # (b, kv, t, 2g, S)
-    acc = jnp.einsum("bktgs,bkds->btkgd", digits, cache["v"], preferred_element_type=jnp.int32)
+    acc = jnp.einsum(eq, digits, cache["v"], preferred_element_type=jnp.int32)
     return _join(acc, axis=3) * jnp.moveaxis(se, 1, 2)
+
+  def decode(self, qg: jax.Array, cache: dict, pos: jax.Array, window, *, scale: float,
+             softcap: float | None) -> jax.Array:
+    """The native kernel's decode step: qg (b, 1, kv, g, hd) at positions pos (b,) over
+    the cache -> the normalized context (b, 1, kv, g, hd) f32."""
+    import cpu_kernels
+    scaled = self.kind != "float"
+    ctx = cpu_kernels.decode_attention(
+        qg[:, 0].astype(jnp.float32), cache["k"], cache["v"], cache["k_scale"] if scaled else None,
+        cache["v_scale"] if scaled else None, pos, window, scale=scale, softcap=softcap)
+    return ctx[:, None]
 
 
 # ------------------------------------------------------------------ attention in parts
@@ -264,9 +302,9 @@ def cached_attention(mdl: nn.Module, q, k, v, *, rope: Callable, causal: Callabl
   index = ci.value if initialized else jnp.zeros((b,), jnp.int32)
   q_pos = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # (b, t)
   q, k = rope(q, q_pos), rope(k, q_pos)
-  shapes = KVFormat(kv_cache, k.dtype).shapes(b, t, kv, hd)  # at init: as long as this call (init_cache sets it)
+  shapes = KVFormat.choose(kv_cache, k.dtype).shapes(b, t, kv, hd)  # at init: as long as this call
   cvars = {n: mdl.variable("cache", n, jnp.zeros, s, d) for n, (s, d) in shapes.items()}
-  fmt = KVFormat(kv_cache, cvars["k"].value.dtype)  # a float cache keeps the dtype init_cache gave it
+  fmt = KVFormat.choose(kv_cache, cvars["k"].value.dtype)  # a float cache keeps the dtype init_cache gave it
   if not initialized:  # init: the shapes are all that is wanted
     return merge([causal(qg(q), k, v)]).reshape(b, t, h, hd)
   cache = fmt.write({n: c.value for n, c in cvars.items()}, k, v, q_pos)
@@ -275,7 +313,9 @@ def cached_attention(mdl: nn.Module, q, k, v, *, rope: Callable, causal: Callabl
   ci.value = index + (t if lengths is None else lengths.astype(jnp.int32))
   k_pos = jnp.arange(fmt.length(cache), dtype=jnp.int32)
   attend = lambda allowed: attend_cache(qg(q), fmt, cache, allowed, scale=scale, softcap=softcap)
-  if t == 1:  # a decode step: the one query over the cache, its own key included
+  if t == 1 and fmt.native:  # a decode step, native: reads only the keys each sequence sees
+    ctx = fmt.decode(qg(q), cache, q_pos[:, 0], window, scale=scale, softcap=softcap)
+  elif t == 1:  # a decode step: the one query over the cache, its own key included
     ctx = merge([attend(window_mask(k_pos <= q_pos[:, :, None], k_pos, q_pos, window))])
   else:  # a prompt: causal parts over its own keys, plus the cache before it (if any)
     def past(_):
