@@ -21,6 +21,8 @@ from actquant_jax.errors import CalibrationError as CalibrationError
 from actquant_jax.errors import CheckpointError as CheckpointError
 from actquant_jax.errors import CheckpointExistsError as CheckpointExistsError
 from actquant_jax.errors import CheckpointTypeError as CheckpointTypeError
+from actquant_jax.errors import KernelArgumentError as KernelArgumentError
+from actquant_jax.errors import KernelTypeError as KernelTypeError
 from actquant_jax.errors import ModelArgumentError as ModelArgumentError
 from actquant_jax.errors import ModelConfigError as ModelConfigError
 from actquant_jax.errors import QuantizationError as QuantizationError

@@ -3,13 +3,20 @@
 Every bad input the library can recognise ends in one of these (never in a numpy, JSON,
 zip or Pallas message). Each also derives from the builtin a caller would have caught
 before it existed (ValueError, TypeError, RuntimeError), so `except ValueError` still works.
+
+The root ActquantError, the backend errors and the kernel errors (KernelArgumentError,
+KernelTypeError) are defined in pallas_kernels/errors.py, a module that imports nothing,
+and re-exported here: the kernel packages raise them, and importing actquant_jax.errors
+from there would run actquant_jax/__init__.py, which imports the kernel packages (a cycle).
 """
 
 from __future__ import annotations
 
-
-class ActquantError(Exception):
-  """Base class of every error actquant-jax raises on purpose."""
+from pallas_kernels.errors import ActquantError as ActquantError
+from pallas_kernels.errors import BackendError as BackendError
+from pallas_kernels.errors import BackendUnavailableError as BackendUnavailableError
+from pallas_kernels.errors import KernelArgumentError as KernelArgumentError
+from pallas_kernels.errors import KernelTypeError as KernelTypeError
 
 
 class QuantizationError(ActquantError, ValueError):
@@ -19,14 +26,6 @@ class QuantizationError(ActquantError, ValueError):
 
 class QuantizationTypeError(QuantizationError, TypeError):
   """An argument has the wrong type (e.g. a Python list as bias, an int activation)."""
-
-
-class BackendError(ActquantError, ValueError):
-  """A backend cannot run this problem (wrong qtype, K, device); the message names one that can."""
-
-
-class BackendUnavailableError(BackendError, RuntimeError):
-  """The backend does not exist on this machine (no GPU, no AVX512-VNNI, no compiler)."""
 
 
 class CalibrationError(ActquantError, ValueError):

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.errors import BackendUnavailableError, KernelArgumentError, KernelTypeError
+
 _SOURCE = Path(__file__).with_name("s8_gemm.cc")
 _TARGET = "actquant_s8_gemm"
 _MARKED_TARGET = "actquant_marked_rows"
@@ -80,7 +82,8 @@ def _build() -> Path:
   """The compiled library, compiling it if this source/jaxlib pair has not been built."""
   cxx = _compiler()
   if cxx is None:
-    raise RuntimeError("no C++ compiler found (set $CXX)")
+    raise BackendUnavailableError("cpu_kernels: no C++ compiler found to build s8_gemm.cc; install one "
+                                  "(c++ / g++ / clang++) or set $CXX")
   src = _SOURCE.read_bytes()
   jaxlib_version = _jaxlib_version()
   key = hashlib.sha256(src + jax.__version__.encode() + jaxlib_version.encode() + cxx.encode()).hexdigest()[:16]
@@ -97,7 +100,7 @@ def _build() -> Path:
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
-    raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    raise BackendUnavailableError(f"compiling {_SOURCE.name} failed:\n{' '.join(cmd)}\n{proc.stderr[-2000:]}")
   os.replace(tmp, lib)
   return lib
 
@@ -182,14 +185,18 @@ def s8_gemm(xq: jax.Array, wq: jax.Array) -> tuple[jax.Array, jax.Array]:
   marked (M,) f32 = NaN for rows of xq holding reference.NONFINITE_MARK (-128), else 0.
   CPU only."""
   if xq.ndim != 2 or wq.ndim != 2 or xq.shape[1] != wq.shape[1]:
-    raise ValueError(f"s8_gemm: expected xq (M, K) and wq (N, K), got {xq.shape} and {wq.shape}")
+    raise KernelArgumentError(f"s8_gemm: expected xq (M, K) and wq (N, K), got {xq.shape} and {wq.shape}: "
+                              "reshape xq to 2-D and pass the weight as (N, K) with the same K")
   if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
-    raise TypeError(f"s8_gemm: expected int8 operands, got {xq.dtype} and {wq.dtype}")
+    raise KernelTypeError(f"s8_gemm: expected int8 operands xq and wq, got {xq.dtype} and {wq.dtype}; "
+                          "quantize them first (quantize_rows, actquant_jax.quantize_kernel)")
   if xq.shape[1] > MAX_K:
-    raise ValueError(f"s8_gemm: K = {xq.shape[1]} > {MAX_K} could overflow the int32 accumulator")
+    raise KernelArgumentError(f"s8_gemm: K = {xq.shape[1]} > {MAX_K} could overflow the int32 accumulator; "
+                              "split K, or use actquant_jax.w8a8_dot (exact chunks)")
   ok, why = _load()
   if not ok:
-    raise RuntimeError(f"s8_gemm is not available here: {why}")
+    raise BackendUnavailableError(f"s8_gemm is not available here: {why}; check cpu_kernels.available() "
+                                  "first, or use actquant_jax.w8a8_dot (backend='auto')")
   out = (jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), jnp.int32), jax.ShapeDtypeStruct((xq.shape[0],), jnp.float32))
   return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq))
 
@@ -198,10 +205,11 @@ def marked_rows(xq: jax.Array) -> jax.Array:
   """(M,) f32: NaN for rows of int8 xq (M, K) holding reference.NONFINITE_MARK, else 0 --
   s8_gemm's second output alone, for an xq that another GEMM consumes. CPU only."""
   if xq.ndim != 2 or xq.dtype != jnp.int8:
-    raise ValueError(f"marked_rows: expected an int8 (M, K) array, got {xq.dtype} {xq.shape}")
+    raise KernelArgumentError(f"marked_rows: expected an int8 (M, K) array xq, got {xq.dtype} {xq.shape}")
   ok, why = _load()
   if not ok:
-    raise RuntimeError(f"marked_rows is not available here: {why}")
+    raise BackendUnavailableError(f"marked_rows is not available here: {why}; check cpu_kernels.available() "
+                                  "first, or use reference.marked_rows_ref")
   return jax.ffi.ffi_call(_MARKED_TARGET, jax.ShapeDtypeStruct(xq.shape[:1], jnp.float32),
                           vmap_method="sequential")(xq)
 
@@ -212,15 +220,17 @@ def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None) -> tuple[ja
   (dynamic, int8). A row holding NaN or Inf gets sx = NaN and every element
   reference.NONFINITE_MARK. CPU only."""
   if x.ndim != 2 or x.dtype != jnp.float32:
-    raise ValueError(f"quantize_rows: expected a float32 (M, K) array, got {x.dtype} {x.shape}")
+    raise KernelArgumentError(f"quantize_rows: expected a float32 (M, K) array x, got {x.dtype} {x.shape}; "
+                              "pass x.reshape(-1, K).astype(jnp.float32)")
   if inv_smooth is None:
     inv_smooth = jnp.ones(x.shape[1:], jnp.float32)  # |1| / 127 and 1 * (1 / sx): the same numbers
   elif inv_smooth.shape != x.shape[1:] or inv_smooth.dtype != jnp.float32:
-    raise ValueError(f"quantize_rows: inv_smooth must be float32 ({x.shape[1]},), got {inv_smooth.dtype} "
+    raise KernelArgumentError(f"quantize_rows: inv_smooth must be float32 ({x.shape[1]},), got {inv_smooth.dtype} "
                      f"{inv_smooth.shape}")
   ok, why = _load()
   if not ok:
-    raise RuntimeError(f"quantize_rows is not available here: {why}")
+    raise BackendUnavailableError(f"quantize_rows is not available here: {why}; check cpu_kernels.available() "
+                                  "first, or use reference.quantize_rows_ref")
   out = (jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(x.shape[:1], jnp.float32))
   return tuple(jax.ffi.ffi_call(_QUANTIZE_TARGET, out, vmap_method="sequential")(x, inv_smooth))
 
@@ -246,16 +256,19 @@ def decode_attention(q: jax.Array, kt: jax.Array, v: jax.Array, k_scale: jax.Arr
   -> the normalized context (B, KV, G, D) f32. CPU only."""
   dt = jnp.dtype(kt.dtype)
   if dt not in _ATTENTION_TARGETS or v.dtype != dt or q.dtype != jnp.float32:
-    raise TypeError(f"decode_attention: expected f32 q and int8 or f32 kt/v, got {q.dtype}, {kt.dtype}, {v.dtype}")
+    raise KernelTypeError(f"decode_attention: expected f32 q and int8 or f32 kt/v (both the same), got "
+                          f"{q.dtype}, {kt.dtype}, {v.dtype}")
   b, kv, g, d = q.shape
   s = kt.shape[-1]
   if kt.shape != (b, kv, d, s) or v.shape != (b, kv, s, d) or pos.shape != (b,):
-    raise ValueError(f"decode_attention: expected q (B, KV, G, D), kt (B, KV, D, S), v (B, KV, S, D), pos (B,); "
-                     f"got {q.shape}, {kt.shape}, {v.shape}, {pos.shape}")
+    raise KernelArgumentError(f"decode_attention: expected q (B, KV, G, D), kt (B, KV, D, S), v (B, KV, S, D), "
+                              f"pos (B,); got {q.shape}, {kt.shape}, {v.shape}, {pos.shape}")
   if (k_scale is None) != (dt == jnp.float32) or (v_scale is None) != (dt == jnp.float32):
-    raise ValueError("decode_attention: int8 kt/v need k_scale and v_scale; f32 ones take none")
+    raise KernelArgumentError(f"decode_attention: int8 kt/v need k_scale and v_scale {(b, kv, s)} f32; f32 "
+                              "kt/v take none (pass k_scale=None, v_scale=None)")
   if not attention_available():
-    raise RuntimeError(f"decode_attention is not available here: {attention_unavailable_reason()}")
+    raise BackendUnavailableError(f"decode_attention is not available here: {attention_unavailable_reason()}; "
+                                  "check cpu_kernels.attention_available() first")
   empty = jnp.zeros((0,), jnp.float32)
   ks = empty if k_scale is None else k_scale.astype(jnp.float32)
   vs = empty if v_scale is None else v_scale.astype(jnp.float32)

@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels import reference as numerics
+from pallas_kernels.errors import BackendError, KernelArgumentError, KernelTypeError
 from pallas_kernels.reference import scaled_matmul_ref  # noqa: F401  (the reference, beside the kernel)
 
 _MAX_K_INT8 = 2**31 // 127**2  # int32 accumulation of 127*127 products is exact up to this K
@@ -47,11 +48,14 @@ class MatmulBlocks:
     for name in ("block_m", "block_n", "block_k"):
       v = getattr(self, name)
       if v < 16 or v & (v - 1):
-        raise ValueError(f"MatmulBlocks.{name} must be a power of two >= 16, got {v}")
+        raise KernelArgumentError(f"MatmulBlocks.{name} must be a power of two >= 16, got {v}; "
+                                  "use 16, 32, 64, 128 or 256")
     if self.block_k < 32:
-      raise ValueError(f"MatmulBlocks.block_k must be >= 32 for 8-bit dots, got {self.block_k}")
+      raise KernelArgumentError(f"MatmulBlocks.block_k must be >= 32 for 8-bit dots, got {self.block_k}; "
+                                "use block_k=32 or more")
     if self.group_m < 1:
-      raise ValueError(f"MatmulBlocks.group_m must be >= 1, got {self.group_m}")
+      raise KernelArgumentError(f"MatmulBlocks.group_m must be >= 1, got {self.group_m}; use group_m=1 "
+                                "for no grouping")
 
 
 # Tuned defaults per shape class. Decode (few tokens): a thin M tile so no tensor-core
@@ -116,26 +120,34 @@ def _scaled_matmul_kernel(x_ref, w_ref, sx_ref, sw_ref, b_ref, o_ref, *, m, n, k
 
 def _check(xq, wq, sx, sw, bias, dtype, name):
   if xq.ndim != 2 or wq.ndim != 2:
-    raise ValueError(f"{name}: xq must be (M, K) and wq (N, K); got {xq.shape} and {wq.shape}")
+    raise KernelArgumentError(f"{name}: xq must be (M, K) and wq (N, K); got {xq.shape} and {wq.shape}: "
+                              "reshape xq to 2-D (x.reshape(-1, K)) and pass the weight as (N, K)")
   if jnp.dtype(xq.dtype) != jnp.dtype(dtype) or jnp.dtype(wq.dtype) != jnp.dtype(dtype):
-    raise TypeError(f"{name}: both operands must be {jnp.dtype(dtype)}, got {xq.dtype} and {wq.dtype}")
+    raise KernelTypeError(f"{name}: both operands xq and wq must be {jnp.dtype(dtype)}, got {xq.dtype} and "
+                          f"{wq.dtype}; quantize them first (quantize_rows, actquant_jax.quantize_kernel)")
   (m, k), (n, k2) = xq.shape, wq.shape
   if k != k2:
-    raise ValueError(f"{name}: contraction mismatch: xq {xq.shape} is (M, K), wq {wq.shape} must be (N, K)")
+    raise KernelArgumentError(f"{name}: contraction mismatch: xq {xq.shape} is (M, K), wq {wq.shape} must be "
+                              f"(N, K) with the same K={k} (a (K, N) weight needs wq.T)")
   if jnp.dtype(dtype) == jnp.dtype(jnp.int8) and k > _MAX_K_INT8:
-    raise ValueError(f"{name}: K={k} can overflow int32 accumulation (max {_MAX_K_INT8})")
+    raise KernelArgumentError(f"{name}: K={k} can overflow int32 accumulation (max {_MAX_K_INT8}); split K, "
+                              "or use actquant_jax.w8a8_dot (exact int32 chunks)")
   if (sx is None) != (sw is None):
-    raise ValueError(f"{name}: pass both sx and sw (scaled output) or neither (raw accumulator)")
+    raise KernelArgumentError(f"{name}: sx and sw: pass both (scaled output) or neither (raw accumulator), "
+                              f"got sx={'None' if sx is None else 'an array'} and "
+                              f"sw={'None' if sw is None else 'an array'}")
   if sx is not None:
     if sx.shape != (m,) or sw.shape != (n,):
-      raise ValueError(f"{name}: sx must be ({m},) and sw ({n},), got {sx.shape} and {sw.shape}")
+      raise KernelArgumentError(f"{name}: sx must be ({m},) and sw ({n},), got {sx.shape} and {sw.shape}: "
+                                "one scale per row of xq and per row of wq")
     if sx.dtype != jnp.float32 or sw.dtype != jnp.float32:
-      raise TypeError(f"{name}: scales must be float32, got {sx.dtype} and {sw.dtype}")
+      raise KernelTypeError(f"{name}: scales sx and sw must be float32, got {sx.dtype} and {sw.dtype}; "
+                            "pass .astype(jnp.float32)")
   if bias is not None:
     if sx is None:
-      raise ValueError(f"{name}: bias needs the scaled epilogue (pass sx and sw)")
+      raise KernelArgumentError(f"{name}: bias needs the scaled epilogue: pass sx and sw, or no bias")
     if bias.shape != (n,):
-      raise ValueError(f"{name}: bias must be ({n},), got {bias.shape}")
+      raise KernelArgumentError(f"{name}: bias must be ({n},), one value per row of wq, got {bias.shape}")
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "blocks", "interpret", "debug"))
@@ -172,13 +184,14 @@ def _scaled_matmul(xq, wq, sx, sw, bias, *, dtype, out_dtype, backend, blocks, i
   if backend == "mosaic":
     from pallas_kernels import matmul_mosaic, matmul_mosaic_ws
     if sx is None:
-      raise ValueError(f"{name}: the Mosaic GPU kernel always applies the epilogue; pass sx and sw")
+      raise BackendError(f"{name}: backend='mosaic' always applies the epilogue; pass sx and sw, or use "
+                         "backend='triton' for the raw accumulator")
     if isinstance(blocks, matmul_mosaic_ws.WsBlocks):  # the warp-specialized persistent kernel
       return matmul_mosaic_ws.ws_scaled_matmul(xq, wq, sx, sw, bias, out_dtype=jnp.dtype(out_dtype),
                                                blocks=blocks)
     return matmul_mosaic.mosaic_scaled_matmul(xq, wq, sx, sw, bias, out_dtype=jnp.dtype(out_dtype),
                                               blocks=blocks, interpret=interpret)
-  raise ValueError(f"{name}: backend must be 'triton' or 'mosaic', got {backend!r}")
+  raise BackendError(f"{name}: backend must be 'triton' or 'mosaic', got {backend!r}")
 
 
 def int8_matmul(xq, wq, sx=None, sw=None, bias=None, *, out_dtype=jnp.bfloat16,

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels import reference as numerics
+from pallas_kernels.errors import BackendError, KernelArgumentError, KernelTypeError
 from pallas_kernels.reference import scaled_matmul_ref  # noqa: F401  (the reference, beside the kernel)
 
 _SWIZZLE_BYTES = 128
@@ -47,13 +48,14 @@ class MosaicBlocks:
 
   def check(self):
     if self.tile_m % 64 or self.tile_m <= 0:
-      raise ValueError(f"MosaicBlocks.tile_m must be a positive multiple of 64, got {self.tile_m}")
+      raise KernelArgumentError(f"MosaicBlocks.tile_m must be a positive multiple of 64, got {self.tile_m}")
     if self.tile_n % 8 or not 8 <= self.tile_n <= 256:
-      raise ValueError(f"MosaicBlocks.tile_n must be a multiple of 8 in [8, 256], got {self.tile_n}")
+      raise KernelArgumentError(f"MosaicBlocks.tile_n must be a multiple of 8 in [8, 256], got {self.tile_n}")
     if self.tile_k % _SWIZZLE_BYTES or self.tile_k <= 0:
-      raise ValueError(f"MosaicBlocks.tile_k must be a positive multiple of {_SWIZZLE_BYTES}, got {self.tile_k}")
+      raise KernelArgumentError(f"MosaicBlocks.tile_k must be a positive multiple of {_SWIZZLE_BYTES}, "
+                                f"got {self.tile_k}")
     if self.max_concurrent_steps < 1:
-      raise ValueError(f"MosaicBlocks.max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
+      raise KernelArgumentError(f"MosaicBlocks.max_concurrent_steps must be >= 1, got {self.max_concurrent_steps}")
 
 
   def smem_bytes(self, out_dtype) -> int:
@@ -109,10 +111,10 @@ def _mosaic_matmul_kernel(x_ref, w_ref, sx_ref, sw_ref, b_ref, o_ref, acc_ref, *
 
 def check_mosaic_shapes(m, n, k, out_dtype):
   if k % 16:
-    raise ValueError(f"mosaic backend: K={k} must be a multiple of 16 (TMA needs 16-byte-aligned "
+    raise BackendError(f"mosaic backend: K={k} must be a multiple of 16 (TMA needs 16-byte-aligned "
                      "int8/fp8 row strides); use backend='triton'")
   if (n * jnp.dtype(out_dtype).itemsize) % 16:
-    raise ValueError(f"mosaic backend: N={n} rows of {jnp.dtype(out_dtype).name} are not 16-byte "
+    raise BackendError(f"mosaic backend: N={n} rows of {jnp.dtype(out_dtype).name} are not 16-byte "
                      "aligned for the TMA store; use backend='triton'")
 
 
@@ -160,10 +162,11 @@ def mosaic_scaled_matmul(xq, wq, sx, sw, bias=None, *, out_dtype=jnp.bfloat16,
                               "8-bit operands (jax 0.10.2); use backend='triton' with interpret=True")
   blocks = default_mosaic_blocks(m, n, k, out_dtype, xq.dtype) if blocks is None else blocks
   if not isinstance(blocks, MosaicBlocks):
-    raise TypeError(f"mosaic backend: blocks must be MosaicBlocks, got {type(blocks).__name__}")
+    raise KernelTypeError(f"mosaic backend: blocks must be MosaicBlocks or WsBlocks, got {type(blocks).__name__}; "
+                          "pass blocks=None for the default tiles")
   blocks.check()
   if blocks.smem_bytes(out_dtype) > SMEM_LIMIT_BYTES - 8192:
-    raise ValueError(f"mosaic backend: {blocks} needs ~{blocks.smem_bytes(out_dtype)} bytes of shared "
+    raise KernelArgumentError(f"mosaic backend: {blocks} needs ~{blocks.smem_bytes(out_dtype)} bytes of shared "
                      f"memory with {jnp.dtype(out_dtype).name} output (limit {SMEM_LIMIT_BYTES}); "
                      "lower max_concurrent_steps or the tiles")
   if bias is not None:

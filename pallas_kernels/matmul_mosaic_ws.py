@@ -32,6 +32,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels import reference as numerics
+from pallas_kernels.errors import BackendError, KernelArgumentError
 from pallas_kernels.reference import scaled_matmul_ref  # noqa: F401  (the reference, beside the kernel)
 
 _SWIZZLE_BYTES = 128
@@ -53,11 +54,12 @@ class WsBlocks:
 
   def check(self):
     if self.tile_m % 64:
-      raise ValueError(f"WsBlocks.tile_m must be a multiple of 64, got {self.tile_m}")
+      raise KernelArgumentError(f"WsBlocks.tile_m must be a multiple of 64, got {self.tile_m}")
     if self.tile_n % self.epi_tile_n or not 8 <= self.tile_n <= 256:
-      raise ValueError(f"WsBlocks.tile_n must be in [8, 256] and a multiple of epi_tile_n, got {self.tile_n}")
+      raise KernelArgumentError(f"WsBlocks.tile_n must be in [8, 256] and a multiple of epi_tile_n "
+                                f"({self.epi_tile_n}), got {self.tile_n}")
     if self.tile_k % _SWIZZLE_BYTES:
-      raise ValueError(f"WsBlocks.tile_k must be a multiple of {_SWIZZLE_BYTES}, got {self.tile_k}")
+      raise KernelArgumentError(f"WsBlocks.tile_k must be a multiple of {_SWIZZLE_BYTES}, got {self.tile_k}")
 
   def shape_error(self, m: int, n: int, k: int) -> str | None:
     if m % (2 * self.tile_m) or n % self.tile_n or k % self.tile_k:
@@ -174,7 +176,7 @@ def ws_scaled_matmul(xq, wq, sx, sw, bias=None, *, out_dtype=jnp.bfloat16, block
   blocks.check()
   (m, k), n = xq.shape, wq.shape[0]
   if (err := blocks.shape_error(m, n, k)) is not None:
-    raise ValueError(err)
+    raise BackendError(f"mosaic backend: {err}; pass blocks=None (or MosaicBlocks), or use backend='triton'")
   if bias is not None:
     bias = bias.astype(jnp.float32)
   if jax.default_backend() == "gpu":  # persistent: one CTA per SM of this GPU

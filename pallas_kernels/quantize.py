@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels import reference as numerics
+from pallas_kernels.errors import BackendError, KernelArgumentError, KernelTypeError
 from pallas_kernels.reference import qmax_of, quantize_rows_ref  # noqa: F401 (the reference, beside the kernel)
 
 
@@ -35,7 +36,8 @@ class QuantizeBlocks:
     for name in ("block_m", "block_k"):
       v = getattr(self, name)
       if v < 1 or v & (v - 1):
-        raise ValueError(f"QuantizeBlocks.{name} must be a power of two, got {v}")
+        raise KernelArgumentError(f"QuantizeBlocks.{name} must be a power of two, got {v}; "
+                                  "use 1, 2, 4, ..., 1024, ...")
 
 
 def default_quantize_blocks(m: int, k: int) -> QuantizeBlocks:
@@ -131,16 +133,20 @@ def quantize_rows(x, inv_smooth=None, *, scale=None, dtype=jnp.int8, backend="tr
   backend: "triton" (also what the Mosaic GPU path uses: it is a memory-bound row pass)
   """
   if backend not in ("triton", "mosaic"):
-    raise ValueError(f"quantize_rows: backend must be 'triton' or 'mosaic', got {backend!r}")
+    raise BackendError(f"quantize_rows: backend must be 'triton' or 'mosaic', got {backend!r}")
   if x.ndim != 2:
-    raise ValueError(f"quantize_rows: x must be (M, K), got shape {x.shape}")
+    raise KernelArgumentError(f"quantize_rows: x must be (M, K), got shape {x.shape}; "
+                              "reshape it to 2-D (x.reshape(-1, K))")
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"quantize_rows: x must be floating point, got {x.dtype}")
-  qmax_of(dtype)  # raises TypeError on a non-8-bit dtype
+    raise KernelTypeError(f"quantize_rows: x must be floating point, got {x.dtype}; "
+                          "pass x.astype(jnp.float32)")
+  qmax_of(dtype)  # raises KernelTypeError on a non-8-bit dtype
   if inv_smooth is not None and inv_smooth.shape != (x.shape[1],):
-    raise ValueError(f"quantize_rows: inv_smooth must be ({x.shape[1]},), got {inv_smooth.shape}")
+    raise KernelArgumentError(f"quantize_rows: inv_smooth must be ({x.shape[1]},), one value per column of "
+                              f"x, got {inv_smooth.shape}")
   if scale is not None and jnp.shape(scale) not in ((), (1,)):
-    raise ValueError(f"quantize_rows: a static scale must be a scalar, got shape {jnp.shape(scale)}")
+    raise KernelArgumentError(f"quantize_rows: a static scale must be a scalar, got shape {jnp.shape(scale)}; "
+                              "pass one per-tensor scale, or scale=None for per-row scales")
   blocks = default_quantize_blocks(*x.shape) if blocks is None else blocks
   blocks.check()
   return _triton_quantize_rows(x, inv_smooth, scale, dtype=jnp.dtype(dtype), blocks=blocks,

@@ -32,6 +32,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.errors import KernelArgumentError, KernelTypeError
+
 _QMAX = {jnp.dtype(jnp.int8): 127.0, jnp.dtype(jnp.float8_e4m3fn): 448.0}
 F32_MAX = float(jnp.finfo(jnp.float32).max)
 F32_TINY = float(jnp.finfo(jnp.float32).tiny)
@@ -48,7 +50,8 @@ def qmax_of(dtype) -> float:
   try:
     return _QMAX[jnp.dtype(dtype)]
   except KeyError:
-    raise TypeError(f"expected int8 or float8_e4m3fn, got {jnp.dtype(dtype)}") from None
+    raise KernelTypeError(f"dtype: the 8-bit type must be int8 or float8_e4m3fn, got {jnp.dtype(dtype)}; "
+                          "pass dtype=jnp.int8 or jnp.float8_e4m3fn") from None
 
 
 def scale_factor(inv_smooth, dtype):
@@ -115,7 +118,8 @@ def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
   row_sum = row_sum or (lambda v: v)
   mark = nonfinite == "mark"
   if nonfinite not in ("scale", "mark") or (mark and jnp.dtype(dtype) != jnp.dtype(jnp.int8)):
-    raise ValueError(f"nonfinite must be 'scale' or (int8 only) 'mark', got {nonfinite!r} for {jnp.dtype(dtype)}")
+    raise KernelArgumentError(f"quantize_rows_ref: nonfinite must be 'scale' or (int8 only) 'mark', got "
+                              f"{nonfinite!r} for {jnp.dtype(dtype)}; pass nonfinite='scale'")
   x32 = x.astype(jnp.float32)
   if scale is None:
     # |x| * c rather than |x * c|: XLA CPU then computes an expensive producer of x (erf

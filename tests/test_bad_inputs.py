@@ -171,6 +171,30 @@ def test_list_bias_names_the_argument():
     aq.QuantizedLinear(8, 4, kernel=jnp.ones((8, 4)), bias=[0.0, 1.0, 2.0, 3.0])
 
 
+def test_kernel_package_errors_are_named_and_keep_their_builtin(monkeypatch):
+  # pallas_kernels / cpu_kernels raise aq's named errors (defined in pallas_kernels.errors,
+  # the same classes), each still the builtin it replaced. The checks run before any kernel.
+  import pallas_kernels as pk
+  from pallas_kernels import errors as kernel_errors
+  assert aq.KernelArgumentError is kernel_errors.KernelArgumentError
+  assert aq.ActquantError is kernel_errors.ActquantError
+  xq, wq = jnp.zeros((2, 32), jnp.int8), jnp.zeros((4, 16), jnp.int8)
+  with pytest.raises(aq.KernelArgumentError, match=r"int8_matmul: contraction mismatch.*\(N, K\)") as e:
+    pk.int8_matmul(xq, wq, interpret=True)
+  assert isinstance(e.value, ValueError) and isinstance(e.value, aq.ActquantError)
+  with pytest.raises(aq.KernelTypeError, match="quantize_rows: x must be floating point.*astype") as e:
+    pk.quantize_rows(jnp.ones((2, 3), jnp.int32), interpret=True)
+  assert isinstance(e.value, TypeError) and isinstance(e.value, ValueError)
+  with pytest.raises(aq.BackendError, match="backend must be 'triton' or 'mosaic'"):
+    pk.int8_matmul(xq, xq, backend="cuda", interpret=True)
+  with pytest.raises(aq.KernelArgumentError, match=r"s8_gemm: expected xq \(M, K\)"):
+    cpu_kernels.s8_gemm(xq, wq)
+  monkeypatch.setattr(cpu_kernels, "_load", lambda: (False, "no VNNI (test)"))
+  with pytest.raises(aq.BackendUnavailableError, match="s8_gemm is not available here: no VNNI") as e:
+    cpu_kernels.s8_gemm(xq, xq)
+  assert isinstance(e.value, RuntimeError)
+
+
 @pytest.mark.parametrize("act_scale", [None, 0.05], ids=["dynamic", "static"])
 def test_row_parallel_sharded_dot_beyond_k_chunk_and_with_nan(act_scale, rng):
   # The K-sharded path psums the exact accumulator's halves (an int32 psum could wrap)

@@ -95,7 +95,7 @@ def test_bad_inputs(rng):
     pk.fp8_matmul(xq, wq, interpret=True)
   with pytest.raises(ValueError, match=r"sx must be \(8,\)"):
     pk.int8_matmul(xq, wq, sx[:4], sw, interpret=True)
-  with pytest.raises(ValueError, match="both sx and sw"):
+  with pytest.raises(ValueError, match="sx and sw: pass both"):
     pk.int8_matmul(xq, wq, sx, None, interpret=True)
   with pytest.raises(ValueError, match=r"bias must be \(16,\)"):
     pk.int8_matmul(xq, wq, sx, sw, bias[:3], interpret=True)
