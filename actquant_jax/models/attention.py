@@ -8,15 +8,17 @@ different lengths are right-padded, prefilled with their `lengths`, and each seq
 writes and reads at its own position. A key is seen by a query iff its position is <= the
 query's (and > the query's - window on sliding layers) and it was written (< index).
 
-The 8-bit cache is read in 8 bits: the scores are an int8 x int8 -> int32 dot of the
-queries against the int8 keys, the context the same of the probabilities against the int8
-values; the float side (queries, probabilities times the value scales) is split into two
-int8 digits (hi + lo / 254, with its own scale per row), so the dot is float-accurate to
-~2^-15 of the row's max and the only error is the cache's rounding. Layouts are chosen for
-the dot that reads them on the CPU (measured: XLA's f32 dot is fastest with the contracted
-axis major in the cache, its int8 dot with it minor): float keys (B, kv, hd, S) and values
-(B, kv, S, hd); int8 keys (B, kv, S, hd) and values (B, kv, hd, S). FP8 e4m3 is stored in
-the int8 layout and upcast for the dot (no FP8 dot on CPUs; on GPUs it halves the read).
+The 8-bit cache is read in 8 bits, never copied to float. A decode step on a CPU goes to
+the native kernel (cpu_kernels.decode_attention: int8 or f32 cache, each key and value
+widened a row at a time in L1, only the keys each sequence sees read); elsewhere (GPUs, prompts
+over a cache, machines without the library) XLA's int8 dots: the queries against the int8
+keys, the probabilities against the int8 values, the float side split into two int8
+digits (hi + lo / 254, a scale per row), so the dot is float-accurate to ~2^-15 of the
+row's max and the only error is the cache's rounding. KVFormat.choose makes the choice
+once, with the layout the reader wants (XLA's f32 dot and the native kernel: keys
+(B, kv, hd, S), values (B, kv, S, hd); XLA's int8 dot: keys (B, kv, S, hd), values
+(B, kv, hd, S)). FP8 e4m3 is stored in the XLA int8 layout and upcast for the dot (no FP8
+dot on CPUs; on GPUs it halves what a step reads).
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ def _join(acc: jax.Array, axis: int) -> jax.Array:
 
 def native_decode_available() -> bool:
   """Whether decode steps here read the cache with the native CPU kernel
-  (cpu_kernels.decode_attention): on a CPU backend where the library is built."""
-  if jax.default_backend() != "cpu":
+  (cpu_kernels.decode_attention): on a CPU backend where the library is built, with one
+  device (XLA's partitioner cannot split a custom call: on a mesh it would gather the
+  whole cache to every device, so sharded programs keep XLA's dots)."""
+  if jax.default_backend() != "cpu" or jax.device_count() != 1:
     return False
   import cpu_kernels
   return cpu_kernels.attention_available()
