@@ -46,6 +46,6 @@ ext_modules = []
 if platform.machine().lower() in ("x86_64", "amd64") and os.environ.get("ACTQUANT_NO_NATIVE") != "1":
   ext_modules.append(Extension(
       "cpu_kernels._s8_gemm", sources=["cpu_kernels/s8_gemm.cc"], language="c++",
-      extra_compile_args=["-O3", "-std=c++17", "-w"], optional=True))
+      extra_compile_args=["-O3", "-std=c++17", "-fopenmp-simd", "-w"], optional=True))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildS8Gemm})

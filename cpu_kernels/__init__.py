@@ -95,7 +95,7 @@ def _build() -> Path:
   # half-written library.
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)
   os.close(fd)
-  cmd = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}",
+  cmd = [cxx, "-O3", "-std=c++17", "-fopenmp-simd", "-fPIC", "-shared", "-w", f"-I{jax.ffi.include_dir()}",
          f'-DACTQUANT_JAXLIB_VERSION="{jaxlib_version}"', str(_SOURCE), "-o", tmp]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:

@@ -500,50 +500,78 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
 
 constexpr int64_t kKeyChunk = 256;
 
+// exp(x) for x <= 0 (a softmax's shifted scores): Cephes' expf polynomial on x = n ln2 + r,
+// |r| <= ln2 / 2, times 2^n from the exponent bits; relative error ~2e-7, 0 below -87.
+// Branch-free, so the loops calling it vectorize (libm's expf is a call per element).
+__attribute__((always_inline)) inline float ExpNonPositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return x <= -87.0f ? 0.0f : p * scale;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline void Widen(const T* __restrict__ src, float* __restrict__ dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+__attribute__((always_inline)) inline void Axpy(float a, const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+}
+
 template <typename T>
 __attribute__((target_clones("arch=haswell", "default")))
 void AttendKeys(const float* q, const T* kt, const float* ks, const T* v, const float* vs, int64_t S, int64_t D,
                 int64_t G, int64_t s0, int64_t n, float scale, float softcap, float* m_out, float* l_out,
                 float* ctx, float* p) {  // p: G * n scores, then max(n, D) scratch
   float* wide = p + G * n;  // a row widened to f32 once, then used by every query head
-  for (int64_t i = 0; i < G * n; ++i) p[i] = 0.0f;
+  std::fill(p, p + G * n, 0.0f);
   for (int64_t d = 0; d < D; ++d) {
-    const T* row = kt + d * S + s0;
-    for (int64_t j = 0; j < n; ++j) wide[j] = static_cast<float>(row[j]);
-    for (int64_t g = 0; g < G; ++g) {
-      const float qv = q[g * D + d];
-      float* pg = p + g * n;
-      for (int64_t j = 0; j < n; ++j) pg[j] += qv * wide[j];
-    }
+    Widen(kt + d * S + s0, wide, n);
+    for (int64_t g = 0; g < G; ++g) Axpy(q[g * D + d], wide, p + g * n, n);
   }
   for (int64_t g = 0; g < G; ++g) {
-    float* pg = p + g * n;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) {
-      float x = pg[j] * scale;
-      if (ks) x *= ks[s0 + j];
-      if (softcap > 0.0f) x = std::tanh(x / softcap) * softcap;
-      pg[j] = x;
-      m = std::max(m, x);
+    float* __restrict__ pg = p + g * n;
+    if (ks) {
+      const float* __restrict__ kss = ks + s0;
+      for (int64_t j = 0; j < n; ++j) pg[j] *= scale * kss[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) pg[j] *= scale;
     }
+    if (softcap > 0.0f) {
+      for (int64_t j = 0; j < n; ++j) pg[j] = std::tanh(pg[j] / softcap) * softcap;
+    }
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, pg[j]);
     float l = 0.0f;
+#pragma omp simd reduction(+ : l)
     for (int64_t j = 0; j < n; ++j) {
-      const float e = std::exp(pg[j] - m);
+      const float e = ExpNonPositive(pg[j] - m);
       l += e;
-      pg[j] = vs ? e * vs[s0 + j] : e;
+      pg[j] = e;
+    }
+    if (vs) {
+      const float* __restrict__ vss = vs + s0;
+      for (int64_t j = 0; j < n; ++j) pg[j] *= vss[j];
     }
     m_out[g] = m;
     l_out[g] = l;
   }
-  for (int64_t i = 0; i < G * D; ++i) ctx[i] = 0.0f;
+  std::fill(ctx, ctx + G * D, 0.0f);
   for (int64_t j = 0; j < n; ++j) {
-    const T* row = v + (s0 + j) * D;
-    for (int64_t d = 0; d < D; ++d) wide[d] = static_cast<float>(row[d]);
-    for (int64_t g = 0; g < G; ++g) {
-      const float pj = p[g * n + j];
-      float* cg = ctx + g * D;
-      for (int64_t d = 0; d < D; ++d) cg[d] += pj * wide[d];
-    }
+    Widen(v + (s0 + j) * D, wide, D);
+    for (int64_t g = 0; g < G; ++g) Axpy(p[g * n + j], wide, ctx + g * D, D);
   }
 }
 
