@@ -181,7 +181,7 @@ def speed(model_names, args, log) -> list[dict]:
             run()
             times.append(time.perf_counter() - t0)
           sec = float(np.median(times))
-          kv = {k: v for k, v in cache["layers"]["self_attn"].items() if k != "index"}
+          kv = {k: v for k, v in cache.items() if k != "index"}
           rows.append(dict(model=name, context=ctx, batch=b, variant=vname, tok_s=b * args.steps / sec,
                            ms_per_step=1e3 * sec / args.steps, weight_bytes=nbytes(params), cache_bytes=nbytes(kv)))
           log(f"{name} ctx {ctx} batch {b} {vname}: {rows[-1]['tok_s']:.1f} tok/s "

@@ -246,34 +246,37 @@ def attention_unavailable_reason() -> str:
 
 def decode_attention(q: jax.Array, kt: jax.Array, v: jax.Array, k_scale: jax.Array | None,
                      v_scale: jax.Array | None, pos: jax.Array, window, *, scale: float,
-                     softcap: float | None = None) -> jax.Array:
+                     softcap: float | None = None, layer=None) -> jax.Array:
   """Softmax attention of one query token per sequence over its KV cache, the cache read
   once in its own dtype: q (B, KV, G, D) f32, keys kt (B, KV, D, S) and values v (B, KV,
   S, D), int8 (with k_scale / v_scale (B, KV, S) f32: a scale per key / value vector) or
   f32 (scales None); pos (B,) the query's position (keys 0..pos seen); window: keys >
   pos - window only (None, or an int / int32 scalar; <= 0 or past any position: none).
-  Scores are q . k * scale, soft-capped tanh(s / softcap) * softcap if softcap.
-  -> the normalized context (B, KV, G, D) f32. CPU only."""
+  Scores are q . k * scale, soft-capped tanh(s / softcap) * softcap if softcap. layer:
+  the cache arrays carry a leading layer axis (L, ...) and this (int / int32 scalar) one is
+  read, in place. -> the normalized context (B, KV, G, D) f32. CPU only."""
+  if layer is None:
+    kt, v = kt[None], v[None]
+    k_scale, v_scale = (None if a is None else a[None] for a in (k_scale, v_scale))
+    layer = 0
   dt = jnp.dtype(kt.dtype)
   if dt not in _ATTENTION_TARGETS or v.dtype != dt or q.dtype != jnp.float32:
-    raise KernelTypeError(f"decode_attention: expected f32 q and int8 or f32 kt/v (both the same), got "
+    raise KernelTypeError(f"decode_attention: q must be float32 and kt/v int8 or float32 (both the same), got "
                           f"{q.dtype}, {kt.dtype}, {v.dtype}")
   b, kv, g, d = q.shape
-  s = kt.shape[-1]
-  if kt.shape != (b, kv, d, s) or v.shape != (b, kv, s, d) or pos.shape != (b,):
-    raise KernelArgumentError(f"decode_attention: expected q (B, KV, G, D), kt (B, KV, D, S), v (B, KV, S, D), "
-                              f"pos (B,); got {q.shape}, {kt.shape}, {v.shape}, {pos.shape}")
+  n, s = kt.shape[0], kt.shape[-1]
+  if kt.shape != (n, b, kv, d, s) or v.shape != (n, b, kv, s, d) or pos.shape != (b,):
+    raise KernelArgumentError(f"decode_attention: expected q (B, KV, G, D), kt ([L,] B, KV, D, S), v ([L,] B, KV, "
+                              f"S, D), pos (B,); got {q.shape}, {kt.shape}, {v.shape}, {pos.shape}")
   if (k_scale is None) != (dt == jnp.float32) or (v_scale is None) != (dt == jnp.float32):
-    raise KernelArgumentError(f"decode_attention: int8 kt/v need k_scale and v_scale {(b, kv, s)} f32; f32 "
-                              "kt/v take none (pass k_scale=None, v_scale=None)")
+    raise KernelArgumentError("decode_attention: k_scale and v_scale: pass both for int8 kt/v, neither for float32")
   if not attention_available():
-    raise BackendUnavailableError(f"decode_attention is not available here: {attention_unavailable_reason()}; "
-                                  "check cpu_kernels.attention_available() first")
+    raise BackendUnavailableError(f"decode_attention is not available here: {attention_unavailable_reason()}")
   empty = jnp.zeros((0,), jnp.float32)
   ks = empty if k_scale is None else k_scale.astype(jnp.float32)
   vs = empty if v_scale is None else v_scale.astype(jnp.float32)
   w = jnp.asarray(0 if window is None else window, jnp.int32).reshape(())
   call = jax.ffi.ffi_call(_ATTENTION_TARGETS[dt], jax.ShapeDtypeStruct(q.shape, jnp.float32),
                           vmap_method="sequential")
-  return call(q, kt, ks, v, vs, pos.astype(jnp.int32), w, scale=np.float32(scale),
-              softcap=np.float32(softcap or 0.0))
+  return call(q, kt, ks, v, vs, pos.astype(jnp.int32), w, jnp.asarray(layer, jnp.int32).reshape(()),
+              scale=np.float32(scale), softcap=np.float32(softcap or 0.0))

@@ -485,10 +485,11 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
 // ---- Decode attention over the KV cache: one query token per sequence, the cache read
 // once (int8 with a scale per key/value vector, or f32), in any CPU's vector width.
 //
-//   q (B, KV, G, D) f32 (RoPE applied), keys K-major kt (B, KV, D, S), values v (B, KV, S, D),
-//   k_scale / v_scale (B, KV, S) f32 (int8; empty for f32), pos (B,) int32 (the query's
-//   position: keys 0..pos are seen), window () int32 (keys > pos - window too; <= 0: none),
-//   attrs scale, softcap (0: none) -> out (B, KV, G, D) f32, the normalized context.
+//   q (B, KV, G, D) f32 (RoPE applied), every layer's keys K-major kt (L, B, KV, D, S), values
+//   v (L, B, KV, S, D), k_scale / v_scale (L, B, KV, S) f32 (int8; empty for f32), pos (B,)
+//   int32 (the query's position: keys 0..pos are seen), window () int32 (keys > pos - window
+//   too; <= 0: none), layer () int32 (the layer read, in place), attrs scale, softcap (0:
+//   none) -> out (B, KV, G, D) f32, the normalized context.
 //
 // Work units are (b, kv, chunk of kKeyChunk keys) through ParallelFor: a unit reads only
 // the keys its sequence sees (never the unwritten end of the buffer), computes its scores
@@ -579,24 +580,29 @@ template <ffi::DataType DT>
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_buf, ffi::Buffer<DT> kt_buf,
                                ffi::Buffer<ffi::F32> ks_buf, ffi::Buffer<DT> v_buf, ffi::Buffer<ffi::F32> vs_buf,
                                ffi::Buffer<ffi::S32> pos_buf, ffi::Buffer<ffi::S32> window_buf,
-                               ffi::ResultBuffer<ffi::F32> out_buf, float scale, float softcap) {
+                               ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::F32> out_buf, float scale,
+                               float softcap) {
   using T = ffi::NativeType<DT>;
   auto qd = q_buf.dimensions(), kd = kt_buf.dimensions(), vd = v_buf.dimensions();
-  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || kd[0] != qd[0] || kd[1] != qd[1] || kd[2] != qd[3] ||
-      vd[0] != qd[0] || vd[1] != qd[1] || vd[2] != kd[3] || vd[3] != qd[3] || pos_buf.element_count() != qd[0]) {
-    return ffi::Error::InvalidArgument("actquant decode_attention: expected q (B, KV, G, D), kt (B, KV, D, S), "
-                                       "v (B, KV, S, D), pos (B,)");
+  if (qd.size() != 4 || kd.size() != 5 || vd.size() != 5 || kd[0] != vd[0] || kd[1] != qd[0] || kd[2] != qd[1] ||
+      kd[3] != qd[3] || vd[1] != qd[0] || vd[2] != qd[1] || vd[3] != kd[4] || vd[4] != qd[3] ||
+      pos_buf.element_count() != qd[0]) {
+    return ffi::Error::InvalidArgument("actquant decode_attention: expected q (B, KV, G, D), kt (L, B, KV, D, S), "
+                                       "v (L, B, KV, S, D), pos (B,)");
   }
-  const int64_t B = qd[0], KV = qd[1], G = qd[2], D = qd[3], S = kd[3];
+  const int64_t L = kd[0], B = qd[0], KV = qd[1], G = qd[2], D = qd[3], S = kd[4];
+  const int64_t layer = layer_buf.typed_data()[0];
+  if (layer < 0 || layer >= L) return ffi::Error::InvalidArgument("actquant decode_attention: layer out of range");
   const bool scaled = ks_buf.element_count() > 0;
-  if (scaled && (ks_buf.element_count() != B * KV * S || vs_buf.element_count() != B * KV * S)) {
-    return ffi::Error::InvalidArgument("actquant decode_attention: k_scale / v_scale must be (B, KV, S)");
+  if (scaled && (ks_buf.element_count() != L * B * KV * S || vs_buf.element_count() != L * B * KV * S)) {
+    return ffi::Error::InvalidArgument("actquant decode_attention: k_scale / v_scale must be (L, B, KV, S)");
   }
+  // this layer's cache: the stacked buffers are read in place (no copy of the layer's slice)
   const float* q = q_buf.typed_data();
-  const T* kt = kt_buf.typed_data();
-  const T* v = v_buf.typed_data();
-  const float* ks = scaled ? ks_buf.typed_data() : nullptr;
-  const float* vs = scaled ? vs_buf.typed_data() : nullptr;
+  const T* kt = kt_buf.typed_data() + layer * B * KV * D * S;
+  const T* v = v_buf.typed_data() + layer * B * KV * S * D;
+  const float* ks = scaled ? ks_buf.typed_data() + layer * B * KV * S : nullptr;
+  const float* vs = scaled ? vs_buf.typed_data() + layer * B * KV * S : nullptr;
   const int32_t* pos = pos_buf.typed_data();
   const int32_t window = window_buf.typed_data()[0];
   float* out = out_buf->typed_data();
@@ -675,6 +681,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantQuantizeRows, QuantizeRowsImpl,
                                     .Arg<ffi::Buffer<ffi::F32>>()             \
                                     .Arg<ffi::Buffer<DT>>()                   \
                                     .Arg<ffi::Buffer<ffi::F32>>()             \
+                                    .Arg<ffi::Buffer<ffi::S32>>()             \
                                     .Arg<ffi::Buffer<ffi::S32>>()             \
                                     .Arg<ffi::Buffer<ffi::S32>>()             \
                                     .Ret<ffi::Buffer<ffi::F32>>()             \

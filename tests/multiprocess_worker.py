@@ -160,7 +160,7 @@ def run(model, params, batches, prompt, mesh):
         for name in names for qk in [layer[block][name]["kernel"]]}
     cache = to_mesh(cache, cache_specs(cache), mesh)
     put = lambda x: jax.device_put(x, NamedSharding(mesh, P()))
-  k_cache = cache["layers"]["self_attn"]["k"]
+  k_cache = cache["k"]
   out["cache_shape"], out["cache_shard_shape"] = list(k_cache.shape), list(k_cache.addressable_shards[0].data.shape)
   out["qparams_digest"] = digest(qparams)
   # Greedy generation as llama.generate runs it (prefill, then decode_loop's body: sample,
@@ -173,7 +173,7 @@ def run(model, params, batches, prompt, mesh):
     logits, cache = llama.decode_step(apply, qparams, cache, tok)
     toks.append(tok)
     step_logits.append(logits)
-  k_cache = cache["layers"]["self_attn"]["k"]
+  k_cache = cache["k"]
   out.update(tokens=np.stack([to_host(t) for t in toks], 1).tolist(),
              logits=np.stack([to_host(x) for x in step_logits], 1).tolist(),  # (B, NEW + 1, vocab)
              cache_k=to_host(k_cache).tolist(), cache_spec_after=str(getattr(k_cache.sharding, "spec", None)))

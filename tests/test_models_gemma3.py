@@ -102,14 +102,14 @@ def test_layers_are_one_scan(tiny):
   assert p["layers"]["self_attn"]["k_norm"]["scale"].shape == (4, 16)
   assert p["layers"]["post_feedforward_layernorm"]["scale"].shape == (4, 64)
   cache = L.init_cache(tiny.model, 2, 16)
-  assert cache["layers"]["self_attn"]["k"].shape == (4, 2, 2, 16, 16)  # (L, B, kv, hd, S): keys K-major
-  assert cache["layers"]["self_attn"]["index"].shape == (4, 2)  # a position per sequence
+  assert cache["k"].shape == (4, 2, 2, 16, 16)  # (L, B, kv, hd, S): keys K-major, every layer's stacked
+  assert cache["index"].shape == (2,)  # a position per sequence
   ids = jnp.zeros((2, 12), jnp.int32)
   jaxpr = jax.make_jaxpr(tiny.model.apply)(tiny.params, ids)
   assert [e.primitive.name for e in jaxpr.eqns].count("scan") == 1
   # a first call with decode=True and no cache creates it (shapes only, as init_cache does)
   shapes = jax.eval_shape(lambda: tiny.model.init(jax.random.key(0), ids, decode=True))
-  assert shapes["cache"]["layers"]["self_attn"]["v"].shape == (4, 2, 2, 12, 16)  # (L, B, kv, S, hd)
+  assert shapes["cache"]["v"].shape == (4, 2, 2, 12, 16)  # (L, B, kv, S, hd)
   assert shapes["params"]["layers"]["mlp"]["down_proj"]["kernel"].shape == (4, 96, 64)
   assert G.Gemma3Config.from_hf(json.loads((mr.checkpoint_dir("gemma3") / "config.json").read_text())).num_params \
       == sum(a.size for a in jax.tree.leaves(tiny.params))
@@ -133,7 +133,7 @@ def test_cache_and_blocks_match_forward(tiny, tiny_ref, monkeypatch):
   for t in range(n + 4, 12):
     step, cache = L.decode_step(tiny.model.apply, tiny.params, cache, jnp.asarray(ids[:, t]))
     got.append((step, t))
-  assert np.asarray(cache["layers"]["self_attn"]["index"]).tolist() == [[12, 12]] * 4
+  assert np.asarray(cache["index"]).tolist() == [12, 12]
   for logits, pos in got:
     np.testing.assert_allclose(np.asarray(logits), one_block[:, pos], atol=1e-5)
   # decode_loop (the jitted scan of steps) runs it too: greedy = argmax of the forward

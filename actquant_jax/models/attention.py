@@ -126,13 +126,15 @@ class KVFormat:
   def length(self, cache: dict) -> int:
     return cache["k_scale" if "k_scale" in cache else "v"].shape[2]
 
-  def write(self, cache: dict, k: jax.Array, v: jax.Array, pos: jax.Array) -> dict:
+  def write(self, cache: dict, k: jax.Array, v: jax.Array, pos: jax.Array, layer=None) -> dict:
     """k, v (b, t, kv, hd) written at positions pos (b, t) of each sequence (positions past
-    the cache's end are dropped)."""
+    the cache's end are dropped); layer: the arrays have a leading layer axis and this
+    layer's slice is written (in place where the arrays are a loop's carry)."""
     bi = jnp.arange(pos.shape[0])[:, None]
+    at = () if layer is None else (layer,)
     # (advanced indices split by a slice: the indexed view is laid out (b, t, kv, hd), as k is)
-    put_major = lambda c, x: c.at[bi, :, :, pos].set(x, mode="drop")  # (b, kv, hd, S)
-    put_minor = lambda c, x: c.at[bi, :, pos].set(x, mode="drop")  # (b, kv, S, hd) and scales (b, kv, S)
+    put_major = lambda c, x: c.at[at + (bi, slice(None), slice(None), pos)].set(x, mode="drop")  # (b, kv, hd, S)
+    put_minor = lambda c, x: c.at[at + (bi, slice(None), pos)].set(x, mode="drop")  # (b, kv, S, hd), (b, kv, S)
     put_k, put_v = (put_major, put_minor) if self.keys_kmajor else (put_minor, put_major)
     if self.kind == "float":
       return {"k": put_k(cache["k"], k.astype(self.dtype)), "v": put_v(cache["v"], v.astype(self.dtype))}
@@ -182,14 +184,15 @@ class KVFormat:
     return _join(acc, axis=3) * jnp.moveaxis(se, 1, 2)
 
   def decode(self, qg: jax.Array, cache: dict, pos: jax.Array, window, *, scale: float,
-             softcap: float | None) -> jax.Array:
+             softcap: float | None, layer=None) -> jax.Array:
     """The native kernel's decode step: qg (b, 1, kv, g, hd) at positions pos (b,) over
-    the cache -> the normalized context (b, 1, kv, g, hd) f32."""
+    the cache (layer: the arrays' leading layer axis, read in place) -> the normalized
+    context (b, 1, kv, g, hd) f32."""
     import cpu_kernels
     scaled = self.kind != "float"
     ctx = cpu_kernels.decode_attention(
         qg[:, 0].astype(jnp.float32), cache["k"], cache["v"], cache["k_scale"] if scaled else None,
-        cache["v_scale"] if scaled else None, pos, window, scale=scale, softcap=softcap)
+        cache["v_scale"] if scaled else None, pos, window, scale=scale, softcap=softcap, layer=layer)
     return ctx[:, None]
 
 
@@ -287,39 +290,47 @@ def merge(parts):
 
 # ------------------------------------------------------------------ the decode-mode call
 
-def cached_attention(mdl: nn.Module, q, k, v, *, rope: Callable, causal: Callable, kv_cache: str,
-                     scale: float, softcap: float | None, window, lengths=None):
-  """A decode-mode attention call of module `mdl` through its "cache" collection.
+def cache_variables(mdl: nn.Module, kv_cache: str, layers: int, b: int, t: int, kv: int, hd: int, dtype):
+  """A model's decode cache, in its "cache" collection: every layer's keys/values stacked
+  on a leading layer axis (L, ...) in the kv_cache format, and the position of each
+  sequence, index (b,). The layers' scan carries the stacked arrays, so each step writes
+  its tokens in place (scanning them as per-layer slices copies the whole cache every
+  step: ~1 s at 4k tokens x 8 sequences, measured). At init the arrays are as long as
+  the call (init_cache sets the length). -> (name -> variable, the index variable,
+  whether the cache existed before this call)."""
+  initialized = mdl.has_variable("cache", "index")
+  shapes = KVFormat.choose(kv_cache, dtype).shapes(b, t, kv, hd)
+  cvars = {n: mdl.variable("cache", n, jnp.zeros, (layers,) + s, d) for n, (s, d) in shapes.items()}
+  index = mdl.variable("cache", "index", lambda: jnp.zeros((b,), jnp.int32))
+  return cvars, index, initialized
 
-  q (b, t, h, hd), k, v (b, t, kv, hd) before RoPE; rope(x, positions (b, t)) rotates;
-  causal(qg, k, v) is the model's attention of the t new queries over their own keys
-  (causal blocks). Each sequence's t tokens go at its cache index; with `lengths` (b,)
-  only the first lengths[i] of them are real (right padding): the index advances by
-  that, so the padding's keys are never seen and the next token overwrites them.
-  -> context (b, t, h, hd) f32.
+
+def cached_attention(q, k, v, cache: dict, layer, index, *, rope: Callable, causal: Callable, kv_cache: str,
+                     scale: float, softcap: float | None, window):
+  """A decode-mode attention call of one layer through the stacked cache.
+
+  q (b, t, h, hd), k, v (b, t, kv, hd) before RoPE; cache: the stacked arrays of
+  cache_variables (the scan's carry); layer: this layer's index in them; index (b,): each
+  sequence's position. rope(x, positions (b, t)) rotates; causal(qg, k, v) is the model's
+  attention of the t new queries over their own keys (causal blocks). The t tokens go at
+  each sequence's index (right padding past a prompt's length is written, never seen,
+  and overwritten next: the caller advances the index by the real lengths).
+  -> (context (b, t, h, hd) f32, the updated cache arrays).
   """
   b, t, h, hd = q.shape
   kv = k.shape[2]
   qg = lambda x: x.reshape(b, t, kv, h // kv, hd)  # GQA: h/kv query heads per key/value head
-  initialized = mdl.has_variable("cache", "index")
-  ci = mdl.variable("cache", "index", lambda: jnp.zeros((b,), jnp.int32))
-  index = ci.value if initialized else jnp.zeros((b,), jnp.int32)
   q_pos = index[:, None] + jnp.arange(t, dtype=jnp.int32)  # (b, t)
   q, k = rope(q, q_pos), rope(k, q_pos)
-  shapes = KVFormat.choose(kv_cache, k.dtype).shapes(b, t, kv, hd)  # at init: as long as this call
-  cvars = {n: mdl.variable("cache", n, jnp.zeros, s, d) for n, (s, d) in shapes.items()}
-  fmt = KVFormat.choose(kv_cache, cvars["k"].value.dtype)  # a float cache keeps the dtype init_cache gave it
-  if not initialized:  # init: the shapes are all that is wanted
-    return merge([causal(qg(q), k, v)]).reshape(b, t, h, hd)
-  cache = fmt.write({n: c.value for n, c in cvars.items()}, k, v, q_pos)
-  for n, c in cvars.items():
-    c.value = cache[n]
-  ci.value = index + (t if lengths is None else lengths.astype(jnp.int32))
-  k_pos = jnp.arange(fmt.length(cache), dtype=jnp.int32)
-  attend = lambda allowed: attend_cache(qg(q), fmt, cache, allowed, scale=scale, softcap=softcap)
-  if t == 1 and fmt.native:  # a decode step, native: reads only the keys each sequence sees
-    ctx = fmt.decode(qg(q), cache, q_pos[:, 0], window, scale=scale, softcap=softcap)
-  elif t == 1:  # a decode step: the one query over the cache, its own key included
+  fmt = KVFormat.choose(kv_cache, cache["k"].dtype)  # a float cache keeps the dtype init_cache gave it
+  cache = fmt.write(cache, k, v, q_pos, layer)
+  if t == 1 and fmt.native:  # a decode step, native: reads only the keys each sequence sees, in place
+    return fmt.decode(qg(q), cache, q_pos[:, 0], window, scale=scale, softcap=softcap,
+                      layer=layer).reshape(b, t, h, hd), cache
+  mine = {n: a[layer] for n, a in cache.items()}  # this layer's arrays (XLA's dots read a slice)
+  k_pos = jnp.arange(fmt.length(mine), dtype=jnp.int32)
+  attend = lambda allowed: attend_cache(qg(q), fmt, mine, allowed, scale=scale, softcap=softcap)
+  if t == 1:  # a decode step: the one query over the cache, its own key included
     ctx = merge([attend(window_mask(k_pos <= q_pos[:, :, None], k_pos, q_pos, window))])
   else:  # a prompt: causal parts over its own keys, plus the cache before it (if any)
     def past(_):
@@ -328,4 +339,4 @@ def cached_attention(mdl: nn.Module, q, k, v, *, rope: Callable, causal: Callabl
     empty = jax.eval_shape(past, None)
     nothing = lambda _: tuple(jnp.full(e.shape, NEG if i == 0 else 0, e.dtype) for i, e in enumerate(empty))
     ctx = merge([causal(qg(q), k, v), jax.lax.cond(jnp.any(index > 0), past, nothing, None)])
-  return ctx.reshape(b, t, h, hd)
+  return ctx.reshape(b, t, h, hd), cache

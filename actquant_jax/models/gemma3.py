@@ -44,7 +44,7 @@ from actquant_jax.models import attention as A
 from actquant_jax.models import hf_config
 from actquant_jax.models.llama import (  # noqa: F401  (re-exported: the generic cache steps)
     CausalLM, TensorSource, apply_rope, check_call, decode_loop, decode_step, generate, init_cache, kept_positions,
-    prefill, read_checkpoint_weights, rope_inv_freq, sample, scanned_layers, stack_layers, unstack_layers)
+    prefill, read_checkpoint_weights, rope_inv_freq, run_layers, sample, scanned_layers, stack_layers, unstack_layers)
 
 SUPPORTED_ROPE = hf_config.ROPE_TYPES
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -246,13 +246,13 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
   cfg: Gemma3Config
-  decode: bool = False
   param_dtype: Any = jnp.float32
   kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions, window, lengths=None):
-    """window: this layer's (traced) window, _FULL on a full-attention layer."""
+  def __call__(self, x, positions, window, cache=None, layer=None, index=None):
+    """window: this layer's (traced) window, _FULL on a full-attention layer; cache,
+    layer, index: as llama.Attention's (decode) -> (out, cache)."""
     c = self.cfg
     b, t, _ = x.shape
     h, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
@@ -273,14 +273,14 @@ class Attention(nn.Module):
     attend = functools.partial(A.attend_keys, scale=scale, softcap=softcap)
     causal = lambda qg, k, v: A.causal_blocks(qg, k, v, attend, window, mixed=c.has_sliding and c.has_full,
                                               max_window=c.sliding_window if c.has_sliding else None)
-    if self.decode:
-      ctx = A.cached_attention(self, q, k, v, rope=rope, causal=causal, kv_cache=self.kv_cache, scale=scale,
-                               softcap=softcap, window=window, lengths=lengths)
+    if cache is not None:
+      ctx, cache = A.cached_attention(q, k, v, cache, layer, index, rope=rope, causal=causal, kv_cache=self.kv_cache,
+                                      scale=scale, softcap=softcap, window=window)
     else:
       q, k = rope(q, positions), rope(k, positions)
       ctx = A.merge([causal(q.reshape(b, t, kv, h // kv, hd), k, v)])
     ctx = ctx.astype(q.dtype).reshape(b, t, h * hd)
-    return dense(c.hidden_size, "o_proj")(ctx)
+    return dense(c.hidden_size, "o_proj")(ctx), cache
 
 
 class MLP(nn.Module):
@@ -298,21 +298,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One layer; the scan's body: (x, positions, window) -> (x, None)."""
+  """One layer; the scan's body: ((x, cache), positions, index, window, layer) -> ((x,
+  cache), None) (llama.DecoderLayer's carry)."""
   cfg: Gemma3Config
-  decode: bool = False
   param_dtype: Any = jnp.float32
   kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions, window, lengths):
-    c, dtype = self.cfg, x.dtype
+  def __call__(self, carry, positions, index, window, layer):
+    (x, cache), c, dtype = carry, self.cfg, carry[0].dtype
     norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
-    h = Attention(c, self.decode, self.param_dtype, self.kv_cache, name="self_attn")(
-        norm("input_layernorm")(x), positions, window, lengths)
+    h, cache = Attention(c, self.param_dtype, self.kv_cache, name="self_attn")(
+        norm("input_layernorm")(x), positions, window, cache or None, layer, index)
     x = x + norm("post_attention_layernorm")(h)
     h = MLP(c, self.param_dtype, name="mlp")(norm("pre_feedforward_layernorm")(x))
-    return (x + norm("post_feedforward_layernorm")(h)).astype(dtype), None  # the scan's carry keeps its dtype
+    return ((x + norm("post_feedforward_layernorm")(h)).astype(dtype), cache or {}), None  # the carry keeps its dtype
 
 
 class Gemma3ForCausalLM(nn.Module):
@@ -335,10 +335,10 @@ class Gemma3ForCausalLM(nn.Module):
     x = embed(input_ids)
     # HF: embed * torch.tensor(hidden ** 0.5).to(weight dtype) (sqrt(3072) is 55.5 in bf16)
     x = x * jnp.asarray(np.float32(c.hidden_size ** 0.5), x.dtype)
-    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    layers = scanned_layers(DecoderLayer, c, c.num_layers, in_axes=(nn.broadcast, 0, nn.broadcast), decode=decode,
+    layers = scanned_layers(DecoderLayer, c, c.num_layers, in_axes=(nn.broadcast, nn.broadcast, 0, 0),
                             param_dtype=self.param_dtype, kv_cache=self.kv_cache)
-    x, _ = layers(x, positions, jnp.asarray(c.layer_windows), lengths)
+    x = run_layers(self, layers, x, (jnp.asarray(c.layer_windows),), decode=decode, kv_cache=self.kv_cache,
+                   lengths=lengths, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.param_dtype)
     x = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(kept_positions(x, logits_to_keep, lengths))
     if c.tie_word_embeddings:
       logits = embed.attend(x)

@@ -180,7 +180,9 @@ class Attention(nn.Module):
   kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions, decode: bool, lengths=None):
+  def __call__(self, x, positions, cache=None, layer=None, index=None):
+    """cache None: positions 0..t-1, no cache. Else (decode) the stacked cache arrays,
+    this layer's index in them and each sequence's position -> (out, cache)."""
     c = self.cfg
     b, t, _ = x.shape
     h, kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
@@ -192,14 +194,14 @@ class Attention(nn.Module):
     window, scale = c.sliding_window, hd ** -0.5
     attend = functools.partial(A.attend_keys, scale=scale)
     causal = lambda qg, k, v: A.causal_blocks(qg, k, v, attend, window, max_window=window)
-    if decode:
-      ctx = A.cached_attention(self, q, k, v, rope=rope, causal=causal, kv_cache=self.kv_cache, scale=scale,
-                               softcap=None, window=window, lengths=lengths)
+    if cache is not None:
+      ctx, cache = A.cached_attention(q, k, v, cache, layer, index, rope=rope, causal=causal, kv_cache=self.kv_cache,
+                                      scale=scale, softcap=None, window=window)
     else:  # positions are 0..t-1 (LlamaForCausalLM's own)
       q, k = rope(q, positions), rope(k, positions)
       ctx = A.merge([causal(q.reshape(b, t, kv, h // kv, hd), k, v)])
     ctx = ctx.astype(q.dtype).reshape(b, t, h * hd)
-    return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(ctx)
+    return nn.Dense(c.hidden_size, use_bias=c.o_bias, name="o_proj")(ctx), cache
 
 
 class MLP(nn.Module):
@@ -214,27 +216,51 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm block; x -> (x, None) so that nn.scan can stack it (decode is static)."""
+  """One pre-norm block; the scan's body: ((x, cache), positions, index, layer) -> ((x,
+  cache), None), cache the stacked KV arrays ({} without one)."""
   cfg: LlamaConfig
-  decode: bool = False
   kv_cache: str = "float"
 
   @nn.compact
-  def __call__(self, x, positions, lengths):
+  def __call__(self, carry, positions, index, layer):
+    x, cache = carry
     eps, dtype = self.cfg.rms_norm_eps, x.dtype
-    x = x + Attention(self.cfg, self.kv_cache, name="self_attn")(
-        nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions, self.decode, lengths)
+    h, cache = Attention(self.cfg, self.kv_cache, name="self_attn")(
+        nn.RMSNorm(epsilon=eps, name="input_layernorm")(x), positions, cache or None, layer, index)
+    x = x + h
     y = x + MLP(self.cfg, name="mlp")(nn.RMSNorm(epsilon=eps, name="post_attention_layernorm")(x))
-    return y.astype(dtype), None  # the scan's carry keeps its dtype (init: f32 layers after a bf16 embedding)
+    return (y.astype(dtype), cache or {}), None  # the carry keeps its dtype (init: f32 layers after a bf16 embedding)
 
 
 def scanned_layers(layer_cls, cfg, length: int, *, in_axes=nn.broadcast, name: str = "layers", **kw):
-  """`length` copies of layer_cls as one nn.scan: params and KV cache stacked on a leading
-  layer axis (params["layers"][...] of shape (L, ...)), the body traced and compiled once
-  whatever the depth. The body is called (x, *args) -> (x, None); in_axes says which args
+  """`length` copies of layer_cls as one nn.scan: params stacked on a leading layer axis
+  (params["layers"][...] of shape (L, ...)), the body traced and compiled once whatever
+  the depth. The body is called (carry, *args) -> (carry, None); in_axes says which args
   are per layer (0) and which the same for all (nn.broadcast)."""
-  return nn.scan(layer_cls, variable_axes={"params": 0, "cache": 0}, split_rngs={"params": True},
+  return nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
                  in_axes=in_axes, length=length)(cfg, name=name, **kw)
+
+
+def run_layers(mdl: nn.Module, layers, x, per_layer: tuple, *, decode: bool, kv_cache: str, lengths, num_kv_heads: int,
+               head_dim: int, dtype):
+  """x through the scanned `layers` (called (carry, positions, index, *per_layer, layer ids)),
+  with the model's KV cache when decoding: its stacked arrays ride in the scan's carry
+  (written in place), and each sequence's index advances by its real length (lengths,
+  or all t tokens)."""
+  b, t = x.shape[:2]
+  positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+  ids = jnp.arange(mdl.cfg.num_layers, dtype=jnp.int32)
+  if not decode:
+    (x, _), _ = layers((x, {}), positions, jnp.zeros((b,), jnp.int32), *per_layer, ids)
+    return x
+  cvars, index, initialized = A.cache_variables(mdl, kv_cache, mdl.cfg.num_layers, b, t, num_kv_heads, head_dim,
+                                                 dtype)
+  (x, cache), _ = layers((x, {n: c.value for n, c in cvars.items()}), positions, index.value, *per_layer, ids)
+  if initialized:  # (init: the zeros of the shapes; init_cache makes its own)
+    for n, c in cvars.items():
+      c.value = cache[n]
+    index.value = index.value + (t if lengths is None else lengths.astype(jnp.int32))
+  return x
 
 
 class LlamaForCausalLM(nn.Module):
@@ -261,8 +287,10 @@ class LlamaForCausalLM(nn.Module):
     embed = nn.Embed(c.vocab_size, c.hidden_size, param_dtype=self.param_dtype, name="embed_tokens",
                      embedding_init=nn.initializers.normal(0.02))
     x = embed(input_ids)
-    positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-    x, _ = scanned_layers(DecoderLayer, c, c.num_layers, decode=decode, kv_cache=self.kv_cache)(x, positions, lengths)
+    layers = scanned_layers(DecoderLayer, c, c.num_layers, in_axes=(nn.broadcast, nn.broadcast, 0),
+                            kv_cache=self.kv_cache)
+    x = run_layers(self, layers, x, (), decode=decode, kv_cache=self.kv_cache, lengths=lengths,
+                   num_kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=self.param_dtype)
     x = nn.RMSNorm(epsilon=c.rms_norm_eps, name="norm")(kept_positions(x, logits_to_keep, lengths))
     if c.tie_word_embeddings:
       logits = embed.attend(x)
