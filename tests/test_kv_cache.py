@@ -48,25 +48,45 @@ def _oracle(x, kind):
 @pytest.mark.parametrize("kind, native", [("int8", False), ("int8", True), ("fp8", False)])
 def test_write_then_read_is_the_formula(kind, native):
   # Tokens written at per-sequence positions (sequence 1 two ahead, one position past the
-  # end dropped) are stored as the oracle's values and scales; untouched slots stay 0.
+  # end dropped) are stored as the oracle's values and scales of the vectors (int8: rotated,
+  # x R, R orthogonal); read() gives back x to the 8-bit rounding; untouched slots stay 0.
   rng = np.random.default_rng(0)
   b, t, kv, hd, s = 2, 3, 2, 8, 6
   k = rng.standard_normal((b, t, kv, hd)).astype(np.float32) * np.float32(5)
   v = rng.standard_normal((b, t, kv, hd)).astype(np.float32)
   k[0, 1, 0] = 0.0  # an all-zero vector: scale 1, exact zeros
+  k[1, 0, 1, 3] = 300.0  # one outlier channel: the rotation spreads it over the vector
   fmt = A.KVFormat(kind, native=native)  # (native: the kernel's layout; the write is XLA's either way)
   cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
   pos = np.array([[0, 1, 2], [3, 4, 5 + 1]], np.int32)  # (1, 2) is past the end: dropped
   cache = jax.jit(fmt.write)(cache, jnp.asarray(k), jnp.asarray(v), jnp.asarray(pos))
-  rk, rv = (np.asarray(a) for a in fmt.read(cache))
-  for name, x, got in (("k", k, rk), ("v", v, rv)):
-    q, sc = _oracle(x, kind)
-    want = np.zeros((b, s, kv, hd), np.float32)
+  rot = A.rotation.matrix(hd)
+  np.testing.assert_allclose(rot @ rot.T, np.eye(hd), atol=1e-12)
+  ksub, vsub = fmt._subscripts()
+  for name, x, sub in (("k", k, ksub), ("v", v, vsub)):
+    stored = np.asarray(jnp.einsum(f"{sub}->bskd", cache[name]).astype(jnp.float32))
+    scales = np.moveaxis(np.asarray(cache[f"{name}_scale"]), 2, 1)
+    xr = np.asarray(A.rotate_kv(jnp.asarray(x))) if kind == "int8" else x  # (FP8 is stored unrotated)
+    np.testing.assert_allclose(xr, (x.astype(np.float64) @ (rot if kind == "int8" else np.eye(hd))),
+                               rtol=1e-5, atol=1e-4)
+    q, sc = _oracle(xr, kind)
+    want_q, want_s = np.zeros((b, s, kv, hd), np.float32), np.zeros((b, s, kv), np.float32)
     for i in range(b):
       for j in range(t):
         if pos[i, j] < s:
-          want[i, pos[i, j]] = q[i, j] * sc[i, j][:, None]
-    np.testing.assert_array_equal(got, want, err_msg=name)
+          want_q[i, pos[i, j]], want_s[i, pos[i, j]] = q[i, j], sc[i, j]
+    # (the jitted write fuses the rotation and absmax: its scale may differ by an ulp, which
+    # can move a value sitting on a rounding boundary by one step)
+    np.testing.assert_allclose(scales, want_s, rtol=1e-6, err_msg=name)
+    off = stored != want_q
+    step = 1.0 if kind == "int8" else np.abs(want_q) / 8 + 1e-3
+    assert off.sum() <= 2 and (np.abs(stored - want_q) <= step + 1e-6).all(), (name, off.sum())
+    back = np.asarray(fmt.read(cache)[0 if name == "k" else 1])
+    for i in range(b):
+      for j in range(t):
+        if pos[i, j] < s:  # read = the dequantized rotated vector rotated back: x to 8 bits
+          tol = np.abs(xr[i, j]).max(-1, keepdims=True) * (0.51 / 127 if kind == "int8" else 1 / 16)
+          assert (np.abs(back[i, pos[i, j]] - x[i, j]) <= tol * np.sqrt(hd) + 1e-6).all(), (name, i, j)
   assert np.asarray(cache["k_scale"])[0, 0, 1] == 1.0 and not np.asarray(fmt.read(cache)[0])[0, 1, 0].any()
 
 
@@ -209,3 +229,24 @@ def test_bad_arguments_are_named(llama):
     llama.model.apply(llama.params, ids, lengths=jnp.array([2]))
   with pytest.raises(aq.ModelArgumentError, match="non-empty token sequences"):
     L.generate(llama.model, llama.params, [np.array([1, 2]), np.array([], np.int32)], 2)
+
+
+def test_int8_cache_rotation_keeps_the_small_channels(monkeypatch):
+  # Keys with one channel 300x the others (as Gemma 3's after k_norm): without the rotation
+  # a scale per vector set by that channel rounds the rest to zero; rotated (x R), every
+  # channel carries a share of it and the small ones come back to ~1%.
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((1, 64, 1, 64)).astype(np.float32)
+  x[..., 5] *= 300
+  fmt = A.KVFormat("int8")
+  pos = jnp.asarray(np.arange(64, dtype=np.int32)[None])
+
+  def small_channel_error():
+    cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(1, 64, 1, 64).items()}
+    back = np.asarray(fmt.read(fmt.write(cache, jnp.asarray(x), jnp.asarray(x), pos))[0])
+    rest = np.delete(np.arange(64), 5)
+    return np.abs(back[..., rest] - x[..., rest]).mean() / np.abs(x[..., rest]).mean()
+  rotated = small_channel_error()
+  monkeypatch.setattr(A, "_rotates", lambda hd: False)
+  plain = small_channel_error()
+  assert plain > 0.5 and rotated < 0.1, (plain, rotated)
