@@ -198,7 +198,7 @@ def speed(model_names, args, log) -> list[dict]:
 
 def accuracy_table(rows) -> str:
   return format_table(
-      ["model", "text", "KV cache", "predictions", "perplexity", "vs float cache", "KL(float || this)", "top-1 agree"],
+      ["model", "text", "KV cache", "predictions", "perplexity", "vs float cache", "KL(float cache, this)", "top-1 agree"],
       [[r["model"], r["text"], r["cache"], r["predictions"], f"{r['perplexity']:.3f}", f"{r['ppl_vs_float']:+.2%}",
         f"{r['kl']:.2e}", f"{r['top1_agreement']:.1%}"] for r in rows])
 
