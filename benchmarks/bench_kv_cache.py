@@ -186,7 +186,6 @@ def speed(model_names, args, log) -> list[dict]:
                            ms_per_step=1e3 * sec / args.steps, weight_bytes=nbytes(params), cache_bytes=nbytes(kv)))
           log(f"{name} ctx {ctx} batch {b} {vname}: {rows[-1]['tok_s']:.1f} tok/s "
               f"(cache {nbytes(kv) / 2**20:.0f} MiB)")
-          del cache
   for r in rows:  # the ratio to the W8A8 f32-KV row of the same point
     base = next(x for x in rows if (x["model"], x["context"], x["batch"], x["variant"]) ==
                 (r["model"], r["context"], r["batch"], "W8A8, f32 KV"))

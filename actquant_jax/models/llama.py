@@ -337,10 +337,6 @@ def init_cache(model: nn.Module, batch: int, max_len: int, dtype=None) -> dict:
   return jax.tree_util.tree_map_with_path(zeros, shapes)
 
 
-def _apply_fn(apply: Callable | nn.Module) -> Callable:
-  return apply.apply if isinstance(apply, nn.Module) else apply
-
-
 @functools.partial(jax.jit, static_argnames=("apply",))
 def prefill(apply, params, cache, input_ids, lengths=None):
   """Run the prompts through the cache. lengths (B,): right-padded prompts of these
