@@ -23,7 +23,7 @@ import functools
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
