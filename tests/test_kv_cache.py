@@ -4,6 +4,10 @@ cache against attention over the values it stands for, every format through pref
 decode against the no-cache forward, ragged batches against each prompt alone (greedy,
 EOS per sequence), and the bad-argument errors."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -122,13 +126,15 @@ def test_attention_over_the_cache_is_attention_over_what_it_holds(kind, native):
 
 
 @needs_native
-@pytest.mark.parametrize("kind", ["float", "int8"])
-def test_native_decode_reads_only_the_keys_a_sequence_sees(kind):
+@pytest.mark.parametrize("kind,g,hd", [("float", 2, 8), ("int8", 2, 8), ("float", 5, 40), ("int8", 5, 40)])
+def test_native_decode_reads_only_the_keys_a_sequence_sees(kind, g, hd):
   # Per-sequence positions, a sliding window and soft-capping as the XLA path computes
   # them; the slots past each position (and before its window) hold NaN: the kernel
   # never reads them, so nothing turns NaN. Also under vmap (the sequential rule).
+  # g, hd: the AVX2 blocks (4 + 1 heads for scores, 3 + 2 for the context; 32 channels)
+  # and the loops for what is left (the keys after the last 16, the channels after 32).
   rng = np.random.default_rng(5)
-  b, kv, g, hd, s = 3, 2, 2, 8, 700
+  b, kv, s = 3, 2, 700
   fmt = A.KVFormat(kind, native=True)
   cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
   x = rng.standard_normal((2, b, s, kv, hd)).astype(np.float32)
@@ -152,6 +158,17 @@ def test_native_decode_reads_only_the_keys_a_sequence_sees(kind):
       jnp.stack([qg, qg * 2]), jax.tree.map(lambda a: jnp.stack([a, a]), cache))
   one = fmt.decode(qg * 2, cache, jnp.asarray(pos), None, scale=0.3, softcap=None)
   np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(one), atol=1e-6)
+
+
+@needs_native
+@pytest.mark.skipif(bool(os.environ.get("ACTQUANT_CPU_BASELINE")), reason="this is the baseline run")
+def test_native_decode_baseline_loops():
+  # The kernel's plain loops (CPUs without AVX2+FMA), forced by ACTQUANT_CPU_BASELINE in a
+  # fresh process (the choice is made as the library loads): the same checks pass.
+  env = dict(os.environ, ACTQUANT_CPU_BASELINE="1")
+  r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+                      "-k", "reads_only_the_keys"], env=env, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "4 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def _cached(model, params, ids, n):
