@@ -62,16 +62,18 @@ class QuantConfig:
 
   qtype:      "int8" (W8A8) or "float8_e4m3fn" (FP8 weights and activations).
   act_mode:   "dynamic" (a scale per token, computed at run time) or "static" (one
-              calibrated per-tensor scale per layer: no row reduction at run time).
+              calibrated per-tensor scale per layer, from the calibration rows that are
+              not sink tokens; at run time a row beyond it -- a sink -- is scaled on its
+              own, so nothing saturates: each row's max is still read).
   alpha:      SmoothQuant migration strength s_j = max|X_j|^a / max|W_j|^(1-a); a float in
               [0, 1], "auto" (per group of layers sharing an input, the grid value with the
               least quantized-output error on calibration activations), or None (off).
   alpha_grid: the candidates for "auto"; None in it means "no smoothing".
   rotate:     rotate each quantized matmul's contraction by a randomized Hadamard matrix R
               (rotation.py): R^T W quantized offline, x R per token at run time (QuaRot's
-              online rotation). Spreads outlier channels over all K; dynamic activations
-              only; skipped (and reported) where K has no Hadamard size or a lookup reads
-              the weight.
+              online rotation). Spreads outlier channels over all K (static scales are
+              taken on the rotated rows); skipped (and reported) where K has no Hadamard
+              size or a lookup reads the weight.
   rules:      LayerRule overrides, matched on the module path; later rules win.
   """
 
@@ -89,9 +91,6 @@ class QuantConfig:
     _check_alpha(self.alpha, "QuantConfig")
     if not isinstance(self.rotate, bool):
       raise QuantizationTypeError(f"QuantConfig: rotate must be True or False, got {self.rotate!r}")
-    if self.rotate and (self.act_mode != "dynamic" or any(r.act_mode == "static" for r in self.rules)):
-      raise QuantizationError("QuantConfig: rotate=True needs act_mode='dynamic' (a static scale would be "
-                              "calibrated on unrotated activations)")
     if not self.alpha_grid:
       raise QuantizationError("QuantConfig: alpha_grid must not be empty")
     for a in self.alpha_grid:

@@ -48,13 +48,46 @@ def smoothing_factors(x_absmax, w_absmax, alpha: float) -> np.ndarray:
   return np.clip(s, S_MIN, S_MAX).astype(np.float32)
 
 
-def static_act_scale(x_absmax, s, qtype: str) -> np.float32:
-  """Per-tensor static scale of X / s from per-channel calibration absmax (exact: the
-  max of X_j / s_j is max|X_j| / s_j)."""
-  x = np.asarray(x_absmax, np.float32)
+# A calibration row whose absmax is this many times the median row's is a sink token's
+# (massive activations: SmolLM2's layer-11 down_proj input reaches ~3500 at the first
+# position and at <|endoftext|>, ~1.4 elsewhere). A static scale set by those rows
+# rounds every other row to zeros.
+SINK_RATIO = 64.0
+
+
+def calibration_row_absmax(samples, s=None, rotate: bool = False) -> np.ndarray:
+  """(S,) max |x / s| of each calibration row (x rotated as the layer rotates it), on the host."""
+  x = samples if isinstance(samples, jax.Array) else jax.device_put(np.asarray(samples, np.float32))
+  sv = None if s is None else put_like(np.asarray(s, np.float32), x)
+  return np.asarray(to_host(_row_absmax_of_rows(x, sv, rotate=rotate)), np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("rotate",))
+def _row_absmax_of_rows(x, s, *, rotate):
+  """Reduced where the rows live (a mesh's shards): only the (S,) maxima go to the host."""
+  x = x.astype(jnp.float32)
   if s is not None:
-    x = x / np.asarray(s, np.float32)
-  amax = float(np.max(x))
+    x = x / s
+  if rotate:
+    x = rotation.rotate_rows(x)
+  return jnp.max(jnp.abs(x), axis=1, initial=0.0)
+
+
+def sink_rows(row_absmax) -> np.ndarray:
+  """(S,) bool: the rows whose absmax is over SINK_RATIO times the median row's."""
+  r = np.asarray(row_absmax, np.float32)
+  med = float(np.median(r)) if r.size else 0.0
+  return r > SINK_RATIO * med if med > 0 else np.zeros(r.shape, bool)
+
+
+def static_act_scale(samples, s, qtype: str, rotate: bool = False) -> np.float32:
+  """Per-tensor static scale of X / s (rotated where the layer is) from its calibration
+  rows: the absmax of the rows that are not sinks, / qmax. At run time every row within it
+  shares it and a row beyond it (a sink token, or text unlike the calibration's) is
+  scaled on its own (pallas_kernels.reference.static_row_scale): nothing saturates."""
+  r = calibration_row_absmax(samples, s, rotate)
+  r = r[~sink_rows(r)]
+  amax = float(r.max()) if r.size else 0.0
   return np.float32(amax / qtype_max(qtype) if amax > 0 else 1.0)
 
 
@@ -267,7 +300,7 @@ def _put_rows(x, ref: WeightRef):
   return put_like(x, ref.leaf)
 
 
-def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: str, rotate: bool = False) -> np.ndarray:
+def smoothing_errors(samples, kernels, svecs, qtype: str, act_mode: str, rotate: bool = False) -> np.ndarray:
   """For each smoothing vector of `svecs` (None = no smoothing): the sum over a group's
   layers of ||y_q - y||^2 / ||y||^2 on calibration rows, y_q being the library's own
   W8A8 path with 1/s at run time. One jitted call on the weights' devices for the whole
@@ -276,7 +309,8 @@ def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: st
   k = refs[0].shape[0]
   s_grid = np.stack([np.ones(k, np.float32) if s is None else np.asarray(s, np.float32) for s in svecs])
   inv_grid = (1.0 / s_grid).astype(np.float32)  # 1/1 = 1: "no smoothing" computes as None does, bit for bit
-  act_grid = np.array([static_act_scale(x_absmax, s, qtype) for s in svecs], np.float32)
+  act_grid = np.array([static_act_scale(samples, s, qtype, rotate) if act_mode == "static" else 1.0
+                       for s in svecs], np.float32)
   like = refs[0].leaf
   errs = _grid_errors(tuple(_put_rows(samples, r) for r in refs), tuple(r.leaf for r in refs),
                       tuple(r.vectors() for r in refs), put_like(s_grid, like), put_like(inv_grid, like),
@@ -289,7 +323,7 @@ def smoothing_errors(samples, kernels, x_absmax, svecs, qtype: str, act_mode: st
 def output_error(samples, kernels, x_absmax, s, qtype: str, act_mode: str) -> float:
   """Sum over a group's layers of ||y_q - y||^2 / ||y||^2 on calibration rows for one
   smoothing vector s (None: none)."""
-  return float(smoothing_errors(samples, kernels, x_absmax, [s], qtype, act_mode)[0])
+  return float(smoothing_errors(samples, kernels, [s], qtype, act_mode)[0])
 
 
 def choose_alpha(samples, kernels, x_absmax, grid, qtype: str, act_mode: str, rotate: bool = False):
@@ -297,7 +331,7 @@ def choose_alpha(samples, kernels, x_absmax, grid, qtype: str, act_mode: str, ro
   (alpha, {alpha: error}). kernels: the group's (K, N) kernels or WeightRefs."""
   w_absmax = weight_row_absmax(kernels)
   svecs = [None if a is None else smoothing_factors(x_absmax, w_absmax, a) for a in grid]
-  errs = smoothing_errors(samples, kernels, x_absmax, svecs, qtype, act_mode, rotate)
+  errs = smoothing_errors(samples, kernels, svecs, qtype, act_mode, rotate)
   errors = {a: float(e) for a, e in zip(grid, errs)}
   best = min(grid, key=lambda a: (errors[a], -1 if a is None else a))
   return best, errors
@@ -323,18 +357,19 @@ def _layer_errors(w, values, scale, s, inv, act_scale, samples, *, contract, out
   return weight_err, jnp.where(den > 0, jnp.sqrt(e) / jnp.sqrt(jnp.where(den > 0, den, 1.0)), 0.0)
 
 
-def layer_errors(weight, values, scale, s, samples, x_absmax, qtype: str, act_mode: str,
+def layer_errors(weight, values, scale, s, samples, act_scale, qtype: str, act_mode: str,
                  rotate: bool = False) -> tuple[float, float]:
   """(||dq(W') - W'|| / ||W'||, ||y_q - y|| / ||y|| on calibration rows) of one layer:
   W' = diag(s) W (the float weight's matrix, before any update), (values, scale) its
   quantized weight, y_q the layer alone in W8A8 with 1/s at run time (equal to a folded
-  producer's output up to float rounding). On the weight's devices; two floats back."""
+  producer's output up to float rounding) and its static act_scale (None: dynamic). On
+  the weight's devices; two floats back."""
   ref = as_ref(weight)
   k = ref.shape[0]
   sv = np.ones(k, np.float32) if s is None else np.asarray(s, np.float32)
   like = ref.leaf
   errs = _layer_errors(ref.leaf, values, scale, put_like(sv, like), put_like((1.0 / sv).astype(np.float32), like),
-                       put_like(static_act_scale(x_absmax, s, qtype), like),
+                       put_like(np.float32(1.0 if act_scale is None else act_scale), like),
                        _put_rows(samples, ref), contract=ref.contract, out=ref.out,
                        qtype=qtype, act_mode=act_mode, rotate=rotate)
   return tuple(float(e) for e in to_host(errs))

@@ -111,6 +111,7 @@ class LayerPlan:
   stats: LayerStats
   note: str = ""
   rotated: bool = False    # R^T W quantized, x rotated at run time (QuantConfig.rotate)
+  act_scale: Any = None    # static: the group's scale (smooth.static_act_scale; (L,) for a stack)
 
 
 def weight_path(layer: str, st: LayerStats) -> str:
@@ -200,7 +201,8 @@ def _layer(x, i):
     return smooth.WeightRef(x.leaf[i], x.contract, x.out,
                             tuple((kind, v[i] if np.ndim(v) == 2 else v) for kind, v in x.ops))
   if isinstance(x, LayerPlan):
-    return dataclasses.replace(x, s=_layer(x.s, i), x_absmax=x.x_absmax[i], stats=_layer(x.stats, i))
+    return dataclasses.replace(x, s=_layer(x.s, i), x_absmax=x.x_absmax[i], stats=_layer(x.stats, i),
+                               act_scale=_layer(x.act_scale, i))
   if isinstance(x, LayerStats):
     return dataclasses.replace(x, absmax=x.absmax[i], samples=x.samples[i], layers=0)
   if isinstance(x, QuantizedKernel):
@@ -330,12 +332,31 @@ def _plan(params, stats, config):
         for n in names:
           if f"{q}/{n}" in lazy and n in _get(new_root, q):  # a quantized Dense producer's output columns
             updates.setdefault(f"{q}/{n}", []).append(("cols", inv))
+    act_scale, sink_note = _static_scale(st, s, first, rotate) if first.act_mode == "static" else (None, "")
     for p in quantized:
       if s is not None:  # input channels of W times s (per layer for a stack: s (L, K))
         updates.setdefault(weight_path(p, live[p]), []).append(("rows", s))
       plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p],
-                           "; ".join(n for n in (note, rotate_note) if n), rotate)
+                           "; ".join(n for n in (note, rotate_note, sink_note) if n), rotate, act_scale)
   return rebuild, new_root, {wp: tuple(u) for wp, u in updates.items()}, plans
+
+
+def _static_scale(st: LayerStats, s, settings, rotate: bool):
+  """(act_scale, note) of a static group: smooth.static_act_scale of its first layer's
+  calibration rows (per layer for a stack), one scale for the whole group (it shares one
+  quantized input); the note says how many rows were sinks, scaled on their own at run time."""
+  def one(samples, si):
+    sinks = int(smooth.sink_rows(smooth.calibration_row_absmax(samples, si, rotate)).sum())
+    return smooth.static_act_scale(samples, si, settings.qtype, rotate), sinks, int(np.shape(samples)[0])
+  if st.layers:
+    per = _per_layer(st.layers, one, st.samples, s)
+    scale, sinks, rows = np.array([p[0] for p in per], np.float32), max(p[1] for p in per), per[0][2]
+  else:
+    scale, sinks, rows = one(st.samples, s)
+  note = (f"static: {sinks} of {rows} calibration rows{' (in some layer)' if st.layers else ''} are sink tokens "
+          f"(row max > {smooth.SINK_RATIO:g}x the median row's): outside the static range, scaled on their own at "
+          "run time" if sinks else "")
+  return scale, note
 
 
 def smooth_params(params, stats: dict[str, LayerStats], config: QuantConfig = QuantConfig()):
@@ -413,7 +434,7 @@ def _quantize_layer(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> Quanti
   QuantizedKernel, on the weight's devices: what quantize_kernel(diag(s) W, ...) gives.
   act_group is set by quantize_params."""
   qt, mode = plan.settings.qtype, plan.settings.act_mode
-  act_scale = smooth.static_act_scale(plan.x_absmax, plan.s, qt) if mode == "static" else None
+  act_scale = plan.act_scale if mode == "static" else None
   if act_scale is not None and not 0 < float(act_scale) <= numerics.MAX_SCALE:
     raise QuantizationError(f"{name}: act_scale must be in (0, 2^126] (its reciprocal multiplies x), "
                             f"got {float(act_scale)}")
@@ -465,13 +486,13 @@ def _stack_report(p, ref: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
 def _layer_report(p, weight: smooth.WeightRef, qk, plan: LayerPlan) -> LayerReport:
   """The report of one quantized layer: its errors measured on its calibration rows."""
   s, qt, mode = plan.s, plan.settings.qtype, plan.settings.act_mode
-  weight_error, output_error = smooth.layer_errors(weight, qk.values, qk.scale, s, plan.stats.samples, plan.x_absmax,
+  weight_error, output_error = smooth.layer_errors(weight, qk.values, qk.scale, s, plan.stats.samples, plan.act_scale,
                                                    qt, mode, plan.rotated)
   return LayerReport(
       p, True, qt, mode, plan.alpha,
       smoothing="none" if s is None else ("folded" if plan.folded else "runtime"),
       producer=plan.stats.producer, producer_kind=plan.stats.producer_kind,
-      act_scale=float(smooth.static_act_scale(plan.x_absmax, s, qt)) if mode == "static" else None,
+      act_scale=float(plan.act_scale) if mode == "static" else None,
       outlier_ratio_before=smooth.outlier_ratio(plan.x_absmax),
       outlier_ratio_after=smooth.outlier_ratio(plan.x_absmax, s),
       weight_error=weight_error, output_error=output_error, alpha_errors=plan.alpha_errors, note=plan.note)

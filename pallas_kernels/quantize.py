@@ -2,7 +2,8 @@
 
 Per program, a block of rows: x * inv_smooth (the runtime SmoothQuant vector), the row
 absmax, the scale absmax * f32(1/qmax), then round half to even and saturate -- one kernel
-instead of XLA's reduce + elementwise passes. The static variant skips the absmax pass.
+instead of XLA's reduce + elementwise passes. Static scales take the absmax pass too: a row
+beyond the calibrated scale (a sink token) is scaled on its own (reference.static_row_scale).
 
 The row's absmax is needed before any element can be quantized, so a row longer than one
 K block is read twice (absmax pass, quantize pass); rows that fit one block are read once.
@@ -74,26 +75,25 @@ def _quantize_rows_kernel(x_ref, s_ref, scale_ref, xq_ref, sx_ref, *, m, k, bloc
 
   # The scalar formulas are reference.py's (the one definition); only the loops are here.
   zeros = jnp.zeros((block_m,), jnp.float32)
-  if scale_ref is None:  # dynamic, per row
-    def absmax_step(i, carry):
-      amax, probe = carry
-      x, inv, _, _ = load_block(i)
-      c = numerics.scale_factor(inv, xq_ref.dtype)
-      return (jnp.maximum(amax, jnp.max(jnp.abs(x) * c, axis=1)), probe + numerics.nonfinite_probe(x))
-    amax, probe = lax.fori_loop(0, n_k, absmax_step, (zeros, zeros))
-    sx = numerics.dynamic_scale(amax) + probe
-  else:  # static per tensor
-    sx = jnp.full((block_m,), _compat.triton_load(scale_ref.at[pl.ds(0, 1)])[0], jnp.float32)
 
-  def quantize_step(i, probe):
+  def absmax_step(i, carry):
+    amax, probe = carry
+    x, inv, _, _ = load_block(i)
+    c = numerics.scale_factor(inv, xq_ref.dtype)
+    return (jnp.maximum(amax, jnp.max(jnp.abs(x) * c, axis=1)), probe + numerics.nonfinite_probe(x))
+  amax, probe = lax.fori_loop(0, n_k, absmax_step, (zeros, zeros))
+  if scale_ref is None:  # dynamic, per row
+    sx = numerics.dynamic_scale(amax) + probe
+  else:  # static per tensor, a row beyond it on its own
+    sx = numerics.static_row_scale(_compat.triton_load(scale_ref.at[pl.ds(0, 1)])[0], amax) + probe
+
+  def quantize_step(i, carry):
     x, inv, k_slice, col_ok = load_block(i)
     f = numerics.quantize_factor(inv, sx)
     xq = numerics.saturate_cast(x * (f if inv is not None else f[:, None]), xq_ref.dtype, round_half_even)
     _compat.triton_store(xq_ref.at[m_slice, k_slice], xq, mask=row_ok[:, None] & col_ok[None, :])
-    return probe if scale_ref is None else probe + numerics.nonfinite_probe(x)
-  probe = lax.fori_loop(0, n_k, quantize_step, zeros)
-  if scale_ref is not None:  # a NaN/Inf row gets a NaN scale, found in the same pass
-    sx = sx + probe
+    return carry
+  lax.fori_loop(0, n_k, quantize_step, 0)
   _compat.triton_store(sx_ref.at[m_slice], sx, mask=row_ok)
 
 
@@ -129,7 +129,8 @@ def quantize_rows(x, inv_smooth=None, *, scale=None, dtype=jnp.int8, backend="tr
 
   inv_smooth: optional (K,) vector multiplied in before quantizing. scale: None for
   dynamic per-token scales (row absmax / qmax; an all-zero row gets 1), or a scalar
-  static per-tensor scale (values beyond it saturate). Round half to even for int8.
+  static per-tensor scale (a row beyond it gets its own: reference.static_row_scale).
+  Round half to even for int8.
   backend: "triton" (also what the Mosaic GPU path uses: it is a memory-bound row pass)
   """
   if backend not in ("triton", "mosaic"):

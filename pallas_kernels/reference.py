@@ -76,6 +76,15 @@ def dynamic_scale(amax):
   return jnp.where(amax <= MAX_SCALE, s, jnp.float32(jnp.nan))
 
 
+def static_row_scale(scale, amax):
+  """A static scale's row scale: the calibrated `scale` for a row within it, the row's own
+  (dynamic_scale(amax)) beyond it -- a sink token's massive activations, or text unlike
+  the calibration's) -- so nothing saturates. An all-zero row keeps `scale`; NaN where amax
+  is Inf or NaN (maximum keeps NaN)."""
+  own = jnp.where(amax < F32_TINY, jnp.float32(0.0), dynamic_scale(amax))
+  return jnp.maximum(jnp.asarray(scale, jnp.float32), own)
+
+
 def quantize_factor(inv_smooth, sx):
   """The multiplier of x: inv_smooth * (1 / sx), or 1 / sx. inv_smooth (K,) and sx (M,)
   give an (M, K) outer product; scalars and keepdims scales broadcast."""
@@ -107,7 +116,8 @@ def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
   """(M, K) float -> (xq (M, K) int8/fp8, sx (M,) f32).
 
   Dynamic per token (scale None): one scale per row from its absmax.
-  Static (scale given, a scalar): that scale for every row; values beyond it saturate.
+  Static (scale given, a scalar): that scale for every row within it; a row beyond it gets
+  its own (static_row_scale), so nothing saturates.
   A row holding NaN or Inf is signalled by `nonfinite`: "scale" gives it sx = NaN;
   "mark" (int8) quantizes those elements to NONFINITE_MARK and needs no reduction for it
   (sx may stay finite: the consumer must apply marked_rows_ref).
@@ -121,19 +131,13 @@ def quantize_rows_ref(x: jax.Array, inv_smooth: jax.Array | None = None, *,
     raise KernelArgumentError(f"quantize_rows_ref: nonfinite must be 'scale' or (int8 only) 'mark', got "
                               f"{nonfinite!r} for {jnp.dtype(dtype)}; pass nonfinite='scale'")
   x32 = x.astype(jnp.float32)
-  if scale is None:
-    # |x| * c rather than |x * c|: XLA CPU then computes an expensive producer of x (erf
-    # GELU) once instead of recomputing it in the absmax and the quantize fusions. NaN is
-    # read as Inf inside the same max (fused maxima drop NaN), so a non-finite row gets
-    # amax = Inf and dynamic_scale makes its scale NaN: no second pass over x.
-    ax = jnp.abs(x32) if mark else jnp.where(jnp.isnan(x32), jnp.float32(jnp.inf), jnp.abs(x32))
-    amax = row_max(jnp.max(ax * scale_factor(inv_smooth, dtype), axis=1, initial=0.0))
-    sx = dynamic_scale(amax)
-  elif mark:
-    sx = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), x32.shape[:1])
-  else:
-    # Static: no reduction over x otherwise, so this probe is a pass of its own.
-    sx = jnp.asarray(scale, jnp.float32) + row_sum(nonfinite_probe(x32))
+  # |x| * c rather than |x * c|: XLA CPU then computes an expensive producer of x (erf
+  # GELU) once instead of recomputing it in the absmax and the quantize fusions. NaN is
+  # read as Inf inside the same max (fused maxima drop NaN), so a non-finite row gets
+  # amax = Inf and its scale NaN: no second pass over x.
+  ax = jnp.abs(x32) if mark else jnp.where(jnp.isnan(x32), jnp.float32(jnp.inf), jnp.abs(x32))
+  amax = row_max(jnp.max(ax * scale_factor(inv_smooth, dtype), axis=1, initial=0.0))
+  sx = dynamic_scale(amax) if scale is None else static_row_scale(scale, amax)
   f = quantize_factor(inv_smooth, sx)
   y = x32 * (f if inv_smooth is not None else f[:, None])
   xq = saturate_cast(y, dtype)

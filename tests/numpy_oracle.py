@@ -56,17 +56,17 @@ def scale_from_amax(amax):
 
 
 def row_scales(x, inv_smooth=None, *, qtype="int8", scale=None):
-  """(M,) f32 per-token scales of x (M, K): dynamic, or the static `scale`."""
+  """(M,) f32 per-token scales of x (M, K): dynamic, or the static `scale` (a row
+  beyond it: its own dynamic scale)."""
   x = _f32(x)
   bad = ~np.isfinite(x).all(axis=1)
-  if scale is None:
-    r = np.float32(1 / QMAX[qtype])
-    c = r if inv_smooth is None else np.abs(_f32(inv_smooth)) * r
-    with np.errstate(over="ignore", invalid="ignore"):
-      amax = np.max(np.abs(x) * c, axis=1, initial=0.0).astype(np.float32)
-    sx = scale_from_amax(amax)
-  else:
-    sx = np.full(x.shape[0], scale, np.float32)
+  r = np.float32(1 / QMAX[qtype])
+  c = r if inv_smooth is None else np.abs(_f32(inv_smooth)) * r
+  with np.errstate(over="ignore", invalid="ignore"):
+    amax = np.max(np.abs(x) * c, axis=1, initial=0.0).astype(np.float32)
+  sx = scale_from_amax(amax)
+  if scale is not None:  # the static scale, or a row's own where it is beyond it
+    sx = np.where(np.isnan(sx), sx, np.maximum(np.float32(scale), np.where(amax < F32_TINY, np.float32(0), sx)))
   return np.where(bad, np.float32(np.nan), sx).astype(np.float32)
 
 

@@ -28,7 +28,7 @@ def previous_choose_alpha(samples, kernels, x_absmax, grid, qtype, act_mode):
   errors = {}
   for a in grid:
     s = None if a is None else smooth.smoothing_factors(x_absmax, w_absmax, a)
-    act = smooth.static_act_scale(x_absmax, s, qtype) if act_mode == "static" else None
+    act = smooth.static_act_scale(samples, s, qtype) if act_mode == "static" else None
     errors[a] = 0.0
     for kern in kernels:
       y, yq = (np.asarray(v, np.float64) for v in _previous_outputs(

@@ -12,16 +12,17 @@ from actquant_jax import ops
 
 
 def np_quantize_rows(x, inv_smooth=None, static_scale=None, qmax=127.0):
-  # reference.py's definition, written again in numpy: sx = max|x| * (|inv| * f32(1/qmax)),
+  # reference.py's definition, written again in numpy: sx = max|x| * (|inv| * f32(1/qmax))
+  # (static: at least the static scale),
   # xq = rint(clip(x * (inv * (1/sx)))).
   x = x.astype(np.float32)
   inv = np.ones(x.shape[1], np.float32) if inv_smooth is None else inv_smooth.astype(np.float32)
+  c = np.abs(inv) * np.float32(1 / qmax) if inv_smooth is not None else np.float32(1 / qmax)
+  amax = (np.abs(x) * c).max(axis=1)
   if static_scale is None:
-    c = np.abs(inv) * np.float32(1 / qmax) if inv_smooth is not None else np.float32(1 / qmax)
-    amax = (np.abs(x) * c).max(axis=1)
     sx = np.where(amax > 0, amax, np.float32(1)).astype(np.float32)
-  else:
-    sx = np.full(x.shape[0], static_scale, np.float32)
+  else:  # static: that scale, a row beyond it its own
+    sx = np.maximum(np.float32(static_scale), amax).astype(np.float32)
   f = (np.float32(1) / sx)[:, None] if inv_smooth is None else inv[None, :] * (np.float32(1) / sx)[:, None]
   q = np.clip(x * f, -qmax, qmax)
   return np.rint(q).astype(np.int8), sx  # np.rint rounds half to even
@@ -108,7 +109,8 @@ def test_fp8(act_scale, rng):
   assert y.dtype == jnp.bfloat16
   # numpy reference on the exactly-representable fp8 values
   x32 = x if act_scale is None else x
-  sx = (np.abs(x32).max(1) * np.float32(1 / 448)).astype(np.float32) if act_scale is None else np.full(m, act_scale, np.float32)
+  sx = (np.abs(x32).max(1) * np.float32(1 / 448)).astype(np.float32)
+  sx = sx if act_scale is None else np.maximum(np.float32(act_scale), sx)
   xq = jnp.asarray(np.clip(x32 * (np.float32(1) / sx)[:, None], -448, 448)).astype(jnp.float8_e4m3fn)
   acc = np.asarray(xq.astype(jnp.float32), np.float64) @ np.asarray(qk.values.astype(jnp.float32), np.float64).T
   y_np = (acc.astype(np.float32) * sx[:, None] * np.asarray(qk.scale)[None]).astype(np.float32)

@@ -100,6 +100,7 @@ MODES: list[tuple[str, object]] = [
     ("W8A8 static, no smoothing", _q(act_mode="static", alpha=None)),
     ("W8A8 static, SmoothQuant 0.5", _q(act_mode="static", alpha=0.5)),
     ("W8A8 static, auto alpha", _q(act_mode="static", alpha="auto")),
+    ("W8A8 static, rotated + auto alpha", _q(act_mode="static", alpha="auto", rotate=True)),
     ("FP8 e4m3 dynamic, no smoothing", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None)),
     ("FP8 e4m3 dynamic, rotated", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None, rotate=True)),
 ]
