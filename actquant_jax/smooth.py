@@ -85,7 +85,12 @@ def static_act_scale(samples, s, qtype: str, rotate: bool = False) -> np.float32
   rows: the absmax of the rows that are not sinks, / qmax. At run time every row within it
   shares it and a row beyond it (a sink token, or text unlike the calibration's) is
   scaled on its own (pallas_kernels.reference.static_row_scale): nothing saturates."""
-  r = calibration_row_absmax(samples, s, rotate)
+  return static_scale_of_rows(calibration_row_absmax(samples, s, rotate), qtype)
+
+
+def static_scale_of_rows(row_absmax, qtype: str) -> np.float32:
+  """static_act_scale from the rows' maxima (calibration_row_absmax)."""
+  r = np.asarray(row_absmax, np.float32)
   r = r[~sink_rows(r)]
   amax = float(r.max()) if r.size else 0.0
   return np.float32(amax / qtype_max(qtype) if amax > 0 else 1.0)

@@ -346,8 +346,8 @@ def _static_scale(st: LayerStats, s, settings, rotate: bool):
   calibration rows (per layer for a stack), one scale for the whole group (it shares one
   quantized input); the note says how many rows were sinks, scaled on their own at run time."""
   def one(samples, si):
-    sinks = int(smooth.sink_rows(smooth.calibration_row_absmax(samples, si, rotate)).sum())
-    return smooth.static_act_scale(samples, si, settings.qtype, rotate), sinks, int(np.shape(samples)[0])
+    r = smooth.calibration_row_absmax(samples, si, rotate)
+    return smooth.static_scale_of_rows(r, settings.qtype), int(smooth.sink_rows(r).sum()), r.size
   if st.layers:
     per = _per_layer(st.layers, one, st.samples, s)
     scale, sinks, rows = np.array([p[0] for p in per], np.float32), max(p[1] for p in per), per[0][2]
