@@ -109,7 +109,7 @@ def _in_place(update, cache, x):
   """update(cache, x) -> the new cache, run on the bits of a float type under 32 bits
   (bf16, fp8): XLA CPU upcasts a bf16/fp8 scatter or dynamic-update-slice to f32/f16,
   converting the whole stacked cache there and back every layer (measured: fp8 decode at
-  4k x 4, 4 layers, 400 -> 139 ms a step)."""
+  4k x 4, 4 layers, 397 -> 112 ms a step)."""
   if jnp.issubdtype(cache.dtype, jnp.floating) and cache.dtype.itemsize < 4:
     bits = jnp.dtype(f"uint{8 * cache.dtype.itemsize}")
     as_bits = lambda a: jax.lax.bitcast_convert_type(a.astype(cache.dtype), bits)
@@ -122,7 +122,7 @@ def _scatter(cache, index, x):
   return _in_place(lambda c, u: c.at[index].set(u, mode="drop"), cache, x)
 
 
-def put_layer(stacked, x, layer):
+def _put_layer(stacked, x, layer):
   """stacked[layer] = x, in place where `stacked` is a loop's carry."""
   return _in_place(lambda c, u: jax.lax.dynamic_update_index_in_dim(c, u, layer, 0), stacked, x)
 
@@ -383,7 +383,7 @@ def cached_attention(q, k, v, cache: dict, layer, index, *, rope: Callable, caus
   # f32 cache 209 -> 128 ms a step, measured). The new tokens' own keys are attended as computed
   # (causal), the cache's for every earlier position (`past` masks the new ones).
   mine = fmt.write({n: a[layer] for n, a in cache.items()}, k, v, q_pos)
-  cache = {n: put_layer(a, mine[n], layer) for n, a in cache.items()}
+  cache = {n: _put_layer(a, mine[n], layer) for n, a in cache.items()}
   k_pos = jnp.arange(fmt.length(mine), dtype=jnp.int32)
 
   def past(_):
