@@ -331,13 +331,21 @@ class W8A8Kernel:
     import cpu_kernels
     return cpu_kernels.marked_rows(xq)
 
-  def accumulate(self, xq, wq, *, w_k_axis: int = 1, k_axis: str | None = None):
+  def accumulate(self, xq, wq, *, w_k_axis: int = 1, k_axis: str | None = None, layer=None):
     """(acc, flags): acc = xq (M, K) @ wq (N, K)^T, int8 -> the exact integer sum (int32
     for K <= numerics.K_CHUNK, else rounded once to f32: int32 chunks combined exactly),
     fp8 -> f32; flags: see `flags`. w_k_axis=0: wq is (K, N) (XLA only; the alpha search
     contracts a weight in its own layout). k_axis: the mesh axis K is split over (inside
     shard_map): the partial sums are psum'd (as int32 halves when they could overflow),
-    for an xq from quantize(..., k_axis=k_axis) (which flags rows in sx: flags are 0)."""
+    for an xq from quantize(..., k_axis=k_axis) (which flags rows in sx: flags are 0).
+    layer: wq is a stack (L, ...) of scanned layers' weights and this is layer `layer` (a
+    traced int): the native GEMM reads it in place, the others take the slice (in XLA a
+    copy of the weight, every step of the scan)."""
+    if layer is not None:
+      if self.backend == "cpu" and w_k_axis == 1 and k_axis is None:
+        import cpu_kernels
+        return cpu_kernels.s8_gemm(xq, wq, layer)
+      wq = wq[layer]
     chunk = functools.partial(self._chunk, w_k_axis=w_k_axis)
     if k_axis is not None:
       if self.dtype == jax.numpy.int8 and self.problem.k > numerics.K_CHUNK:
@@ -357,11 +365,14 @@ class W8A8Kernel:
     """y = cast((acc * sw[n]) * sx[m] + bias[n], out_dtype), in f32."""
     return numerics.epilogue_ref(acc, sx, sw, bias, out_dtype)
 
-  def scaled_matmul(self, xq, sx, wq, sw, bias=None, out_dtype=jax.numpy.float32):
-    """epilogue(accumulate(xq, wq)) -- one fused kernel where the backend has one."""
+  def scaled_matmul(self, xq, sx, wq, sw, bias=None, out_dtype=jax.numpy.float32, *, layer=None):
+    """epilogue(accumulate(xq, wq)) -- one fused kernel where the backend has one.
+    layer: wq is a stack of scanned layers' weights (see accumulate); sw is the layer's."""
     if self.backend == "cpu":
-      acc, flags = self.accumulate(xq, wq)
+      acc, flags = self.accumulate(xq, wq, layer=layer)
       return self.epilogue(acc, sx + flags, sw, bias, out_dtype)
+    if layer is not None:
+      wq = wq[layer]
     if self.backend == "xla":
       sx = sx + self.flags(xq) if self.marks == "scan" else sx
       if xq.shape[0] == 1 and self.problem.platform == "cpu":

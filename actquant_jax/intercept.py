@@ -187,12 +187,17 @@ def _shared_quantize(shared: dict, x, site: _capture.Contraction, x2d, qk: Quant
   return xq, sx + ops.settings_mismatch(qk, first)
 
 
-def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend, interpret, shared: dict):
+def _matmul(site: _capture.Contraction, stacked: QuantizedKernel, layer, x, w, run, backend, interpret, shared: dict):
   """The float contraction (run(x, w), or run(w, x) when the weight is the left operand)
   as one 2-D W8A8 matmul with x on the left: contracted axes of x moved last and flattened
   to K (in the weight's pairing order), the output laid out as the dot would lay it out:
   x's free axes, then the weight's output axes -- or, the weight on the left, the
-  weight's output axes first (a transpose of the same int8 GEMM's result)."""
+  weight's output axes first (a transpose of the same int8 GEMM's result).
+
+  Inside a scan (layer: the iteration's index) the GEMM gets the stacked 8-bit weight and
+  the index: the native kernel reads the layer in place (no per-step copy of it); the
+  slice `qk.values` is then unused (and dropped by XLA)."""
+  qk = _layer(stacked, layer)
   if (tuple(site.contract), tuple(site.out)) != (tuple(qk.contract), tuple(qk.out)):
     raise QuantizationError(f"quantized_apply: layer {site.layer}: the model contracts weight {site.param} over axes "
                      f"{site.contract} -> {site.out}, but its QuantizedKernel was made for {qk.contract} -> "
@@ -207,7 +212,10 @@ def _matmul(site: _capture.Contraction, qk: QuantizedKernel, x, w, run, backend,
   x2d = x2.reshape(-1, qk.in_features)
   kernel = ops.choose_kernel(qk, m=x2d.shape[0], out_dtype=out_dtype, backend=backend, interpret=interpret)
   xq, sx = _shared_quantize(shared, x, site, x2d, qk, kernel)
-  y = kernel.scaled_matmul(xq, sx, qk.values, qk.scale, None, out_dtype)
+  if layer is None:
+    y = kernel.scaled_matmul(xq, sx, qk.values, qk.scale, None, out_dtype)
+  else:
+    y = kernel.scaled_matmul(xq, sx, stacked.values, qk.scale, None, out_dtype, layer=layer)
   y = y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
   if site.weight_lhs and rest:  # dot_general(w, x): the weight's free axes first
     n = len(rest)
@@ -274,8 +282,8 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
             + _capture.program_inputs({}, (args, kwargs)))
   shared = {}  # activation quantizations of this call, by input and act_group
   flat, _ = _capture.evaluate(program, inputs,
-                              lambda site, x, w, run, layer: (_matmul(site, _layer(qks[site.param], layer), x, w,
-                                                                      run, backend, interpret, shared), None),
+                              lambda site, x, w, run, layer: (_matmul(site, qks[site.param], layer, x, w, run,
+                                                                      backend, interpret, shared), None),
                               routed, on_absent=_serve_table)
   return _capture.unflatten_output(program, flat)
 

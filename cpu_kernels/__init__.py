@@ -1,19 +1,22 @@
-"""Native CPU kernels for W8A8 off the GPU (s8_gemm.cc, AVX512), called from jitted code
-as XLA FFI custom calls: an int8 GEMM with AVX512-VNNI (s8_gemm), the dynamic per-row
+"""Native CPU kernels for W8A8 off the GPU (s8_gemm.cc), called from jitted code as XLA
+FFI custom calls: an int8 GEMM with AVX512-VNNI or AVX2 (s8_gemm), the dynamic per-row
 int8 quantize pass (quantize_rows: one read of x where XLA makes a reduction and an
 elementwise fusion, each recomputing x's producer), and the non-finite-row scan of an
 int8 x (marked_rows).
 
-XLA's own int8 dot on CPU reaches only about 1.3-1.7x its f32 GEMM rate; vpdpbusd does 4x
-the multiply-adds of an f32 FMA per instruction. The kernel computes exactly what
-`pallas_kernels.reference.accumulate_ref` (XLA's int8 dot) computes.
+XLA's own int8 dot on CPU reaches only about 1.3-1.7x its f32 GEMM rate with VNNI, and
+less than its f32 rate on AVX2-only CPUs (measured on a Zen 1: a 1 x 576 x 49152 GEMV
+7x slower than f32); vpdpbusd does 4x the multiply-adds of an f32 FMA per instruction,
+AVX2's vpmaddubsw + vpmaddwd 2x. Both paths compute exactly what
+`pallas_kernels.reference.accumulate_ref` (XLA's int8 dot) computes; `int8_isa()` says
+which one runs.
 
 The shared library is built with the package (setup.py: `cpu_kernels/_s8_gemm*.so`,
 against the build env's jaxlib FFI headers, whose version is compiled in). Where that
 library is missing or was built against another jaxlib, it is compiled on first use with
 the system C++ compiler (`$CXX`, else c++ / g++) and cached under `$ACTQUANT_CACHE_DIR`
 (default ~/.cache/actquant_jax) keyed by the source, jaxlib and compiler. Where neither
-works, the CPU is not x86-64 or lacks AVX512-VNNI, `available()` is False and
+works, the CPU is not x86-64 or lacks AVX2, `available()` is False and
 `unavailable_reason()` says why; w8a8_dot then uses XLA's dot and warns once.
 """
 
@@ -148,12 +151,12 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
 
 @functools.cache
 def _load() -> tuple[bool, str]:
-  """The int8 GEMM kernels: the library and AVX512-VNNI."""
+  """The int8 GEMM kernels: the library, and AVX512-VNNI or AVX2."""
   lib, why = _library()
   if lib is None:
     return False, why
-  if not lib.actquant_cpu_has_vnni():
-    return False, "the CPU lacks AVX512-VNNI (avx512f/bw/vl/vnni)"
+  if not lib.actquant_cpu_int8_isa():
+    return False, "the CPU has neither AVX512-VNNI (avx512f/bw/vl/vnni) nor AVX2 + FMA"
   jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.ActquantS8Gemm), platform="cpu")
   jax.ffi.register_ffi_target(_MARKED_TARGET, jax.ffi.pycapsule(lib.ActquantMarkedRows), platform="cpu")
   jax.ffi.register_ffi_target(_QUANTIZE_TARGET, jax.ffi.pycapsule(lib.ActquantQuantizeRows), platform="cpu")
@@ -171,8 +174,15 @@ def library_origin() -> str:
 
 
 def available() -> bool:
-  """True where s8_gemm can run: x86-64 with AVX512-VNNI and the library built."""
+  """True where s8_gemm can run: x86-64 with AVX512-VNNI or AVX2, and the library built."""
   return _load()[0]
+
+
+def int8_isa() -> str:
+  """The instructions the int8 kernels run on here: "avx512-vnni", "avx2" (also where
+  ACTQUANT_CPU_NO_VNNI=1 was set when the library loaded: tests), or "" (unavailable)."""
+  lib = _library()[0]
+  return {2: "avx512-vnni", 1: "avx2"}.get(lib.actquant_cpu_int8_isa(), "") if _load()[0] else ""
 
 
 def unavailable_reason() -> str:
@@ -180,13 +190,19 @@ def unavailable_reason() -> str:
   return _load()[1]
 
 
-def s8_gemm(xq: jax.Array, wq: jax.Array) -> tuple[jax.Array, jax.Array]:
+def s8_gemm(xq: jax.Array, wq: jax.Array, layer: jax.Array | int | None = None) -> tuple[jax.Array, jax.Array]:
   """(acc, marked): acc = xq (M, K) int8 @ wq (N, K)^T as (M, N) int32, exact (K <= MAX_K);
   marked (M,) f32 = NaN for rows of xq holding reference.NONFINITE_MARK (-128), else 0.
-  CPU only."""
-  if xq.ndim != 2 or wq.ndim != 2 or xq.shape[1] != wq.shape[1]:
-    raise KernelArgumentError(f"s8_gemm: expected xq (M, K) and wq (N, K), got {xq.shape} and {wq.shape}: "
-                              "reshape xq to 2-D and pass the weight as (N, K) with the same K")
+  wq may be a stack (L, N, K) of scanned layers' weights with `layer` (an int32 scalar,
+  traced or not) the one to use: read in place (an XLA slice of it is a copy of the
+  weight, every step of a scan). A layer out of range is an error of the call. CPU only."""
+  stacked = wq.ndim == 3
+  if xq.ndim != 2 or wq.ndim not in (2, 3) or xq.shape[1] != wq.shape[-1]:
+    raise KernelArgumentError(f"s8_gemm: expected xq (M, K) and wq (N, K) or (L, N, K), got {xq.shape} and "
+                              f"{wq.shape}: reshape xq to 2-D and pass the weight as (N, K) with the same K")
+  if stacked != (layer is not None):
+    raise KernelArgumentError(f"s8_gemm: a stacked wq (L, N, K) needs layer=, a 2-D one none; got wq {wq.shape} "
+                              f"and layer={layer!r}")
   if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
     raise KernelTypeError(f"s8_gemm: expected int8 operands xq and wq, got {xq.dtype} and {wq.dtype}; "
                           "quantize them first (quantize_rows, actquant_jax.quantize_kernel)")
@@ -197,8 +213,12 @@ def s8_gemm(xq: jax.Array, wq: jax.Array) -> tuple[jax.Array, jax.Array]:
   if not ok:
     raise BackendUnavailableError(f"s8_gemm is not available here: {why}; check cpu_kernels.available() "
                                   "first, or use actquant_jax.w8a8_dot (backend='auto')")
-  out = (jax.ShapeDtypeStruct((xq.shape[0], wq.shape[0]), jnp.int32), jax.ShapeDtypeStruct((xq.shape[0],), jnp.float32))
-  return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq))
+  layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
+  if layer.shape != ():
+    raise KernelArgumentError(f"s8_gemm: layer must be a scalar, got shape {layer.shape}")
+  out = (jax.ShapeDtypeStruct((xq.shape[0], wq.shape[-2]), jnp.int32),
+         jax.ShapeDtypeStruct((xq.shape[0],), jnp.float32))
+  return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq, layer))
 
 
 def marked_rows(xq: jax.Array) -> jax.Array:

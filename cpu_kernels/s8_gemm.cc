@@ -1,4 +1,4 @@
-// int8 x int8 -> int32 GEMM for x86-64 CPUs with AVX512-VNNI, as an XLA FFI custom call.
+// int8 x int8 -> int32 GEMM for x86-64 CPUs (AVX512-VNNI, or AVX2), as an XLA FFI custom call.
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]      x (M, K) int8, w (N, K) int8 (K-major: the
 //                                             QuantizedKernel layout), out (M, N) int32
@@ -26,8 +26,8 @@
 // Also here: quantize_rows, the dynamic per-row int8 quantization of f32 x (see
 // QuantizeRows), and marked_rows, the mark scan alone.
 //
-// Compiled without -mavx512*: only the functions marked VNNI use those instructions, and
-// Python calls them only where actquant_cpu_has_vnni() says the CPU has them.
+// Compiled without -mavx512* / -mavx2: only the functions marked VNNI (AVX2) use those
+// instructions, and they run only where actquant_cpu_int8_isa() says the CPU has them.
 
 #include <immintrin.h>
 
@@ -63,10 +63,15 @@ extern "C" const char* actquant_built_against_jaxlib() { return ACTQUANT_JAXLIB_
 #endif
 extern "C" const char* actquant_source_sha256() { return ACTQUANT_SOURCE_SHA256; }
 
-extern "C" int actquant_cpu_has_vnni() {
+// The int8 GEMM paths this CPU runs: 2 AVX512-VNNI, 1 AVX2 (+FMA), 0 neither (no GEMM).
+// ACTQUANT_CPU_NO_VNNI=1 (tests): the AVX2 paths on a CPU that has AVX512-VNNI too.
+extern "C" int actquant_cpu_int8_isa() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni") && std::getenv("ACTQUANT_CPU_NO_VNNI") == nullptr) {
+    return 2;
+  }
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0;
 }
 
 namespace {
@@ -367,6 +372,224 @@ VNNI void QuantizeRows(const float* x, const float* inv, int64_t K, int64_t m0, 
   }
 }
 
+// ---- AVX2 paths: the same GEMM, quantize pass and mark scan for x86-64 CPUs without
+// AVX512-VNNI (AMD Zen 1-3, Intel before Ice Lake), bit for bit the same numbers.
+//
+// vpmaddubsw multiplies unsigned by signed bytes and adds pairs into saturating int16.
+// The unsigned operand is |w| (vpabsb: 0..128, -128 included) and the signed one x with
+// w's sign (vpsignb: x where w > 0, -x where w < 0, 0 where w = 0), so each product is
+// x * w and a pair is at most 2 * 128 * 127 = 32512 < 2^15: no saturation for any weight
+// and any x in [-127, 127]. The one x value that -x wraps, -128, is the non-finite mark,
+// whose rows become NaN rows whatever they accumulate. vpmaddwd by ones then adds pairs
+// of pairs into int32: 4 products per lane, as vpdpbusd, with no offset to correct.
+//
+// 16 vector registers (not 32): the decode tile is 2 rows of x by 4 rows of w, the packed
+// prefill tile 4 rows of x by 16 columns (panels of 16 columns, K in groups of 4 bytes,
+// w stored as is).
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+const bool kHasVnni = actquant_cpu_int8_isa() == 2;
+
+// acc += 4-byte groups of x . w per int32 lane (see above); absw = |w|.
+AVX2 inline __m256i DotAvx2(__m256i acc, __m256i absw, __m256i w, __m256i x) {
+  const __m256i pairs = _mm256_maddubs_epi16(absw, _mm256_sign_epi8(x, w));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// [sum a0, sum a1, sum a2, sum a3] of 8 int32 lanes each.
+AVX2 inline __m128i Reduce4Avx2(__m256i a0, __m256i a1, __m256i a2, __m256i a3) {
+  const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a0, a1), _mm256_hadd_epi32(a2, a3));
+  return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+// 32 bytes from p, or the n < 32 left of a row zero-padded (not read past its end).
+AVX2 inline __m256i Load32(const int8_t* p, int64_t n) {
+  if (n >= 32) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  alignas(32) int8_t buf[32] = {};
+  std::memcpy(buf, p, static_cast<size_t>(n));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+// MR (1 or 2) rows of x by 4 rows of w over K -> out[i * ldc + j], j < ncols.
+template <int MR>
+AVX2 void TileAvx2(const int8_t* const* x_rows, const int8_t* const* w_rows, int64_t K, int32_t* out, int64_t ldc,
+                   int ncols) {
+  __m256i acc[MR][kNR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_setzero_si256();
+  const int8_t* ahead = w_rows[kNR - 1] + K;  // the next tile's rows, prefetched as these are read
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t n = K - k;
+    __m256i xv[MR];
+    UNROLL for (int i = 0; i < MR; ++i) xv[i] = Load32(x_rows[i] + k, n);
+    UNROLL for (int j = 0; j < kNR; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + j * K + k), _MM_HINT_T0);
+      const __m256i w = Load32(w_rows[j] + k, n), absw = _mm256_abs_epi8(w);
+      UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = DotAvx2(acc[i][j], absw, w, xv[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(16) int32_t r[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(r), Reduce4Avx2(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    std::memcpy(out + i * ldc, r, sizeof(int32_t) * ncols);
+  }
+}
+
+AVX2 void ChunkAvx2(const int8_t* x, const int8_t* w, int32_t* out, int64_t N, int64_t K, int64_t m0, int64_t m1,
+                    int64_t n0, int64_t n1) {
+  const int8_t* xr[2];
+  const int8_t* wr[kNR];
+  for (int64_t n = n0; n < n1; n += kNR) {
+    const int ncols = static_cast<int>(std::min<int64_t>(kNR, n1 - n));
+    for (int j = 0; j < kNR; ++j) wr[j] = w + (n + std::min(j, ncols - 1)) * K;
+    for (int64_t m = m0; m < m1;) {
+      const int mr = m1 - m >= 2 ? 2 : 1;
+      for (int i = 0; i < mr; ++i) xr[i] = x + (m + i) * K;
+      if (mr == 2) {
+        TileAvx2<2>(xr, wr, K, out + m * N + n, N, ncols);
+      } else {
+        TileAvx2<1>(xr, wr, K, out + m * N + n, N, ncols);
+      }
+      m += mr;
+    }
+  }
+}
+
+constexpr int kMRP2 = 4;         // x rows per packed AVX2 micro-tile
+constexpr int64_t kPanel2 = 16;  // packed columns per panel (2 registers)
+
+// panel[g][c][0..3] = w[n0 + c, 4g .. 4g + 3] (zero past N and K).
+void PackPanelAvx2(const int8_t* w, int64_t N, int64_t K, int64_t p, uint8_t* dst) {
+  const int64_t groups = (K + 3) / 4;
+  int32_t* d = reinterpret_cast<int32_t*>(dst);
+  for (int64_t c = 0; c < kPanel2; ++c) {
+    const int64_t n = p * kPanel2 + c;
+    for (int64_t g = 0; g < groups; ++g) d[g * kPanel2 + c] = n < N ? Group4(w + n * K, 4 * g, K) : 0;
+  }
+}
+
+template <int MR>
+AVX2 void PackedTileAvx2(const int8_t* x, int64_t K, const uint8_t* panel, int32_t* out, int64_t ldc,
+                         int64_t ncols) {
+  __m256i acc[MR][2];
+  UNROLL for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  const int64_t full = K / 4, groups = (K + 3) / 4;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i* b = reinterpret_cast<const __m256i*>(panel + g * kPanel2 * 4);
+    const __m256i b0 = _mm256_loadu_si256(b), b1 = _mm256_loadu_si256(b + 1);
+    const __m256i a0 = _mm256_abs_epi8(b0), a1 = _mm256_abs_epi8(b1);
+    UNROLL for (int i = 0; i < MR; ++i) {
+      int32_t bytes;
+      if (g < full) {
+        std::memcpy(&bytes, x + i * K + 4 * g, 4);
+      } else {
+        bytes = Group4(x + i * K, 4 * g, K);  // the last 1-3 bytes, zero-padded
+      }
+      const __m256i xv = _mm256_set1_epi32(bytes);
+      acc[i][0] = DotAvx2(acc[i][0], a0, b0, xv);
+      acc[i][1] = DotAvx2(acc[i][1], a1, b1, xv);
+    }
+  }
+  UNROLL for (int i = 0; i < MR; ++i) {
+    alignas(32) int32_t r[kPanel2];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(r), acc[i][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(r + 8), acc[i][1]);
+    std::memcpy(out + i * ldc, r, sizeof(int32_t) * ncols);
+  }
+}
+
+AVX2 void PackedChunkAvx2(const int8_t* x, const uint8_t* packed, int32_t* out, int64_t N, int64_t K, int64_t m0,
+                          int64_t m1, int64_t p) {
+  const uint8_t* panel = packed + p * ((K + 3) / 4) * kPanel2 * 4;
+  const int64_t n0 = p * kPanel2, ncols = std::min(kPanel2, N - n0);
+  for (int64_t m = m0; m < m1;) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMRP2, m1 - m));
+    const int8_t* xm = x + m * K;
+    int32_t* o = out + m * N + n0;
+    switch (mr) {
+      case 4: PackedTileAvx2<4>(xm, K, panel, o, N, ncols); break;
+      case 3: PackedTileAvx2<3>(xm, K, panel, o, N, ncols); break;
+      case 2: PackedTileAvx2<2>(xm, K, panel, o, N, ncols); break;
+      default: PackedTileAvx2<1>(xm, K, panel, o, N, ncols); break;
+    }
+    m += mr;
+  }
+}
+
+// The mark flags of rows [m0, m1) (RowSums without the offset sums).
+AVX2 void MarksAvx2(const int8_t* x, int64_t K, int64_t m0, int64_t m1, float* marked) {
+  const __m256i mark = _mm256_set1_epi8(static_cast<char>(0x80));
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* row = x + m * K;
+    __m256i seen = _mm256_setzero_si256();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      seen = _mm256_or_si256(seen, _mm256_cmpeq_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)),
+                                                     mark));
+    }
+    bool any = _mm256_movemask_epi8(seen) != 0;
+    for (; k < K; ++k) any |= row[k] == static_cast<int8_t>(0x80);
+    marked[m] = any ? std::numeric_limits<float>::quiet_NaN() : 0.0f;
+  }
+}
+
+// 8 floats from p, or the n < 8 left of a row zero-padded.
+AVX2 inline __m256 Load8F(const float* p, int64_t n) {
+  if (n >= 8) return _mm256_loadu_ps(p);
+  alignas(32) float buf[8] = {};
+  std::memcpy(buf, p, sizeof(float) * n);
+  return _mm256_load_ps(buf);
+}
+
+// QuantizeRows in AVX2: the same operations in the same order, 8 lanes at a time (the
+// tail through a zero-padded copy: 0 * 0 adds nothing to the max), so the same bits.
+AVX2 void QuantizeRowsAvx2(const float* x, const float* inv, int64_t K, int64_t m0, int64_t m1, int8_t* xq,
+                           float* sx) {
+  const __m256 c_scalar = _mm256_set1_ps(static_cast<float>(1.0 / 127.0));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * K;
+    int8_t* out = xq + m * K;
+    __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 a = _mm256_and_ps(Load8F(row + k, K - k), absmask);
+      const __m256 c = _mm256_mul_ps(_mm256_and_ps(Load8F(inv + k, K - k), absmask), c_scalar);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // NaN or Inf
+      amax = _mm256_max_ps(amax, _mm256_mul_ps(a, c));
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+    const float mx = _mm_cvtss_f32(h);
+    float s = mx < std::numeric_limits<float>::min() ? 1.0f : mx;
+    if (_mm256_movemask_ps(bad) || !(mx <= 0x1p126f)) s = std::numeric_limits<float>::quiet_NaN();
+    sx[m] = s;
+    if (s != s) {
+      std::memset(out, 0x80, K);
+      continue;
+    }
+    const __m256 r = _mm256_set1_ps(1.0f / s);
+    for (int64_t k = 0; k < K; k += 8) {
+      const __m256 f = _mm256_mul_ps(Load8F(inv + k, K - k), r);
+      __m256 y = _mm256_mul_ps(Load8F(row + k, K - k), f);
+      y = _mm256_min_ps(_mm256_max_ps(y, lo), hi);
+      const __m256i v = _mm256_cvtps_epi32(y);  // half to even (the default MXCSR mode)
+      const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+      const __m128i v8 = _mm_packs_epi16(v16, v16);
+      if (K - k >= 8) {
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), v8);
+      } else {
+        alignas(16) int8_t buf[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(buf), v8);
+        std::memcpy(out + k, buf, static_cast<size_t>(K - k));
+      }
+    }
+  }
+}
+
 // ---- Parallel loop over chunks: the calling thread and XLA's intra-op pool.
 
 struct Counters {
@@ -396,31 +619,70 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64
   while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+// w is (N, K), or a stack (L, N, K) of scanned layers' weights of which layer `layer` is
+// read in place: a slice of it taken in XLA would be a copy of the weight every step.
 ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buffer<ffi::S8> w_buf,
-                      ffi::ResultBuffer<ffi::S32> out_buf, ffi::ResultBuffer<ffi::F32> marked_buf) {
+                      ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::S32> out_buf,
+                      ffi::ResultBuffer<ffi::F32> marked_buf) {
   auto xd = x_buf.dimensions(), wd = w_buf.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1]) {
-    return ffi::Error::InvalidArgument("actquant s8_gemm: expected x (M, K) and w (N, K)");
+  const size_t wr = wd.size();
+  if (xd.size() != 2 || (wr != 2 && wr != 3) || xd[1] != wd[wr - 1] || layer_buf.element_count() != 1) {
+    return ffi::Error::InvalidArgument("actquant s8_gemm: expected x (M, K), w (N, K) or (L, N, K), layer ()");
   }
-  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  const int64_t M = xd[0], K = xd[1], N = wd[wr - 2];
+  const int64_t layer = layer_buf.typed_data()[0];
+  if (layer < 0 || (wr == 3 ? layer >= wd[0] : layer != 0)) {
+    return ffi::Error::InvalidArgument("actquant s8_gemm: layer out of range");
+  }
   if (K > 65536) return ffi::Error::InvalidArgument("actquant s8_gemm: K > 65536 may overflow int32");
   const int8_t* x = x_buf.typed_data();
-  const int8_t* w = w_buf.typed_data();
+  const int8_t* w = w_buf.typed_data() + layer * N * K;
   int32_t* out = out_buf->typed_data();
   float* marked = marked_buf->typed_data();
   if (M == 0) return ffi::Error::Success();
   if (N == 0 || K == 0) {
     std::fill(out, out + M * N, 0);
-    RowSums(x, K, 0, M, nullptr, marked);
+    if (kHasVnni) {
+      RowSums(x, K, 0, M, nullptr, marked);
+    } else {
+      MarksAvx2(x, K, 0, M, marked);
+    }
     return ffi::Error::Success();
   }
   if (!UsePacked(M, N, K)) {
-    RowSums(x, K, 0, M, nullptr, marked);  // few rows: M * K bytes, next to N * K of weight
+    // few rows: the marks in a pass over M * K bytes, next to N * K of weight
+    if (kHasVnni) {
+      RowSums(x, K, 0, M, nullptr, marked);
+    } else {
+      MarksAvx2(x, K, 0, M, marked);
+    }
     const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
     ParallelFor(pool, row_blocks * ((N + kColBlock - 1) / kColBlock), [&](int64_t c) {
-      const int64_t mb = c % row_blocks, nb = c / row_blocks;
-      Chunk(x, w, out, N, K, mb * kRowBlock, std::min(M, (mb + 1) * kRowBlock), nb * kColBlock,
-            std::min(N, (nb + 1) * kColBlock));
+      const int64_t mb = c % row_blocks, nb = c / row_blocks, m0 = mb * kRowBlock, m1 = std::min(M, m0 + kRowBlock);
+      const int64_t n0 = nb * kColBlock, n1 = std::min(N, n0 + kColBlock);
+      if (kHasVnni) {
+        Chunk(x, w, out, N, K, m0, m1, n0, n1);
+      } else {
+        ChunkAvx2(x, w, out, N, K, m0, m1, n0, n1);
+      }
+    });
+    return ffi::Error::Success();
+  }
+  if (!kHasVnni) {
+    const int64_t panels = (N + kPanel2 - 1) / kPanel2, panel_bytes = ((K + 3) / 4) * kPanel2 * 4;
+    const int64_t row_blocks = (M + kRowBlockP - 1) / kRowBlockP;
+    std::unique_ptr<uint8_t[]> packed(new uint8_t[panels * panel_bytes]);
+    ParallelFor(pool, panels + row_blocks, [&](int64_t c) {
+      if (c < panels) {
+        PackPanelAvx2(w, N, K, c, packed.get() + c * panel_bytes);
+      } else {
+        const int64_t m0 = (c - panels) * kRowBlockP;
+        MarksAvx2(x, K, m0, std::min(M, m0 + kRowBlockP), marked);
+      }
+    });
+    ParallelFor(pool, row_blocks * panels, [&](int64_t c) {
+      const int64_t mb = c % row_blocks, p = c / row_blocks;
+      PackedChunkAvx2(x, packed.get(), out, N, K, mb * kRowBlockP, std::min(M, (mb + 1) * kRowBlockP), p);
     });
     return ffi::Error::Success();
   }
@@ -454,7 +716,12 @@ ffi::Error MarkedRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi:
   const int64_t blocks = (M + kRowBlockP - 1) / kRowBlockP;
   if (blocks > 0) {
     ParallelFor(pool, blocks, [&](int64_t c) {
-      RowSums(x, K, c * kRowBlockP, std::min(M, (c + 1) * kRowBlockP), nullptr, marked);
+      const int64_t m0 = c * kRowBlockP, m1 = std::min(M, m0 + kRowBlockP);
+      if (kHasVnni) {
+        RowSums(x, K, m0, m1, nullptr, marked);
+      } else {
+        MarksAvx2(x, K, m0, m1, marked);
+      }
     });
   }
   return ffi::Error::Success();
@@ -476,7 +743,12 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
   float* sx = sx_buf->typed_data();
   if (blocks > 0) {
     ParallelFor(pool, blocks, [&](int64_t c) {
-      QuantizeRows(x, inv, K, c * rows, std::min(M, (c + 1) * rows), xq, sx);
+      const int64_t m0 = c * rows, m1 = std::min(M, m0 + rows);
+      if (kHasVnni) {
+        QuantizeRows(x, inv, K, m0, m1, xq, sx);
+      } else {
+        QuantizeRowsAvx2(x, inv, K, m0, m1, xq, sx);
+      }
     });
   }
   return ffi::Error::Success();
@@ -824,6 +1096,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantS8Gemm, S8GemmImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 

@@ -1,6 +1,11 @@
-"""cpu_kernels.s8_gemm (AVX512-VNNI) against XLA's int8 dot: bit-exact, ragged shapes; its
-marked-row flags against reference.marked_rows_ref; cpu_kernels.quantize_rows against
-reference.quantize_rows_ref, bit for bit."""
+"""cpu_kernels.s8_gemm (AVX512-VNNI or AVX2) against XLA's int8 dot: bit-exact, ragged
+shapes, a layer of a stacked weight read in place; its marked-row flags against
+reference.marked_rows_ref; cpu_kernels.quantize_rows against reference.quantize_rows_ref,
+bit for bit. The AVX2 paths run on a VNNI CPU too (ACTQUANT_CPU_NO_VNNI, a fresh process)."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +14,7 @@ import pytest
 
 import cpu_kernels
 from pallas_kernels import reference as ref
+from pallas_kernels.errors import KernelArgumentError
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=f"s8_gemm: {cpu_kernels.unavailable_reason()}")
 
@@ -54,9 +60,10 @@ def test_flags_rows_holding_the_nonfinite_mark(m, k, n, rng):
 @needs_kernel
 @pytest.mark.parametrize("k", [4096, cpu_kernels.MAX_K])
 def test_extremes_do_not_overflow(k):
-  # The u8 offset makes (x + 128) * w up to 255 * 127 per product; at K = MAX_K the
-  # intermediate is within 1.5% of 2^31.
-  for xv, wv in [(127, 127), (-127, 127), (127, -127), (-127, -127)]:
+  # The u8 offset (VNNI) makes (x + 128) * w up to 255 * 128 per product; at K = MAX_K the
+  # intermediate is within 0.4% of 2^31. AVX2's |w| * (x with w's sign) pairs reach
+  # 2 * 128 * 127, just under int16's saturation; a weight of -128 included.
+  for xv, wv in [(127, 127), (-127, 127), (127, -127), (-127, -127), (127, -128), (-127, -128)]:
     x, w = jnp.full((3, k), xv, jnp.int8), jnp.full((5, k), wv, jnp.int8)
     got = np.asarray(gemm(x, w)[0])
     assert (got == xv * wv * k).all(), (xv, wv, got[0, 0])
@@ -68,6 +75,36 @@ def test_empty_and_batched(rng):
   x, w = _ints(rng, (3, 2, 40)), _ints(rng, (6, 40))
   got = jax.vmap(cpu_kernels.s8_gemm, in_axes=(0, None))(x, w)[0]
   np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.vmap(ref.accumulate_ref, in_axes=(0, None))(x, w)))
+
+
+# A stack of L weights (a scan's): layer l read in place equals the 2-D call on w[l], on
+# both paths (few rows, packed), with the layer traced; out of range is an error.
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", [(1, 100, 36), (2, 64, 5), (130, 70, 33)])
+def test_stacked_weight_layer_in_place(m, k, n, rng):
+  x, w = _ints(rng, (m, k)), _ints(rng, (3, n, k))
+  stacked = jax.jit(cpu_kernels.s8_gemm)
+  for layer in range(3):
+    got = stacked(x, w, jnp.int32(layer))
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(expect(x, w[layer])))
+  with pytest.raises(Exception, match="layer out of range"):
+    jax.block_until_ready(stacked(x, w, jnp.int32(3)))
+  with pytest.raises(KernelArgumentError, match="needs layer="):
+    cpu_kernels.s8_gemm(x, w)
+
+
+@needs_kernel
+@pytest.mark.skipif(cpu_kernels.int8_isa() != "avx512-vnni", reason="AVX2 is already this CPU's path")
+def test_avx2_paths_on_a_vnni_cpu():
+  # The choice is made as the library loads: a fresh process with ACTQUANT_CPU_NO_VNNI.
+  env = dict(os.environ, ACTQUANT_CPU_NO_VNNI="1")
+  check = "import cpu_kernels; assert cpu_kernels.int8_isa() == 'avx2', cpu_kernels.int8_isa()"
+  r = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
+                      "-k", "matches or flags or extremes or stacked or quantize"], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 quantize = jax.jit(cpu_kernels.quantize_rows)

@@ -146,13 +146,14 @@ def batches(n, b=4, t=16, d=D, seed=0):
 
 def int8_matmuls(fn, *args) -> int:
   """How many 8-bit GEMMs the traced program runs: dot_generals with int8/fp8 operands
-  and the native CPU GEMM's custom calls (two 8-bit operands: not marked_rows' scan of
-  one), nested jaxprs included."""
+  and the native CPU GEMM's custom calls (x and w 8-bit, then the layer index: not
+  marked_rows' scan of one), nested jaxprs included."""
   def count(jaxpr):
     n = 0
     for e in jaxpr.eqns:
-      if e.primitive.name in ("dot_general", "ffi_call") and len(e.invars) == 2 and all(
-          str(v.aval.dtype) in ("int8", "float8_e4m3fn") for v in e.invars):
+      if e.primitive.name in ("dot_general", "ffi_call") and len(e.invars) in (2, 3) and all(
+          str(v.aval.dtype) in ("int8", "float8_e4m3fn") for v in e.invars[:2]) and (
+          len(e.invars) == 2 or str(e.invars[2].aval.dtype) == "int32"):
         n += 1
       for p in e.params.values():
         for s in (p if isinstance(p, (tuple, list)) else (p,)):
