@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo llm llm-gemma llm-toy test bench bench-llm bench-kv bench-quantize bench-peers profile install clean gpu-check
+.PHONY: demo llm llm-gemma llm-toy test bench bench-llm bench-kv bench-quantize bench-peers bench-llamacpp profile profile-llm install clean gpu-check
 
 $(VENV)/.installed: pyproject.toml setup.py cpu_kernels/s8_gemm.cc
 	$(PYTHON) -m venv $(VENV)
@@ -79,9 +79,21 @@ bench-peers: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[peers]' torch==2.13.0
 	$(PY) benchmarks/bench_peers.py
 
+# SmolLM2 decode (batch 1 and 8) and prefill against llama.cpp F32 / Q8_0 on the same GGUF,
+# with each one's perplexity / KL vs float (~15 min; the first run compiles llama.cpp for
+# this CPU, ~10 min more).
+bench-llamacpp: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" \
+	  $(PY) -m pip install -q -e '.[llamacpp]'
+	$(PY) benchmarks/bench_llamacpp.py
+
 # Where MiniLM's forward time goes, by op class (XLA's profiler), fp32 and each W8A8 mode.
 profile: $(VENV)/.installed
 	$(PY) benchmarks/profile_minilm.py
+
+# Where an LLM decode step's time goes, by op class: SmolLM2, batch 1, f32 and W8A8.
+profile-llm: $(VENV)/.installed
+	$(PY) benchmarks/profile_llm.py
 
 clean:
 	rm -rf $(VENV) $(GPUCHECK_VENV) .pytest_cache .hypothesis

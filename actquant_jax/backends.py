@@ -11,7 +11,7 @@ auto, per platform (numbers in the README table, proven by `make gpu-check`):
                    wgmma needs 64-row tiles, decode would pad 4x)
                    fp8, any M: mosaic (QGMMA); triton next (QGMMA for M >= 64 too)
   Ada/Ampere       triton (IMMA); fp8 needs sm_89+ (Ada), else xla
-  CPU              int8: cpu (native AVX512-VNNI GEMM) where it runs, else xla (warned
+  CPU              int8: cpu (native GEMM, AVX512-VNNI or AVX2) where it runs, else xla (warned
                    once); with AMX-INT8 (Sapphire Rapids and later) xla from M >= 3:
                    XLA's int8 dot (YNNPACK) then outruns the VNNI kernel (2.5x at M >= 64,
                    measured), which keeps decode's M <= 2; fp8: xla
@@ -139,7 +139,8 @@ class XlaBackend:
 
 
 class CpuBackend:
-  """The native AVX512-VNNI int8 GEMM (cpu_kernels): one int32 accumulator per call."""
+  """The native int8 GEMM (cpu_kernels; AVX512-VNNI or AVX2): one int32 accumulator per
+  call; a scanned layer's weight read in place from the stack."""
   name = "cpu"
   max_k = 65536  # cpu_kernels.MAX_K: its u8-offset intermediate 255 * 128 * K stays below 2^31
 

@@ -2,7 +2,7 @@
 
 It checks its inputs, takes the kernel backends.choose picks for the problem (once per
 problem: the Pallas kernels on GPU, the native int8 GEMM and quantize pass on an x86-64
-CPU with AVX512-VNNI, XLA's int8 dot elsewhere) and runs its stages. Every kernel
+CPU with AVX512-VNNI or AVX2, XLA's int8 dot elsewhere) and runs its stages. Every kernel
 computes the numbers defined in pallas_kernels/reference.py.
 """
 
@@ -92,7 +92,7 @@ def w8a8_dot(x: jax.Array, qk: QuantizedKernel, bias: jax.Array | None = None, *
   (default: x.dtype).
 
   backend: "auto" (by platform, GPU generation and shape, see actquant_jax/backends.py; on
-  CPU the native AVX512-VNNI int8 GEMM and quantize pass where they run, else XLA), "xla"
+  CPU the native int8 GEMM (AVX512-VNNI or AVX2) and quantize pass where they run, else XLA), "xla"
   (XLA only), "cpu", "triton" or "mosaic" (Hopper wgmma). `choose_kernel` shows the choice.
   interpret=True runs the Pallas kernels on the CPU (slow; tests).
   A row of x holding NaN or Inf gives a non-finite output row (its scale is NaN) in every

@@ -1,0 +1,129 @@
+"""Where an LLM decode step's time goes, by op class, from XLA's own profiler.
+
+  python benchmarks/profile_llm.py                       # SmolLM2, batch 1, f32 and W8A8
+  python benchmarks/profile_llm.py --batch 8 --ops 25    # + the 25 costliest ops
+
+Runs --steps greedy steps through the KV cache (one jitted loop, after a --prompt-token
+prompt) under `jax.profiler`, reads each thunk's time and classifies the top-level ops of
+the compiled HLO (benchmarks/profile_minilm's trace reading) by what they compute: the
+native custom calls by target, int8 dots, f32 dots, the copies a scan makes of a layer's
+weight slice (dynamic-slice fusions that produce a weight), the cache writes, RMSNorm
+(rsqrt), RoPE (sin/cos), the rest. The decode loop and scan containers (while ops) are
+left out: their bodies' ops are counted. Milliseconds per step (the profiler adds some).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import actquant_jax as aq  # noqa: E402
+from actquant_jax.models import llama as L  # noqa: E402
+from benchmarks.profile_minilm import opcodes, parse_hlo, profile  # noqa: E402
+from benchmarks.timing import print_table  # noqa: E402
+from examples.llm.run import DATA, load_model, windows  # noqa: E402
+
+CLASSES = ["int8 GEMM (native)", "int8 GEMM (XLA)", "f32 GEMM (XLA)", "weight slice copies (scan)",
+           "attention over the cache (native)", "attention (XLA)", "KV cache write", "quantize to 8 bits",
+           "online Hadamard (rotation)", "GEMM epilogue, SiLU, residual", "RMSNorm", "RoPE", "sampling (argmax)",
+           "other"]
+
+
+def classify(shape: str, opcode: str, line: str, ops) -> str:
+  target = re.search(r'custom_call_target="([^"]*)"', line)
+  target = target.group(1) if target else ""
+  meta = re.search(r'op_name="([^"]*)"', line)
+  meta = meta.group(1) if meta else ""
+  if "s8_gemm" in target:
+    return "int8 GEMM (native)"
+  if "decode_attention" in target:
+    return "attention over the cache (native)"
+  if "quantize_rows" in target or "marked_rows" in target or shape.startswith(("s8[", "f8e4m3fn[")) and (
+      "dynamic_slice" not in meta):
+    return "quantize to 8 bits"
+  if "dynamic_slice" in meta and ops["dynamic-slice"] and not ops["dot"]:
+    return "weight slice copies (scan)"
+  if "hadamard" in meta or "rotat" in meta:
+    return "online Hadamard (rotation)"
+  if ops["dot"] or opcode == "dot" or "ynn" in line:
+    if shape.startswith("s32["):
+      return "int8 GEMM (XLA)"
+    if ops["exponential"] or "attention" in meta or "attend" in meta:
+      return "attention (XLA)"
+    return "f32 GEMM (XLA)"
+  if "scatter" in meta or "dynamic_update_slice" in meta or ops["scatter"]:
+    return "KV cache write"
+  if "argmax" in meta or "sample" in meta:
+    return "sampling (argmax)"
+  if ops["rsqrt"]:
+    return "RMSNorm"
+  if ops["sine"] or ops["cosine"]:
+    return "RoPE"
+  if ops["exponential"]:
+    return "attention (XLA)" if "silu" not in meta and "logistic" not in meta else "GEMM epilogue, SiLU, residual"
+  if ops["multiply"] or ops["add"] or ops["convert"] or ops["logistic"]:
+    return "GEMM epilogue, SiLU, residual"
+  return "other"
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="smollm2")
+  ap.add_argument("--batch", type=int, default=1)
+  ap.add_argument("--prompt", type=int, default=128)
+  ap.add_argument("--steps", type=int, default=16)
+  ap.add_argument("--reps", type=int, default=3)
+  ap.add_argument("--ops", type=int, default=0, help="also list the N costliest ops of each variant")
+  args = ap.parse_args()
+  lm = load_model(args.model)
+  calib = windows(lm, (DATA / "calibration.txt").read_text(), 8)
+  stats = aq.calibrate(lm.model, lm.params, [jnp.asarray(calib[i:i + 4, :-1]) for i in range(0, 8, 4)],
+                       progress=False)
+  model, q_apply = lm.model, aq.quantized_apply(lm.model)
+  variants = {"f32": (model.apply, lm.params),
+              "W8A8 dynamic": (q_apply, aq.quantize_params(lm.params, stats, aq.QuantConfig(alpha=0.5))),
+              "W8A8 dynamic, rotated": (q_apply, aq.quantize_params(lm.params, stats,
+                                                                    aq.QuantConfig(alpha=0.5, rotate=True)))}
+  ids = jnp.asarray(np.random.default_rng(0).integers(100, lm.cfg.vocab_size, (args.batch, args.prompt)), jnp.int32)
+  table = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for name, (apply, params) in variants.items():
+      cache = L.init_cache(model, args.batch, args.prompt + args.steps)
+      first, cache = L.prefill(apply, params, cache, ids)
+      fn = jax.jit(lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), args.steps))
+      ms, hlo = profile(fn, (params, cache, first), args.reps, Path(tmp) / name.replace(" ", "_"))
+      inst, comps = parse_hlo(hlo)
+      per_class, listed = collections.Counter(), []
+      for op, t in ms.most_common():
+        shape, opcode, line = inst[op]
+        if opcode == "while":  # the loops' containers: their bodies' ops are counted
+          continue
+        called = re.findall(r"calls=%([\w.\-]+)", line)
+        cls = classify(shape, opcode, line, opcodes(comps, called[0]) if called else collections.Counter())
+        per_class[cls] += t / args.steps
+        listed.append((op, t / args.steps, cls, shape))
+      table[name] = per_class
+      if args.ops:
+        print(f"\n{name}: the {args.ops} costliest ops (ms per step)")
+        print_table(["op", "ms", "class", "output"], [[n, f"{t:.3f}", c, s.split("{")[0]] for n, t, c, s in
+                                                     listed[:args.ops]], left_first=True)
+  names = list(table)
+  print(f"\n{args.model} decode step, batch {args.batch}, {args.prompt}-token prompt: ms per step by op class "
+        f"(jax.profiler, {args.reps} x {args.steps} steps; jax {jax.__version__})")
+  rows = [[c] + [f"{table[n][c]:.2f}" for n in names] for c in CLASSES if any(table[n][c] for n in names)]
+  rows.append(["total"] + [f"{sum(table[n].values()):.2f}" for n in names])
+  print_table(["op class"] + names, rows, left_first=True)
+
+
+if __name__ == "__main__":
+  main()
