@@ -419,13 +419,24 @@ AVX2 void TileAvx2(const int8_t* const* x_rows, const int8_t* const* w_rows, int
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kNR; ++j) acc[i][j] = _mm256_setzero_si256();
   const int8_t* ahead = w_rows[kNR - 1] + K;  // the next tile's rows, prefetched as these are read
-  for (int64_t k = 0; k < K; k += 32) {
-    const int64_t n = K - k;
+  // Full 32-byte steps with plain loads, then the tail (zero-padded copies) once: a copy
+  // inside the loop made GCC keep the accumulators in memory (3 stores a step, 30% slower).
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
     __m256i xv[MR];
-    UNROLL for (int i = 0; i < MR; ++i) xv[i] = Load32(x_rows[i] + k, n);
+    UNROLL for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x_rows[i] + k));
     UNROLL for (int j = 0; j < kNR; ++j) {
       _mm_prefetch(reinterpret_cast<const char*>(ahead + j * K + k), _MM_HINT_T0);
-      const __m256i w = Load32(w_rows[j] + k, n), absw = _mm256_abs_epi8(w);
+      const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_rows[j] + k));
+      const __m256i absw = _mm256_abs_epi8(w);
+      UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = DotAvx2(acc[i][j], absw, w, xv[i]);
+    }
+  }
+  if (k < K) {
+    __m256i xv[MR];
+    UNROLL for (int i = 0; i < MR; ++i) xv[i] = Load32(x_rows[i] + k, K - k);
+    UNROLL for (int j = 0; j < kNR; ++j) {
+      const __m256i w = Load32(w_rows[j] + k, K - k), absw = _mm256_abs_epi8(w);
       UNROLL for (int i = 0; i < MR; ++i) acc[i][j] = DotAvx2(acc[i][j], absw, w, xv[i]);
     }
   }
