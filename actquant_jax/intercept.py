@@ -212,10 +212,8 @@ def _matmul(site: _capture.Contraction, stacked: QuantizedKernel, layer, x, w, r
   x2d = x2.reshape(-1, qk.in_features)
   kernel = ops.choose_kernel(qk, m=x2d.shape[0], out_dtype=out_dtype, backend=backend, interpret=interpret)
   xq, sx = _shared_quantize(shared, x, site, x2d, qk, kernel)
-  if layer is None:
-    y = kernel.scaled_matmul(xq, sx, qk.values, qk.scale, None, out_dtype)
-  else:
-    y = kernel.scaled_matmul(xq, sx, stacked.values, qk.scale, None, out_dtype, layer=layer)
+  y = kernel.scaled_matmul(xq, sx, qk.values if layer is None else stacked.values, qk.scale, None, out_dtype,
+                           layer=layer)
   y = y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
   if site.weight_lhs and rest:  # dot_general(w, x): the weight's free axes first
     n = len(rest)
