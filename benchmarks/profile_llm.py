@@ -15,7 +15,6 @@ left out: their bodies' ops are counted. Milliseconds per step (the profiler add
 from __future__ import annotations
 
 import argparse
-import collections
 import re
 import sys
 import tempfile
@@ -29,8 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import actquant_jax as aq  # noqa: E402
 from actquant_jax.models import llama as L  # noqa: E402
-from benchmarks.profile_minilm import opcodes, parse_hlo, profile  # noqa: E402
-from benchmarks.timing import print_table  # noqa: E402
+from benchmarks.profile_minilm import by_class, print_classes, profile  # noqa: E402
 from examples.llm.run import DATA, load_model, windows  # noqa: E402
 
 CLASSES = ["int8 GEMM (native)", "int8 GEMM (XLA)", "f32 GEMM (XLA)", "weight slice copies (scan)",
@@ -102,27 +100,11 @@ def main():
       first, cache = L.prefill(apply, params, cache, ids)
       fn = jax.jit(lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), args.steps))
       ms, hlo = profile(fn, (params, cache, first), args.reps, Path(tmp) / name.replace(" ", "_"))
-      inst, comps = parse_hlo(hlo)
-      per_class, listed = collections.Counter(), []
-      for op, t in ms.most_common():
-        shape, opcode, line = inst[op]
-        if opcode == "while":  # the loops' containers: their bodies' ops are counted
-          continue
-        called = re.findall(r"calls=%([\w.\-]+)", line)
-        cls = classify(shape, opcode, line, opcodes(comps, called[0]) if called else collections.Counter())
-        per_class[cls] += t / args.steps
-        listed.append((op, t / args.steps, cls, shape))
-      table[name] = per_class
-      if args.ops:
-        print(f"\n{name}: the {args.ops} costliest ops (ms per step)")
-        print_table(["op", "ms", "class", "output"], [[n, f"{t:.3f}", c, s.split("{")[0]] for n, t, c, s in
-                                                     listed[:args.ops]], left_first=True)
-  names = list(table)
+      # (the loops' containers, while ops, are left out: their bodies' ops are counted)
+      table[name] = by_class(ms, hlo, classify, args.ops, name, scale=1 / args.steps, skip=("while",))
   print(f"\n{args.model} decode step, batch {args.batch}, {args.prompt}-token prompt: ms per step by op class "
         f"(jax.profiler, {args.reps} x {args.steps} steps; jax {jax.__version__})")
-  rows = [[c] + [f"{table[n][c]:.2f}" for n in names] for c in CLASSES if any(table[n][c] for n in names)]
-  rows.append(["total"] + [f"{sum(table[n].values()):.2f}" for n in names])
-  print_table(["op class"] + names, rows, left_first=True)
+  print_classes(table, CLASSES)
 
 
 if __name__ == "__main__":

@@ -161,26 +161,39 @@ def main():
       cfg = MODES[mode]
       apply, params = (float_apply, mm.params) if cfg is None else (q_apply, aq.quantize_params(mm.params, stats, cfg))
       ms, hlo = profile(apply, (params, batch["input_ids"], batch["attention_mask"]), args.reps, Path(tmp) / mode)
-      inst, comps = parse_hlo(hlo)
-      per_class = collections.Counter()
-      listed = []
-      for name, t in ms.most_common():
-        shape, opcode, line = inst[name]
-        called = re.findall(r"calls=%([\w.\-]+)", line)
-        cls = classify(shape, opcode, line, opcodes(comps, called[0]) if called else collections.Counter())
-        per_class[cls] += t
-        listed.append((name, t, cls, shape))
-      table[mode] = per_class
-      if args.ops:
-        print(f"\n{mode}: the {args.ops} costliest ops")
-        print_table(["op", "ms", "class", "output"], [[n, f"{t:.2f}", c, s.split("{")[0]] for n, t, c, s in
-                                                     listed[:args.ops]], left_first=True)
-  modes = list(table)
+      table[mode] = by_class(ms, hlo, classify, args.ops, mode)
   print(f"\nMiniLM forward, 64 x 128 tokens, ms per call by op class (jax.profiler, {args.reps} calls; "
         f"jax {jax.__version__})")
-  rows = [[c] + [f"{table[m][c]:.1f}" for m in modes] for c in CLASSES if any(table[m][c] for m in modes)]
-  rows.append(["total"] + [f"{sum(table[m].values()):.1f}" for m in modes])
-  print_table(["op class"] + modes, rows, left_first=True)
+  print_classes(table, CLASSES, digits=1)
+
+
+def by_class(ms, hlo: str, classify, ops: int = 0, title: str = "", scale: float = 1.0, skip=()) -> collections.Counter:
+  """{op class: ms} from profile()'s per-op times, each op classified by classify(shape,
+  opcode, line, opcodes inside it) and its time times `scale`; ops whose opcode is in
+  `skip` are left out. ops > 0: also prints the `ops` costliest, under `title`."""
+  inst, comps = parse_hlo(hlo)
+  per_class, listed = collections.Counter(), []
+  for name, t in ms.most_common():
+    shape, opcode, line = inst[name]
+    if opcode in skip:
+      continue
+    called = re.findall(r"calls=%([\w.\-]+)", line)
+    cls = classify(shape, opcode, line, opcodes(comps, called[0]) if called else collections.Counter())
+    per_class[cls] += t * scale
+    listed.append((name, t * scale, cls, shape))
+  if ops:
+    print(f"\n{title}: the {ops} costliest ops (ms)")
+    print_table(["op", "ms", "class", "output"], [[n, f"{t:.3f}", c, s.split("{")[0]] for n, t, c, s in listed[:ops]],
+                left_first=True)
+  return per_class
+
+
+def print_classes(table: dict, classes, digits: int = 2):
+  """One column per variant of table ({variant: {class: ms}}), a row per class, a total."""
+  names = list(table)
+  rows = [[c] + [f"{table[n][c]:.{digits}f}" for n in names] for c in classes if any(table[n][c] for n in names)]
+  rows.append(["total"] + [f"{sum(table[n].values()):.{digits}f}" for n in names])
+  print_table(["op class"] + names, rows, left_first=True)
 
 
 if __name__ == "__main__":
