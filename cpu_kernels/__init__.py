@@ -213,6 +213,8 @@ def s8_gemm(xq: jax.Array, wq: jax.Array, layer: jax.Array | int | None = None) 
   if not ok:
     raise BackendUnavailableError(f"s8_gemm is not available here: {why}; check cpu_kernels.available() "
                                   "first, or use actquant_jax.w8a8_dot (backend='auto')")
+  if layer is not None and not jnp.issubdtype(jnp.result_type(layer), jnp.integer):
+    raise KernelTypeError(f"s8_gemm: layer must be an integer (the scan's index), got {jnp.result_type(layer)}")
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
   if layer.shape != ():
     raise KernelArgumentError(f"s8_gemm: layer must be a scalar, got shape {layer.shape}")

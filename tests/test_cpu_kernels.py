@@ -14,7 +14,7 @@ import pytest
 
 import cpu_kernels
 from pallas_kernels import reference as ref
-from pallas_kernels.errors import KernelArgumentError
+from pallas_kernels.errors import KernelArgumentError, KernelTypeError
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.available(), reason=f"s8_gemm: {cpu_kernels.unavailable_reason()}")
 
@@ -91,6 +91,10 @@ def test_stacked_weight_layer_in_place(m, k, n, rng):
     jax.block_until_ready(stacked(x, w, jnp.int32(3)))
   with pytest.raises(KernelArgumentError, match="needs layer="):
     cpu_kernels.s8_gemm(x, w)
+  with pytest.raises(KernelTypeError, match="layer must be an integer"):
+    cpu_kernels.s8_gemm(x, w, 1.5)
+  with pytest.raises(KernelArgumentError, match="layer must be a scalar"):
+    cpu_kernels.s8_gemm(x, w, jnp.zeros((2,), jnp.int32))
 
 
 @needs_kernel
