@@ -255,6 +255,7 @@ class W8A8Kernel:
 
     quantize(x, inv_smooth, scale) -> (xq, sx)         x (M, K) float
     accumulate(xq, wq) -> (acc, flags)                  wq (N, K); acc int32 (K <= K_CHUNK) or f32
+    accumulate_group(xq, wqs) -> ((acc, ...), flags)     one xq, several weights (one native call)
     epilogue(acc, sx + flags, sw, bias, out_dtype) -> y
     scaled_matmul(xq, sx, wq, sw, bias, out_dtype) -> y  accumulate + epilogue, fused where the backend fuses
 
@@ -284,10 +285,10 @@ class W8A8Kernel:
   def quantize(self, x, inv_smooth=None, scale=None, *, rotate: bool = False, k_axis: str | None = None):
     """x (M, K) float -> (xq (M, K) 8-bit, sx (M,) f32) by numerics.quantize_rows_ref's
     formulas: per token (scale None) or the static scale, after multiplying by
-    inv_smooth -- and, rotate=True, by the Hadamard rotation R of K (rotation.py; XLA ops
-    before the pass). k_axis: the mesh axis x's K is split over (inside shard_map): row
-    maxima and sums are reduced over it (the XLA formulas: the native and Pallas passes
-    see one shard)."""
+    inv_smooth -- and, rotate=True, by the Hadamard rotation R of K (rotation.py; inside
+    the native pass, else XLA ops before it). k_axis: the mesh axis x's K is split over
+    (inside shard_map): row maxima and sums are reduced over it (the XLA formulas: the
+    native and Pallas passes see one shard)."""
     if (scale is None) != (self.problem.act == "dynamic"):
       raise BackendError(f"this kernel was chosen for {self.problem.act} activations; "
                          f"got scale={'None' if scale is None else 'a static scale'}")
@@ -295,6 +296,11 @@ class W8A8Kernel:
       if k_axis is not None:
         raise BackendError("a rotated layer needs its whole rows: shard its K over no mesh axis")
       from actquant_jax import rotation
+      if self.quantizer == "cpu":  # rotated inside the native pass (XLA's einsums: ~10 us a row at decode)
+        import cpu_kernels
+        inv = None if inv_smooth is None else inv_smooth.astype(jax.numpy.float32)
+        signs, hm, _ = rotation.parts(x.shape[-1])
+        return cpu_kernels.quantize_rows(x.astype(jax.numpy.float32), inv, rotation=(signs, hm))
       x = rotation.rotate_rows(x if inv_smooth is None else x.astype(jax.numpy.float32) * inv_smooth)
       inv_smooth = None
     if k_axis is not None:
@@ -359,6 +365,16 @@ class W8A8Kernel:
       import cpu_kernels
       return cpu_kernels.s8_gemm(xq, wq)
     return numerics.accumulate_chunked(xq, wq, chunk, w_k_axis=w_k_axis), self.flags(xq)
+
+  def accumulate_group(self, xq, wqs, *, layer=None):
+    """((acc_g for each wq_g), flags): accumulate of one xq with several weights (a group
+    reading one input: q/k/v, gate/up). The native GEMM runs them as one call (at a few
+    rows one parallel loop over all of them); other backends one accumulate each."""
+    if self.backend == "cpu":
+      import cpu_kernels
+      return cpu_kernels.s8_gemm_group(xq, wqs, layer)
+    accs = [self.accumulate(xq, wq, layer=layer) for wq in wqs]
+    return tuple(a for a, _ in accs), accs[0][1]
 
   # -- stage 3: acc -> y
   @staticmethod

@@ -187,7 +187,35 @@ def _shared_quantize(shared: dict, x, site: _capture.Contraction, x2d, qk: Quant
   return xq, sx + ops.settings_mismatch(qk, first)
 
 
-def _matmul(site: _capture.Contraction, stacked: QuantizedKernel, layer, x, w, run, backend, interpret, shared: dict):
+def _group_products(shared: dict, x, x2d, site: _capture.Contraction, members, qks: dict, layer, xq, sx,
+                    kernel: backends.W8A8Kernel, out_dtype, interpret: bool):
+  """The 2-D products of x with this site's weight and its group's others (the members of
+  its act_group reading the same x: q/k/v, gate/up) as one native GEMM call; this site's
+  is returned, the others wait in `shared` for their own site (which takes them only if
+  it reads this same x). Only where every member runs on the native CPU GEMM."""
+  qk = _layer(qks[site.param], layer)
+  others = []
+  for s in members:
+    if s.param == site.param or s.stack != site.stack or ("y", id(x), s.param) in shared:
+      continue
+    q = _layer(qks[s.param], layer)
+    k = ops.choose_kernel(q, m=x2d.shape[0], out_dtype=out_dtype, backend=kernel.requested, interpret=interpret)
+    if q.in_features == qk.in_features and (k.backend, k.quantizer, k.marks) == ("cpu", kernel.quantizer,
+                                                                                 kernel.marks):
+      others.append((s, q))
+  if not others:
+    return None
+  stack = lambda p, q: q.values if layer is None else qks[p].values
+  accs, flags = kernel.accumulate_group(xq, [stack(site.param, qk)] + [stack(s.param, q) for s, q in others],
+                                        layer=layer)
+  for (s, q), acc in zip(others, accs[1:]):
+    _, sx_s = _shared_quantize(shared, x, s, x2d, q, kernel)
+    shared[("y", id(x), s.param)] = kernel.epilogue(acc, sx_s + flags, q.scale, None, out_dtype)
+  return kernel.epilogue(accs[0], sx + flags, qk.scale, None, out_dtype)
+
+
+def _matmul(site: _capture.Contraction, stacked: QuantizedKernel, layer, x, w, run, backend, interpret, shared: dict,
+            members=(), qks=None):
   """The float contraction (run(x, w), or run(w, x) when the weight is the left operand)
   as one 2-D W8A8 matmul with x on the left: contracted axes of x moved last and flattened
   to K (in the weight's pairing order), the output laid out as the dot would lay it out:
@@ -212,8 +240,12 @@ def _matmul(site: _capture.Contraction, stacked: QuantizedKernel, layer, x, w, r
   x2d = x2.reshape(-1, qk.in_features)
   kernel = ops.choose_kernel(qk, m=x2d.shape[0], out_dtype=out_dtype, backend=backend, interpret=interpret)
   xq, sx = _shared_quantize(shared, x, site, x2d, qk, kernel)
-  y = kernel.scaled_matmul(xq, sx, qk.values if layer is None else stacked.values, qk.scale, None, out_dtype,
-                           layer=layer)
+  y = shared.pop(("y", id(x), site.param), None)  # computed with its group's first member
+  if y is None and kernel.backend == "cpu" and len(members) > 1:
+    y = _group_products(shared, x, x2d, site, members, qks, layer, xq, sx, kernel, out_dtype, interpret)
+  if y is None or y.dtype != out_dtype:
+    y = kernel.scaled_matmul(xq, sx, qk.values if layer is None else stacked.values, qk.scale, None, out_dtype,
+                             layer=layer)
   y = y.reshape([x.shape[a] for a in rest] + [qk.float_shape[a] for a in qk.out])
   if site.weight_lhs and rest:  # dot_general(w, x): the weight's free axes first
     n = len(rest)
@@ -278,10 +310,16 @@ def run_quantized(fn: Callable, qvariables, param_paths_of: Callable, args, kwar
   absent = jax.tree_util.tree_map(lambda x: x.kept if _is_qk(x) else x, absent, is_leaf=_is_qk)
   inputs = (jax.tree_util.tree_leaves(absent, is_leaf=lambda x: isinstance(x, _capture.Absent))
             + _capture.program_inputs({}, (args, kwargs)))
-  shared = {}  # activation quantizations of this call, by input and act_group
+  shared = {}  # activation quantizations of this call, by input and act_group; group products
+  groups = {}  # members of an act_group, by (group, scan, x's layout)
+  for site in routed.values():
+    if qks[site.param].act_group:
+      groups.setdefault((qks[site.param].act_group, site.scan, tuple(site.x_contract)), []).append(site)
+  members = lambda site: groups.get((qks[site.param].act_group, site.scan, tuple(site.x_contract)), ())
   flat, _ = _capture.evaluate(program, inputs,
                               lambda site, x, w, run, layer: (_matmul(site, qks[site.param], layer, x, w, run,
-                                                                      backend, interpret, shared), None),
+                                                                      backend, interpret, shared, members(site),
+                                                                      qks), None),
                               routed, on_absent=_serve_table)
   return _capture.unflatten_output(program, flat)
 

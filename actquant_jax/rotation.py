@@ -74,8 +74,10 @@ def why_not(k: int) -> str | None:
 
 
 @functools.cache
-def _parts(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def parts(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(signs (K,), H_m / sqrt(m), H_p / sqrt(p)) in float32."""
+  if factors(k) is None:
+    raise QuantizationError(why_not(k))
   m, p = factors(k)
   signs = np.where(np.random.default_rng(k).integers(0, 2, k) == 1, 1.0, -1.0)
   hm = _sylvester(1) if m == 1 else _paley(m)
@@ -85,16 +87,14 @@ def _parts(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def matrix(k: int) -> np.ndarray:
   """R (K, K) as a dense float64 matrix (tests; the code applies it in factors)."""
-  signs, hm, hp = _parts(k)
+  signs, hm, hp = parts(k)
   return signs.astype(np.float64)[:, None] * np.kron(hm.astype(np.float64), hp.astype(np.float64))
 
 
 def rotate_rows(x: jax.Array) -> jax.Array:
   """x (M, K) @ R, in f32 (x's rows rotated)."""
   k = x.shape[-1]
-  if factors(k) is None:
-    raise QuantizationError(why_not(k))
-  signs, hm, hp = _parts(k)
+  signs, hm, hp = parts(k)
   m, p = hm.shape[0], hp.shape[0]
   y = (x.astype(jnp.float32) * signs).reshape(x.shape[:-1] + (m, p))
   y = jnp.einsum("...ab,ac,bd->...cd", y, hm, hp, precision=jax.lax.Precision.HIGHEST)
@@ -114,7 +114,7 @@ def unrotate_weight(w_kn: jax.Array) -> jax.Array:
 def unrotate_rows(y: jax.Array) -> jax.Array:
   """y (..., K) @ R^T, in f32: rows of a rotated table (E R) back to E's."""
   k = y.shape[-1]
-  signs, hm, hp = _parts(k)
+  signs, hm, hp = parts(k)
   m, p = hm.shape[0], hp.shape[0]
   z = jnp.asarray(y, jnp.float32).reshape(y.shape[:-1] + (m, p))
   z = jnp.einsum("...cd,ac,bd->...ab", z, hm, hp, precision=jax.lax.Precision.HIGHEST)

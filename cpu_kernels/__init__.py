@@ -196,16 +196,27 @@ def s8_gemm(xq: jax.Array, wq: jax.Array, layer: jax.Array | int | None = None) 
   wq may be a stack (L, N, K) of scanned layers' weights with `layer` (an int32 scalar,
   traced or not) the one to use: read in place (an XLA slice of it is a copy of the
   weight, every step of a scan). A layer out of range is an error of the call. CPU only."""
-  stacked = wq.ndim == 3
-  if xq.ndim != 2 or wq.ndim not in (2, 3) or xq.shape[1] != wq.shape[-1]:
-    raise KernelArgumentError(f"s8_gemm: expected xq (M, K) and wq (N, K) or (L, N, K), got {xq.shape} and "
-                              f"{wq.shape}: reshape xq to 2-D and pass the weight as (N, K) with the same K")
-  if stacked != (layer is not None):
-    raise KernelArgumentError(f"s8_gemm: a stacked wq (L, N, K) needs layer=, a 2-D one none; got wq {wq.shape} "
-                              f"and layer={layer!r}")
-  if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
-    raise KernelTypeError(f"s8_gemm: expected int8 operands xq and wq, got {xq.dtype} and {wq.dtype}; "
-                          "quantize them first (quantize_rows, actquant_jax.quantize_kernel)")
+  (acc,), marked = s8_gemm_group(xq, (wq,), layer)
+  return acc, marked
+
+
+def s8_gemm_group(xq: jax.Array, wqs, layer: jax.Array | int | None = None) -> tuple[tuple[jax.Array, ...], jax.Array]:
+  """s8_gemm of one xq with several weights (q/k/v, gate/up) in one native call: ((acc_g
+  (M, N_g) int32 for each wq_g), marked). At a few rows their work shares one parallel
+  loop. Every wq_g is (N_g, K), or every one a stack (L, N_g, K) read at `layer`."""
+  wqs = tuple(wqs)
+  if not wqs:
+    raise KernelArgumentError("s8_gemm_group: expected at least one weight")
+  for wq in wqs:
+    if xq.ndim != 2 or wq.ndim not in (2, 3) or xq.shape[1] != wq.shape[-1]:
+      raise KernelArgumentError(f"s8_gemm: expected xq (M, K) and wq (N, K) or (L, N, K), got {xq.shape} and "
+                                f"{wq.shape}: reshape xq to 2-D and pass the weight as (N, K) with the same K")
+    if (wq.ndim == 3) != (layer is not None):
+      raise KernelArgumentError(f"s8_gemm: a stacked wq (L, N, K) needs layer=, a 2-D one none; got wq {wq.shape} "
+                                f"and layer={layer!r}")
+    if xq.dtype != jnp.int8 or wq.dtype != jnp.int8:
+      raise KernelTypeError(f"s8_gemm: expected int8 operands xq and wq, got {xq.dtype} and {wq.dtype}; "
+                            "quantize them first (quantize_rows, actquant_jax.quantize_kernel)")
   if xq.shape[1] > MAX_K:
     raise KernelArgumentError(f"s8_gemm: K = {xq.shape[1]} > {MAX_K} could overflow the int32 accumulator; "
                               "split K, or use actquant_jax.w8a8_dot (exact chunks)")
@@ -218,9 +229,10 @@ def s8_gemm(xq: jax.Array, wq: jax.Array, layer: jax.Array | int | None = None) 
   layer = jnp.asarray(0 if layer is None else layer, jnp.int32)
   if layer.shape != ():
     raise KernelArgumentError(f"s8_gemm: layer must be a scalar, got shape {layer.shape}")
-  out = (jax.ShapeDtypeStruct((xq.shape[0], wq.shape[-2]), jnp.int32),
-         jax.ShapeDtypeStruct((xq.shape[0],), jnp.float32))
-  return tuple(jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, wq, layer))
+  out = (jax.ShapeDtypeStruct((xq.shape[0],), jnp.float32),
+         *(jax.ShapeDtypeStruct((xq.shape[0], wq.shape[-2]), jnp.int32) for wq in wqs))
+  marked, *accs = jax.ffi.ffi_call(_TARGET, out, vmap_method="sequential")(xq, layer, *wqs)
+  return tuple(accs), marked
 
 
 def marked_rows(xq: jax.Array) -> jax.Array:
@@ -236,11 +248,16 @@ def marked_rows(xq: jax.Array) -> jax.Array:
                           vmap_method="sequential")(xq)
 
 
-def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None,
+                  rotation: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
   """Dynamic per-row int8 quantization of f32 x (M, K), one native pass over memory:
   (xq (M, K) int8, sx (M,) f32), bit for bit reference.quantize_rows_ref(x, inv_smooth)
   (dynamic, int8). A row holding NaN or Inf gets sx = NaN and every element
-  reference.NONFINITE_MARK. CPU only."""
+  reference.NONFINITE_MARK. CPU only.
+
+  rotation: (signs (K,), hm (m, m)) f32, m dividing K: each row x * inv_smooth is first
+  multiplied by R = diag(signs) (hm kron H_p / sqrt(p)), p = K / m, H_p Sylvester's
+  Hadamard matrix (actquant_jax.rotation's R; the same up to f32 rounding)."""
   if x.ndim != 2 or x.dtype != jnp.float32:
     raise KernelArgumentError(f"quantize_rows: expected a float32 (M, K) array x, got {x.dtype} {x.shape}; "
                               "pass x.reshape(-1, K).astype(jnp.float32)")
@@ -249,12 +266,21 @@ def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None) -> tuple[ja
   elif inv_smooth.shape != x.shape[1:] or inv_smooth.dtype != jnp.float32:
     raise KernelArgumentError(f"quantize_rows: inv_smooth must be float32 ({x.shape[1]},), got {inv_smooth.dtype} "
                      f"{inv_smooth.shape}")
+  if rotation is None:
+    signs, hm = jnp.zeros((0,), jnp.float32), jnp.zeros((0, 0), jnp.float32)
+  else:
+    signs, hm = (jnp.asarray(a, jnp.float32) for a in rotation)
+    m = hm.shape[0] if hm.ndim == 2 else 0
+    p = x.shape[1] // m if m else 0
+    if signs.shape != x.shape[1:] or hm.shape != (m, m) or m == 0 or m * p != x.shape[1] or p & (p - 1):
+      raise KernelArgumentError(f"quantize_rows: rotation must be (signs ({x.shape[1]},), hm (m, m)) with "
+                                f"K = {x.shape[1]} = m * 2^j; got signs {signs.shape}, hm {hm.shape}")
   ok, why = _load()
   if not ok:
     raise BackendUnavailableError(f"quantize_rows is not available here: {why}; check cpu_kernels.available() "
                                   "first, or use reference.quantize_rows_ref")
   out = (jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(x.shape[:1], jnp.float32))
-  return tuple(jax.ffi.ffi_call(_QUANTIZE_TARGET, out, vmap_method="sequential")(x, inv_smooth))
+  return tuple(jax.ffi.ffi_call(_QUANTIZE_TARGET, out, vmap_method="sequential")(x, inv_smooth, signs, hm))
 
 
 def attention_available() -> bool:

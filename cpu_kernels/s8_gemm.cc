@@ -3,6 +3,7 @@
 //   out[m, n] = sum_k x[m, k] * w[n, k]      x (M, K) int8, w (N, K) int8 (K-major: the
 //                                             QuantizedKernel layout), out (M, N) int32
 //   marked[m] = NaN if row m of x holds -128, else 0     (M,) f32
+// for one x and G >= 1 weights in one call (a group reading one input: q/k/v, gate/up).
 //
 // -128 is the mark of a non-finite input (reference.NONFINITE_MARK): the quantizer never
 // emits it otherwise, and `marked` added to the row scales turns such rows into NaN rows.
@@ -24,7 +25,8 @@
 // XLA's intra-op thread pool.
 //
 // Also here: quantize_rows, the dynamic per-row int8 quantization of f32 x (see
-// QuantizeRows), and marked_rows, the mark scan alone.
+// QuantizeRows; with the online Hadamard rotation: RotateRow), and marked_rows, the mark
+// scan alone.
 //
 // Compiled without -mavx512* / -mavx2: only the functions marked VNNI (AVX2) use those
 // instructions, and they run only where actquant_cpu_int8_isa() says the CPU has them.
@@ -630,55 +632,19 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, std::function<void(int64
   while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// w is (N, K), or a stack (L, N, K) of scanned layers' weights of which layer `layer` is
-// read in place: a slice of it taken in XLA would be a copy of the weight every step.
-ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buffer<ffi::S8> w_buf,
-                      ffi::Buffer<ffi::S32> layer_buf, ffi::ResultBuffer<ffi::S32> out_buf,
-                      ffi::ResultBuffer<ffi::F32> marked_buf) {
-  auto xd = x_buf.dimensions(), wd = w_buf.dimensions();
-  const size_t wr = wd.size();
-  if (xd.size() != 2 || (wr != 2 && wr != 3) || xd[1] != wd[wr - 1] || layer_buf.element_count() != 1) {
-    return ffi::Error::InvalidArgument("actquant s8_gemm: expected x (M, K), w (N, K) or (L, N, K), layer ()");
+// Marks of rows m0..m1 of x: RowSums' (VNNI) or MarksAvx2.
+void Marks(const int8_t* x, int64_t K, int64_t m0, int64_t m1, float* marked) {
+  if (kHasVnni) {
+    RowSums(x, K, m0, m1, nullptr, marked);
+  } else {
+    MarksAvx2(x, K, m0, m1, marked);
   }
-  const int64_t M = xd[0], K = xd[1], N = wd[wr - 2];
-  const int64_t layer = layer_buf.typed_data()[0];
-  if (layer < 0 || (wr == 3 ? layer >= wd[0] : layer != 0)) {
-    return ffi::Error::InvalidArgument("actquant s8_gemm: layer out of range");
-  }
-  if (K > 65536) return ffi::Error::InvalidArgument("actquant s8_gemm: K > 65536 may overflow int32");
-  const int8_t* x = x_buf.typed_data();
-  const int8_t* w = w_buf.typed_data() + layer * N * K;
-  int32_t* out = out_buf->typed_data();
-  float* marked = marked_buf->typed_data();
-  if (M == 0) return ffi::Error::Success();
-  if (N == 0 || K == 0) {
-    std::fill(out, out + M * N, 0);
-    if (kHasVnni) {
-      RowSums(x, K, 0, M, nullptr, marked);
-    } else {
-      MarksAvx2(x, K, 0, M, marked);
-    }
-    return ffi::Error::Success();
-  }
-  if (!UsePacked(M, N, K)) {
-    // few rows: the marks in a pass over M * K bytes, next to N * K of weight
-    if (kHasVnni) {
-      RowSums(x, K, 0, M, nullptr, marked);
-    } else {
-      MarksAvx2(x, K, 0, M, marked);
-    }
-    const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
-    ParallelFor(pool, row_blocks * ((N + kColBlock - 1) / kColBlock), [&](int64_t c) {
-      const int64_t mb = c % row_blocks, nb = c / row_blocks, m0 = mb * kRowBlock, m1 = std::min(M, m0 + kRowBlock);
-      const int64_t n0 = nb * kColBlock, n1 = std::min(N, n0 + kColBlock);
-      if (kHasVnni) {
-        Chunk(x, w, out, N, K, m0, m1, n0, n1);
-      } else {
-        ChunkAvx2(x, w, out, N, K, m0, m1, n0, n1);
-      }
-    });
-    return ffi::Error::Success();
-  }
+}
+
+// Many rows: the weight packed once per call for the outer-product tile (the marks found
+// as x is read for it).
+void PackedGemm(ffi::ThreadPool& pool, const int8_t* x, const int8_t* w, int32_t* out, int64_t M, int64_t N, int64_t K,
+                float* marked) {
   if (!kHasVnni) {
     const int64_t panels = (N + kPanel2 - 1) / kPanel2, panel_bytes = ((K + 3) / 4) * kPanel2 * 4;
     const int64_t row_blocks = (M + kRowBlockP - 1) / kRowBlockP;
@@ -695,7 +661,7 @@ ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buf
       const int64_t mb = c % row_blocks, p = c / row_blocks;
       PackedChunkAvx2(x, packed.get(), out, N, K, mb * kRowBlockP, std::min(M, (mb + 1) * kRowBlockP), p);
     });
-    return ffi::Error::Success();
+    return;
   }
   const int64_t panels = (N + kPanel - 1) / kPanel, panel_bytes = ((K + 3) / 4) * kPanel * 4;
   const int64_t row_blocks = (M + kRowBlockP - 1) / kRowBlockP;
@@ -713,6 +679,78 @@ ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buf
     const int64_t mb = c % row_blocks, p = c / row_blocks;
     PackedChunk(x, packed.get(), comp.get(), out, N, K, mb * kRowBlockP, std::min(M, (mb + 1) * kRowBlockP), p);
   });
+}
+
+struct GemmOperand {
+  const int8_t* w;  // (N, K): the layer's, inside a stack
+  int32_t* out;     // (M, N)
+  int64_t N;
+};
+
+// x (M, K) times G weights w_g (N_g, K), or stacks (L, N_g, K) of scanned layers' weights
+// of which layer `layer` is read in place (a slice of it taken in XLA would be a copy of
+// the weight every step) -> out_g (M, N_g) and the marks. The G products of one x (q/k/v,
+// gate/up) are one call: at a few rows their chunks share one parallel loop (one wake-up
+// of the pool, and the small ones' columns fill the cores), and x's marks are found once.
+ffi::Error S8GemmImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi::Buffer<ffi::S32> layer_buf,
+                      ffi::RemainingArgs w_bufs, ffi::ResultBuffer<ffi::F32> marked_buf, ffi::RemainingRets out_bufs) {
+  auto xd = x_buf.dimensions();
+  if (xd.size() != 2 || layer_buf.element_count() != 1 || w_bufs.size() == 0 || w_bufs.size() != out_bufs.size()) {
+    return ffi::Error::InvalidArgument("actquant s8_gemm: expected x (M, K), layer (), G >= 1 weights and G outputs");
+  }
+  const int64_t M = xd[0], K = xd[1];
+  if (K > 65536) return ffi::Error::InvalidArgument("actquant s8_gemm: K > 65536 may overflow int32");
+  const int64_t layer = layer_buf.typed_data()[0];
+  std::vector<GemmOperand> ops;
+  for (size_t g = 0; g < w_bufs.size(); ++g) {
+    auto w = w_bufs.get<ffi::Buffer<ffi::S8>>(g);
+    if (!w.has_value()) return w.error();
+    auto o = out_bufs.get<ffi::Buffer<ffi::S32>>(g);
+    if (!o.has_value()) return o.error();
+    auto wd = w->dimensions();
+    const size_t wr = wd.size();
+    if ((wr != 2 && wr != 3) || wd[wr - 1] != K) {
+      return ffi::Error::InvalidArgument("actquant s8_gemm: expected w (N, K) or (L, N, K)");
+    }
+    if (layer < 0 || (wr == 3 ? layer >= wd[0] : layer != 0)) {
+      return ffi::Error::InvalidArgument("actquant s8_gemm: layer out of range");
+    }
+    const int64_t N = wd[wr - 2];
+    ops.push_back({w->typed_data() + layer * N * K, (*o)->typed_data(), N});
+  }
+  const int8_t* x = x_buf.typed_data();
+  float* marked = marked_buf->typed_data();
+  if (M == 0) return ffi::Error::Success();
+  bool marks_found = false;
+  std::vector<GemmOperand> few;  // the decode form's operands
+  for (const GemmOperand& op : ops) {
+    if (K == 0) {
+      std::fill(op.out, op.out + M * op.N, 0);
+    } else if (op.N > 0 && UsePacked(M, op.N, K)) {
+      PackedGemm(pool, x, op.w, op.out, M, op.N, K, marked);
+      marks_found = true;
+    } else if (op.N > 0) {
+      few.push_back(op);
+    }
+  }
+  // few rows: the marks in a pass over M * K bytes, next to N * K of weight
+  if (!marks_found) Marks(x, K, 0, M, marked);
+  if (few.empty()) return ffi::Error::Success();
+  const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock;
+  std::vector<int64_t> first(few.size() + 1, 0);  // chunk numbers by operand
+  for (size_t g = 0; g < few.size(); ++g) first[g + 1] = first[g] + row_blocks * ((few[g].N + kColBlock - 1) / kColBlock);
+  ParallelFor(pool, first.back(), [&](int64_t c) {
+    const size_t g = std::upper_bound(first.begin(), first.end(), c) - first.begin() - 1;
+    const GemmOperand& op = few[g];
+    const int64_t local = c - first[g], mb = local % row_blocks, nb = local / row_blocks;
+    const int64_t m0 = mb * kRowBlock, m1 = std::min(M, m0 + kRowBlock);
+    const int64_t n0 = nb * kColBlock, n1 = std::min(op.N, n0 + kColBlock);
+    if (kHasVnni) {
+      Chunk(x, op.w, op.out, op.N, K, m0, m1, n0, n1);
+    } else {
+      ChunkAvx2(x, op.w, op.out, op.N, K, m0, m1, n0, n1);
+    }
+  });
   return ffi::Error::Success();
 }
 
@@ -727,24 +765,100 @@ ffi::Error MarkedRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x_buf, ffi:
   const int64_t blocks = (M + kRowBlockP - 1) / kRowBlockP;
   if (blocks > 0) {
     ParallelFor(pool, blocks, [&](int64_t c) {
-      const int64_t m0 = c * kRowBlockP, m1 = std::min(M, m0 + kRowBlockP);
-      if (kHasVnni) {
-        RowSums(x, K, m0, m1, nullptr, marked);
-      } else {
-        MarksAvx2(x, K, m0, m1, marked);
-      }
+      const int64_t m0 = c * kRowBlockP;
+      Marks(x, K, m0, std::min(M, m0 + kRowBlockP), marked);
     });
   }
   return ffi::Error::Success();
 }
 
+// ---- The online Hadamard rotation of a row before it is quantized (actquant_jax/rotation.py):
+//   x R = ((x * inv * signs) viewed (m, p)) -> H_p / sqrt(p) along p -> H_m / sqrt(m) across m
+// R = diag(signs) (H_m kron H_p) / sqrt(K). H_p (Sylvester, natural order) is applied by
+// p log p butterflies; H_m (hm, given scaled: a Paley order or 1) densely, y[c, :] =
+// sum_a hm[a, c] t[a, :]: m multiply-adds per element, 8-lane FMAs along p. The same R as the XLA einsum, summed in another
+// order: f32 rounding apart.
+template <int NV, int CB>
+AVX2 void MixRows(const float* t, const float* hm, int64_t m, int64_t p, int64_t c0, int64_t c1, float norm,
+                  float* y) {
+  // CB output rows at once: CB * NV independent FMA chains (the FMA's latency, not its
+  // throughput, would bound one chain), each t vector loaded once for them.
+  for (int64_t c = c0; c + CB <= c1; c += CB) {
+    for (int64_t j0 = 0; j0 < p; j0 += 8 * NV) {
+      __m256 acc[CB][NV];
+      UNROLL for (int b = 0; b < CB; ++b) UNROLL for (int v = 0; v < NV; ++v) acc[b][v] = _mm256_setzero_ps();
+      for (int64_t a = 0; a < m; ++a) {
+        __m256 ta[NV];
+        UNROLL for (int v = 0; v < NV; ++v) ta[v] = _mm256_loadu_ps(t + a * p + j0 + 8 * v);
+        UNROLL for (int b = 0; b < CB; ++b) {
+          const __m256 h = _mm256_set1_ps(hm[a * m + c + b]);
+          UNROLL for (int v = 0; v < NV; ++v) acc[b][v] = _mm256_fmadd_ps(h, ta[v], acc[b][v]);
+        }
+      }
+      const __m256 n = _mm256_set1_ps(norm);
+      UNROLL for (int b = 0; b < CB; ++b) UNROLL for (int v = 0; v < NV; ++v) {
+        _mm256_storeu_ps(y + (c + b) * p + j0 + 8 * v, _mm256_mul_ps(acc[b][v], n));
+      }
+    }
+  }
+}
+
+// y = (hm^T t) * norm for p a multiple of 8: blocks of CB output rows, the last m % CB one by one.
+template <int NV, int CB>
+AVX2 void Mix(const float* t, const float* hm, int64_t m, int64_t p, float norm, float* y) {
+  const int64_t whole = m - m % CB;
+  MixRows<NV, CB>(t, hm, m, p, 0, whole, norm, y);
+  MixRows<NV, 1>(t, hm, m, p, whole, m, norm, y);
+}
+
+AVX2 void RotateRow(const float* x, const float* inv, const float* signs, const float* hm, int64_t m, int64_t p,
+                    float* t, float* y) {
+  const int64_t K = m * p;
+  for (int64_t k = 0; k < K; ++k) t[k] = x[k] * inv[k] * signs[k];
+  for (int64_t h = 1; h < p; h *= 2) {
+    for (int64_t a = 0; a < m; ++a) {
+      float* r = t + a * p;
+      for (int64_t i = 0; i < p; i += 2 * h) {
+        for (int64_t j = i; j < i + h; ++j) {
+          const float u = r[j], v = r[j + h];
+          r[j] = u + v;
+          r[j + h] = u - v;
+        }
+      }
+    }
+  }
+  const float norm = 1.0f / std::sqrt(static_cast<float>(p));
+  if (p >= 64) return Mix<8, 1>(t, hm, m, p, norm, y);
+  if (p == 32) return Mix<4, 2>(t, hm, m, p, norm, y);
+  if (p == 16) return Mix<2, 4>(t, hm, m, p, norm, y);
+  if (p == 8) return Mix<1, 8>(t, hm, m, p, norm, y);
+  for (int64_t c = 0; c < m; ++c) {  // p < 8: a short row (K < 8 m)
+    float* yc = y + c * p;
+    for (int64_t j = 0; j < p; ++j) yc[j] = 0.0f;
+    for (int64_t a = 0; a < m; ++a) {
+      const float h = hm[a * m + c];
+      for (int64_t j = 0; j < p; ++j) yc[j] += h * t[a * p + j];
+    }
+    for (int64_t j = 0; j < p; ++j) yc[j] *= norm;
+  }
+}
+
+// x (M, K), inv (K,), and either signs (0,) and hm (0, 0) -- no rotation -- or signs (K,)
+// and hm (m, m) with m dividing K (rotated rows: RotateRow, then the pass on them).
 ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> inv_buf,
+                            ffi::Buffer<ffi::F32> signs_buf, ffi::Buffer<ffi::F32> hm_buf,
                             ffi::ResultBuffer<ffi::S8> xq_buf, ffi::ResultBuffer<ffi::F32> sx_buf) {
-  auto xd = x_buf.dimensions(), id = inv_buf.dimensions();
+  auto xd = x_buf.dimensions(), id = inv_buf.dimensions(), hd = hm_buf.dimensions();
   if (xd.size() != 2 || id.size() != 1 || id[0] != xd[1]) {
     return ffi::Error::InvalidArgument("actquant quantize_rows: expected x (M, K) and inv_smooth (K,)");
   }
   const int64_t M = xd[0], K = xd[1];
+  const bool rotate = signs_buf.element_count() != 0;
+  const int64_t m = rotate && hd.size() == 2 ? hd[0] : 0;
+  if (rotate && (signs_buf.element_count() != static_cast<size_t>(K) || hd.size() != 2 || hd[1] != m || m < 1 ||
+                 K % m != 0)) {
+    return ffi::Error::InvalidArgument("actquant quantize_rows: expected signs (K,) and hm (m, m), m dividing K");
+  }
   // Row blocks of about 64 KiB of x: enough work per chunk, and both cores busy at M >= 2 * rows.
   const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1));
   const int64_t blocks = (M + rows - 1) / rows;
@@ -752,13 +866,24 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
   const float* inv = inv_buf.typed_data();
   int8_t* xq = xq_buf->typed_data();
   float* sx = sx_buf->typed_data();
+  const auto pass = [](const float* xs, const float* invs, int64_t K, int64_t m0, int64_t m1, int8_t* q, float* s) {
+    if (kHasVnni) {
+      QuantizeRows(xs, invs, K, m0, m1, q, s);
+    } else {
+      QuantizeRowsAvx2(xs, invs, K, m0, m1, q, s);
+    }
+  };
   if (blocks > 0) {
     ParallelFor(pool, blocks, [&](int64_t c) {
       const int64_t m0 = c * rows, m1 = std::min(M, m0 + rows);
-      if (kHasVnni) {
-        QuantizeRows(x, inv, K, m0, m1, xq, sx);
-      } else {
-        QuantizeRowsAvx2(x, inv, K, m0, m1, xq, sx);
+      if (!rotate) return pass(x, inv, K, m0, m1, xq, sx);
+      thread_local std::vector<float> t, y, ones;
+      t.resize(K);
+      y.resize(K);
+      ones.assign(K, 1.0f);  // (the rotated row carries inv already)
+      for (int64_t r = m0; r < m1; ++r) {
+        RotateRow(x + r * K, inv, signs_buf.typed_data(), hm_buf.typed_data(), m, K / m, t.data(), y.data());
+        pass(y.data(), ones.data(), K, 0, 1, xq + r * K, sx + r);
       }
     });
   }
@@ -1106,14 +1231,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantS8Gemm, S8GemmImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantQuantizeRows, QuantizeRowsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S8>>()

@@ -97,6 +97,32 @@ def test_stacked_weight_layer_in_place(m, k, n, rng):
     cpu_kernels.s8_gemm(x, w, jnp.zeros((2,), jnp.int32))
 
 
+# One x, several weights in one call: decode rows (their column chunks in one parallel
+# loop, ragged N, an empty weight) and prefill rows (one member packed, one not: N*K small),
+# flat and stacked; each product is XLA's int8 dot, and the marks are the one x's.
+@needs_kernel
+@pytest.mark.parametrize("m,ns,k", [(1, (576, 192, 192), 576), (2, (5, 0, 70), 33), (60, (4, 1541), 300),
+                                    (241, (3, 130, 64), 129)])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_group_of_weights_in_one_call(m, ns, k, stacked, rng):
+  x = np.array(_ints(rng, (m, k)))
+  if m > 1:
+    x[m // 2, k // 3] = ref.NONFINITE_MARK  # (a marked row's sums are not defined: its output is NaN)
+  x = jnp.asarray(x)
+  ws = [_ints(rng, ((3,) if stacked else ()) + (n, k)) for n in ns]
+  layer = jnp.int32(2) if stacked else None
+  accs, marked = jax.jit(cpu_kernels.s8_gemm_group)(x, ws, layer)
+  assert len(accs) == len(ns)
+  rows = np.arange(m) != (m // 2 if m > 1 else -1)
+  for acc, w in zip(accs, ws):
+    np.testing.assert_array_equal(np.asarray(acc)[rows], np.asarray(expect(x, w[2] if stacked else w))[rows])
+  np.testing.assert_array_equal(np.asarray(marked), np.asarray(ref.marked_rows_ref(x)))
+  with pytest.raises(KernelArgumentError, match="at least one weight"):
+    cpu_kernels.s8_gemm_group(x, [])
+  with pytest.raises(KernelArgumentError, match="needs layer=|a 2-D one none"):
+    cpu_kernels.s8_gemm_group(x, [ws[0], ws[0][0] if stacked else ws[0][None]], layer)
+
+
 @needs_kernel
 @pytest.mark.skipif(cpu_kernels.int8_isa() != "avx512-vnni", reason="AVX2 is already this CPU's path")
 def test_avx2_paths_on_a_vnni_cpu():
@@ -106,7 +132,7 @@ def test_avx2_paths_on_a_vnni_cpu():
   r = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", __file__,
-                      "-k", "matches or flags or extremes or stacked or quantize"], env=env, capture_output=True, text=True,
+                      "-k", "matches or flags or extremes or stacked or quantize or group"], env=env, capture_output=True, text=True,
                      timeout=600)
   assert r.returncode == 0 and " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -154,6 +180,32 @@ def test_quantize_rows_signals_nonfinite_rows(bad, rng):
   np.testing.assert_array_equal(np.asarray(ref.marked_rows_ref(xq)), np.where(rows, np.nan, 0).astype(np.float32))
 
 
+# The rotation inside the pass against a float64 numpy oracle (x * inv) @ R: K with m = 1
+# (pure Sylvester), p = 1 (pure Paley), both, and SmolLM2's 576 (72 x 8) and 1536 (48 x 32);
+# several row blocks; a NaN row still signalled. Summed in another order than XLA's
+# einsum: the scale to f32 rounding, each element within one step of round(y / sx).
+@needs_kernel
+@pytest.mark.parametrize("m,k", [(1, 2), (3, 12), (2, 64), (5, 96), (1, 576), (37, 1536)])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_quantize_rows_rotated_matches_a_numpy_oracle(m, k, smooth, rng):
+  from actquant_jax import rotation
+  x = rng.standard_normal((m, k)).astype(np.float32) * np.exp(rng.uniform(-3, 3, (m, 1))).astype(np.float32)
+  x[:, rng.integers(0, k, 2)] *= 100  # outlier channels: spread over all K by R
+  inv = np.exp(rng.uniform(-1, 1, k)).astype(np.float32) if smooth else None
+  if m >= 3:
+    x[1, k // 2] = np.nan
+  signs, hm, _ = rotation.parts(k)
+  xq, sx = jax.jit(cpu_kernels.quantize_rows)(jnp.asarray(x), None if inv is None else jnp.asarray(inv),
+                                              (jnp.asarray(signs), jnp.asarray(hm)))
+  xq, sx = np.asarray(xq).astype(np.int64), np.asarray(sx)
+  y = (x.astype(np.float64) * (1.0 if inv is None else inv)) @ rotation.matrix(k)
+  good = np.isfinite(y).all(axis=1)
+  want_sx = np.abs(y[good]).max(axis=1) / 127
+  np.testing.assert_allclose(sx[good], want_sx, rtol=1e-5)
+  assert np.abs(xq[good] - y[good] / want_sx[:, None]).max() <= 0.5 + 1e-3
+  assert np.isnan(sx[~good]).all() and (xq[~good] == ref.NONFINITE_MARK).all()
+
+
 @needs_kernel
 def test_quantize_rows_empty_and_batched(rng):
   xq, sx = quantize(jnp.zeros((0, 8), jnp.float32), None)
@@ -178,6 +230,10 @@ def test_bad_inputs():
     cpu_kernels.quantize_rows(jnp.zeros((2, 8), jnp.bfloat16))
   with pytest.raises(ValueError, match="inv_smooth must be float32 \\(8,\\)"):
     cpu_kernels.quantize_rows(jnp.zeros((2, 8), jnp.float32), jnp.ones(9, jnp.float32))
+  with pytest.raises(KernelArgumentError, match="rotation must be"):
+    cpu_kernels.quantize_rows(jnp.zeros((2, 12), jnp.float32), None, (jnp.ones(12), jnp.ones((5, 5))))
+  with pytest.raises(KernelArgumentError, match="rotation must be"):
+    cpu_kernels.quantize_rows(jnp.zeros((2, 12), jnp.float32), None, (jnp.ones(12), jnp.ones((4, 4))))  # p = 3
   with pytest.raises(ValueError, match="overflow"):
     cpu_kernels.s8_gemm(jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8), jnp.zeros((1, cpu_kernels.MAX_K + 1), jnp.int8))
 

@@ -144,17 +144,16 @@ def batches(n, b=4, t=16, d=D, seed=0):
   return [jnp.asarray(rng.standard_normal((b, t, d)), jnp.float32) for _ in range(n)]
 
 
-def int8_matmuls(fn, *args) -> int:
-  """How many 8-bit GEMMs the traced program runs: dot_generals with int8/fp8 operands
-  and the native CPU GEMM's custom calls (x and w 8-bit, then the layer index: not
-  marked_rows' scan of one), nested jaxprs included."""
+def _eight_bit_gemms(fn, args, per_call: bool) -> int:
   def count(jaxpr):
     n = 0
     for e in jaxpr.eqns:
-      if e.primitive.name in ("dot_general", "ffi_call") and len(e.invars) in (2, 3) and all(
-          str(v.aval.dtype) in ("int8", "float8_e4m3fn") for v in e.invars[:2]) and (
-          len(e.invars) == 2 or str(e.invars[2].aval.dtype) == "int32"):
+      dtypes = [str(v.aval.dtype) for v in e.invars]
+      if e.primitive.name == "dot_general" and all(d in ("int8", "float8_e4m3fn") for d in dtypes):
         n += 1
+      elif e.primitive.name == "ffi_call" and len(dtypes) >= 3 and dtypes[:2] == ["int8", "int32"] and all(
+          d == "int8" for d in dtypes[2:]):
+        n += 1 if per_call else len(dtypes) - 2
       for p in e.params.values():
         for s in (p if isinstance(p, (tuple, list)) else (p,)):
           if hasattr(s, "eqns"):
@@ -163,3 +162,16 @@ def int8_matmuls(fn, *args) -> int:
             n += count(s.jaxpr)
     return n
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def int8_matmuls(fn, *args) -> int:
+  """How many 8-bit GEMMs the traced program runs: dot_generals with int8/fp8 operands,
+  and the native CPU GEMM's custom calls (x int8, the layer index, then the weights: one
+  GEMM per weight; not marked_rows' scan of one), nested jaxprs included."""
+  return _eight_bit_gemms(fn, args, per_call=False)
+
+
+def int8_gemm_calls(fn, *args) -> int:
+  """How many 8-bit GEMM calls: as int8_matmuls, but a native call with several weights
+  (a group reading one x) counts once."""
+  return _eight_bit_gemms(fn, args, per_call=True)
