@@ -103,6 +103,7 @@ def _config_from_json(d) -> QuantConfig | None:
   d = dict(d)
   d["rules"] = tuple(LayerRule(**r) for r in d.get("rules", ()))
   d["alpha_grid"] = tuple(d.get("alpha_grid", ()))
+  d.setdefault("rotate", False)  # written before rotation existed: not rotated (the default is now True)
   return QuantConfig(**d)
 
 

@@ -73,15 +73,20 @@ class QuantConfig:
               (rotation.py): R^T W quantized offline, x R per token at run time (QuaRot's
               online rotation). Spreads outlier channels over all K (static scales are
               taken on the rotated rows); skipped (and reported) where K has no Hadamard
-              size or a lookup reads the weight.
+              size or a lookup reads the weight. A rotated layer needs its whole input
+              rows: row-parallel (K-sharded) shard_map use takes rotate=False.
   rules:      LayerRule overrides, matched on the module path; later rules win.
+
+  The defaults (dynamic, rotated, alpha "auto") are the most accurate measured on real
+  LLMs (SmolLM2-135M, Gemma 3 270M, held-out text: perplexity within +0.5% of float, KL
+  ~3e-3; docs/results.md); alpha=0.5, rotate=False is plain SmoothQuant.
   """
 
   qtype: str = "int8"
   act_mode: str = "dynamic"
-  alpha: Alpha = 0.5
+  alpha: Alpha = "auto"
   alpha_grid: tuple[float | None, ...] = DEFAULT_ALPHA_GRID
-  rotate: bool = False
+  rotate: bool = True
   rules: tuple[LayerRule, ...] = ()
 
   def __post_init__(self):

@@ -106,9 +106,9 @@ def minilm_rows(rounds, native: bool):
   args = (batch["input_ids"], batch["attention_mask"])
   fns = {"fp32": jax.jit(lambda p, ids, mask: mm.model.apply(p, ids, mask))}
   fargs = {"fp32": (mm.params, *args)}
-  cfgs = {"dynamic, auto alpha": aq.QuantConfig(alpha="auto"),
-          "static, auto alpha": aq.QuantConfig(act_mode="static", alpha="auto"),
-          "dynamic, no smoothing": aq.QuantConfig(alpha=None)}
+  cfgs = {"dynamic, auto alpha": aq.QuantConfig(alpha="auto", rotate=False),
+          "static, auto alpha": aq.QuantConfig(act_mode="static", alpha="auto", rotate=False),
+          "dynamic, no smoothing": aq.QuantConfig(alpha=None, rotate=False)}
   applies = {}
   for backend in (["cpu"] if native else []) + ["xla"]:
     q = aq.quantized_apply(mm.model, backend=backend)

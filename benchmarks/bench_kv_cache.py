@@ -150,7 +150,7 @@ def speed_variants(name: str, args, log):
     params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     batches = bench_llm.calib_batches(cfg)
   stats = aq.calibrate(model, params, batches, progress=False)
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="dynamic", alpha=None))
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="dynamic", alpha=None, rotate=False))
   q_apply = aq.quantized_apply(model)
   bf16_model = model.clone(param_dtype=jnp.bfloat16)
   out = {"f32": (model.apply, params, model, jnp.float32),

@@ -51,8 +51,8 @@ from examples.llm.run import DATA, SEQ, _eval_fn, evaluate, load_model, model_pa
 
 OURS = {
     "ours f32": None,
-    "ours W8A8 dynamic, auto alpha": aq.QuantConfig(act_mode="dynamic", alpha="auto"),
-    "ours W8A8 dynamic, rotated + auto alpha": aq.QuantConfig(act_mode="dynamic", alpha="auto", rotate=True),
+    "ours W8A8 dynamic, auto alpha": aq.QuantConfig(act_mode="dynamic", alpha="auto", rotate=False),
+    "ours W8A8 dynamic, default (rotated + auto alpha)": aq.QuantConfig(),
 }
 LLAMA_TYPES = ("F32", "Q8_0")
 

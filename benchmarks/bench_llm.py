@@ -79,7 +79,7 @@ def build_variants(cfg: L.LlamaConfig, log, t0: float, bf16: bool = True) -> dic
     variants["bf16"] = (bf16_model.apply, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), bf16_model)
   q_apply = aq.quantized_apply(model)
   for mode in ("dynamic", "static"):
-    qp, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(act_mode=mode, alpha=0.5))
+    qp, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(act_mode=mode, alpha=0.5, rotate=False))
     variants[f"W8A8 {mode}"] = (q_apply, qp, model)
     log(f"quantized W8A8 {mode}: {len(report)} weights, the tied output head included "
         f"({time.perf_counter() - t0:.0f}s, peak RSS {peak_rss_gb():.1f} GiB)")

@@ -158,10 +158,10 @@ def main():
             (lambda: jax.block_until_ready(apply(params, speed["input_ids"], speed["attention_mask"]))))
 
   systems["ours fp32"] = jax_system(float_apply, mm.params)
-  for name, cfg in (("ours W8A8 dynamic per-token, auto alpha", aq.QuantConfig(act_mode="dynamic", alpha="auto")),
-                    ("ours W8A8 static per-tensor, auto alpha", aq.QuantConfig(act_mode="static", alpha="auto")),
-                    ("ours W8A8 dynamic per-token, no smoothing", aq.QuantConfig(act_mode="dynamic", alpha=None)),
-                    ("ours W8A8 static per-tensor, no smoothing", aq.QuantConfig(act_mode="static", alpha=None))):
+  for name, cfg in (("ours W8A8 dynamic per-token, auto alpha", aq.QuantConfig(act_mode="dynamic", alpha="auto", rotate=False)),
+                    ("ours W8A8 static per-tensor, auto alpha", aq.QuantConfig(act_mode="static", alpha="auto", rotate=False)),
+                    ("ours W8A8 dynamic per-token, no smoothing", aq.QuantConfig(act_mode="dynamic", alpha=None, rotate=False)),
+                    ("ours W8A8 static per-tensor, no smoothing", aq.QuantConfig(act_mode="static", alpha=None, rotate=False))):
     systems[name] = jax_system(q_apply, aq.quantize_params(mm.params, stats, cfg))
 
   if args.only:

@@ -109,7 +109,7 @@ def measure(cache: Path, alpha, act_mode: str, report: bool):
   del leaves
   stats = jax.tree.map(jnp.asarray, meta.pop("stats"))
   f32_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
-  cfg = aq.QuantConfig(alpha=alpha, act_mode=act_mode)
+  cfg = aq.QuantConfig(alpha=alpha, act_mode=act_mode, rotate=False)
   quantize = aq.quantize_params_with_report if report else aq.quantize_params
   gc.collect()
   rss_before = _status_kib("VmRSS")

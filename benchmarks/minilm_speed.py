@@ -25,8 +25,8 @@ def main():
   stats = aq.calibrate(mm.model, mm.params, batched(mm, read_sentences("calibration.txt", 64)), progress=False)
   batch = mm.tokenize((read_sentences("evaluation.txt", 64) * 2)[:64], max_len=128, pad_to=128)
   float_apply, q_apply = jax.jit(mm.model.apply), jax.jit(aq.quantized_apply(mm.model))
-  for name, cfg in [("dynamic, no smoothing", aq.QuantConfig(alpha=None)),
-                    ("static, no smoothing", aq.QuantConfig(alpha=None, act_mode="static"))]:
+  for name, cfg in [("dynamic, no smoothing", aq.QuantConfig(alpha=None, rotate=False)),
+                    ("static, no smoothing", aq.QuantConfig(alpha=None, act_mode="static", rotate=False))]:
     qparams = aq.quantize_params(mm.params, stats, cfg)
     print(f"{label} W8A8 {name}: {speed_ratio(float_apply, mm.params, q_apply, qparams, batch, rounds=5):.2f}x FP32",
           flush=True)

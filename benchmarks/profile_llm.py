@@ -89,7 +89,7 @@ def main():
                        progress=False)
   model, q_apply = lm.model, aq.quantized_apply(lm.model)
   variants = {"f32": (model.apply, lm.params),
-              "W8A8 dynamic": (q_apply, aq.quantize_params(lm.params, stats, aq.QuantConfig(alpha=0.5))),
+              "W8A8 dynamic": (q_apply, aq.quantize_params(lm.params, stats, aq.QuantConfig(alpha=0.5, rotate=False))),
               "W8A8 dynamic, rotated": (q_apply, aq.quantize_params(lm.params, stats,
                                                                     aq.QuantConfig(alpha=0.5, rotate=True)))}
   ids = jnp.asarray(np.random.default_rng(0).integers(100, lm.cfg.vocab_size, (args.batch, args.prompt)), jnp.int32)

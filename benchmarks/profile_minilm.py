@@ -37,10 +37,10 @@ from examples.minilm.run import batched, read_sentences  # noqa: E402
 
 MODES = {
     "fp32": None,
-    "dynamic-none": aq.QuantConfig(act_mode="dynamic", alpha=None),
-    "dynamic-auto": aq.QuantConfig(act_mode="dynamic", alpha="auto"),
-    "static-none": aq.QuantConfig(act_mode="static", alpha=None),
-    "static-auto": aq.QuantConfig(act_mode="static", alpha="auto"),
+    "dynamic-none": aq.QuantConfig(act_mode="dynamic", alpha=None, rotate=False),
+    "dynamic-auto": aq.QuantConfig(act_mode="dynamic", alpha="auto", rotate=False),
+    "static-none": aq.QuantConfig(act_mode="static", alpha=None, rotate=False),
+    "static-auto": aq.QuantConfig(act_mode="static", alpha="auto", rotate=False),
 }
 CLASSES = ["int8 GEMM", "f32 GEMM (Dense)", "attention (QK^T, softmax, PV)", "attention mask/scale broadcast",
            "quantize to 8 bits (scale, round)", "row absmax (dynamic scale)", "non-finite row check",

@@ -31,14 +31,16 @@ x = jax.random.normal(jax.random.key(9), (8, 64, 256))
 y_ref = model.apply(params, x)
 run = jax.jit(aq.quantized_apply(model))  # same model code, int8 math in every Dense
 
-for cfg in (aq.QuantConfig(act_mode="static", alpha=None),      # naive W8A8
-            aq.QuantConfig(act_mode="static", alpha="auto"),    # + SmoothQuant
-            aq.QuantConfig(act_mode="dynamic", alpha="auto"),   # per-token scales
-            aq.QuantConfig(qtype="float8_e4m3fn", alpha=None)): # FP8 e4m3
+for cfg in (aq.QuantConfig(act_mode="static", alpha=None, rotate=False),    # naive W8A8
+            aq.QuantConfig(act_mode="static", alpha="auto", rotate=False),  # + SmoothQuant
+            aq.QuantConfig(alpha="auto", rotate=False),                     # per-token scales
+            aq.QuantConfig(),                          # the default: + Hadamard rotation
+            aq.QuantConfig(qtype="float8_e4m3fn", alpha=None, rotate=False)):  # FP8 e4m3
   qparams, report = aq.quantize_params_with_report(params, stats, cfg)  # pure
   y = run(qparams, x)
   err = float(jnp.linalg.norm(y - y_ref) / jnp.linalg.norm(y_ref))
-  print(f"{cfg.qtype:14s} {cfg.act_mode:8s} alpha={str(cfg.alpha):5s} relative error {err:.2e}  "
+  print(f"{cfg.qtype:14s} {cfg.act_mode:8s} alpha={str(cfg.alpha):5s} rotate={cfg.rotate!s:5s} "
+        f"relative error {err:.2e}  "
         f"up: {report['up'].smoothing} (outliers {report['up'].outlier_ratio_before:.0f}x -> "
         f"{report['up'].outlier_ratio_after:.0f}x)")
 

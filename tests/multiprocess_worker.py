@@ -127,7 +127,7 @@ def run(model, params, batches, prompt, mesh):
   (every process computes it, the same): a mesh's calibration reorders f32 sums, which
   may move an activation absmax by an ulp and so a rounding of the quantized model. The
   calibration on the mesh runs too; its statistics are compared."""
-  cfg = aq.QuantConfig(alpha=0.5)
+  cfg = aq.QuantConfig(alpha=0.5, rotate=False)
   apply = aq.quantized_apply(model)
   cache = llama.init_cache(model, BATCH, PROMPT + NEW + 1)
   with jax.default_device(jax.local_devices()[0]):

@@ -180,7 +180,7 @@ def test_summary_line_names_float_layers_and_why(capsys):
   float_part = f"; float ({reason}): per_head"
   assert line == f"calibrated 2 weight matmuls: 1 quantizable (1 with a foldable producer), 1 float{float_part}"
   # the same wording as the report's line, which names the layers quantize_params keeps float
-  _, report = aq.quantize_params_with_report(params, stats)
+  _, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert aq.report_summary(report).endswith(float_part)
   aq.calibrate(m, params, [x], progress=False)
   assert capsys.readouterr().err == ""

@@ -103,7 +103,7 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def _quantized_error(model, params, cal, x, config=aq.QuantConfig()):
+def _quantized_error(model, params, cal, x, config=aq.QuantConfig(alpha=0.5, rotate=False)):
   stats = aq.calibrate(model, params, cal, progress=False)
   qparams, report = aq.quantize_params_with_report(params, stats, config)
   f = aq.quantized_apply(model, backend="xla")
@@ -148,7 +148,7 @@ def test_remat_calibrates_and_runs_int8(dense_reference):
   for p in s_plain:
     np.testing.assert_allclose(np.asarray(s_rem[p].absmax), np.asarray(s_plain[p].absmax), rtol=1e-6)
     assert s_rem[p].foldable == s_plain[p].foldable
-  q = aq.quantize_params(params, s_rem)
+  q = aq.quantize_params(params, s_rem, aq.QuantConfig(alpha=0.5, rotate=False))
   f = jax.jit(aq.quantized_apply(rem, backend="xla"))
   assert tm.int8_matmuls(f, q, x) == 4
   np.testing.assert_allclose(f(q, x), aq.quantized_apply(plain, backend="xla")(q, x), rtol=1e-5, atol=1e-5)
@@ -172,7 +172,7 @@ def test_tied_embedding_head_runs_int8():
   params = m.init(jax.random.key(0), ids[0])
   stats = aq.calibrate(m, params, ids, progress=False)
   assert stats["embed/embedding"].keep_float and stats["embed/embedding"].contract == (1,)
-  q, report = aq.quantize_params_with_report(params, stats)
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   qk = q["params"]["embed"]["embedding"]
   assert isinstance(qk, aq.QuantizedKernel) and qk.kept is None  # the lookup reads the int8 table
   # (so the table holds E itself: not smoothed, and the report says why)
@@ -218,14 +218,14 @@ def test_shared_module_folds_into_every_call_site():
   stats = aq.calibrate(m, params, cal, progress=False)
   assert set(stats) == {"proj"} and set(stats["proj"].producers) == {"ln_0", "ln_1"}
   assert int(stats["proj"].tokens) == 2 * 3 * 4 * 16  # statistics over both calls
-  q, report = aq.quantize_params_with_report(params, stats)
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert report["proj"].smoothing == "folded"
   err = _rel(aq.quantized_apply(m, backend="xla")(q, x), m.apply(params, x))
   # the unshared model with the same weights
   u = SharedProj(shared=False)
   up = {"params": {**{k: v for k, v in params["params"].items() if k != "proj"},
                    "proj_0": params["params"]["proj"], "proj_1": params["params"]["proj"]}}
-  uq = aq.quantize_params(up, aq.calibrate(u, up, cal, progress=False))
+  uq = aq.quantize_params(up, aq.calibrate(u, up, cal, progress=False), aq.QuantConfig(alpha=0.5, rotate=False))
   u_err = _rel(aq.quantized_apply(u, backend="xla")(uq, x), u.apply(up, x))
   assert err <= 2 * u_err + 1e-4, (err, u_err)
   assert err < 0.05
@@ -285,7 +285,7 @@ def test_nnx_containers_and_aliases(container):
   y_float = m(x)
   stats = aq.calibrate(m, None, cal, progress=False)
   assert len([s for s in stats.values() if not s.reason]) == 5  # 2 x (up, down) + the aliased head once
-  q, report = aq.quantize_model_with_report(m, stats, copy=True)
+  q, report = aq.quantize_model_with_report(m, stats, aq.QuantConfig(alpha=0.5, rotate=False), copy=True)
   assert q.alias is q.head and isinstance(q.head.kernel.get_value(), aq.QuantizedKernel)
   assert tm.int8_matmuls(lambda v: q(v), x) == 2 * 2 + 2  # the head is called twice
   err = _rel(q(x), y_float)
@@ -324,7 +324,7 @@ def test_kv_cache_decoding_runs_int8():
   m = Decoder()
   cal = tm.batches(2, t=8, d=D)
   params = m.init(jax.random.key(0), cal[0])
-  q = aq.quantize_params(params, aq.calibrate(m, params, cal, progress=False))
+  q = aq.quantize_params(params, aq.calibrate(m, params, cal, progress=False), aq.QuantConfig(alpha=0.5, rotate=False))
   x = tm.batches(1, t=8, d=D, seed=5)[0]
   cache = jax.tree.map(jnp.zeros_like, m.init(jax.random.key(0), x[:, :1], decode=True)["cache"])
   f = aq.quantized_apply(m, backend="xla")
@@ -365,17 +365,17 @@ def test_stats_of_another_structure_raise():
   post_stats = aq.calibrate(post, params, cal, progress=False)
   assert pre_stats["fc_1"].fingerprint != post_stats["fc_1"].fingerprint
   with pytest.raises(ValueError, match="fingerprints"):
-    aq.quantize_params(params, {**pre_stats, "fc_1": post_stats["fc_1"]})
+    aq.quantize_params(params, {**pre_stats, "fc_1": post_stats["fc_1"]}, aq.QuantConfig(alpha=0.5, rotate=False))
   # pre-LN stats fold 1/s into ln_0 / ln_1; the post-LN model also reads them elsewhere
-  q = aq.quantize_params(params, pre_stats)
+  q = aq.quantize_params(params, pre_stats, aq.QuantConfig(alpha=0.5, rotate=False))
   with pytest.raises(ValueError, match=r"layer fc_\d: its smoothing was folded into ln_\d.*different model"):
     aq.quantized_apply(post)(q, cal[0])
   aq.quantized_apply(pre)(q, cal[0])  # its own model runs
   # post-LN stats (run-time vectors, calibrated where LN outputs are also the residual)
   # on the pre-LN model of the same sizes and param tree
   with pytest.raises(ValueError, match=r"layer fc_\d: its input here .* is not what its stats were calibrated on"):
-    aq.quantized_apply(pre)(aq.quantize_params(params, post_stats), cal[0])
-  aq.quantized_apply(post)(aq.quantize_params(params, post_stats), cal[0])
+    aq.quantized_apply(pre)(aq.quantize_params(params, post_stats, aq.QuantConfig(alpha=0.5, rotate=False)), cal[0])
+  aq.quantized_apply(post)(aq.quantize_params(params, post_stats, aq.QuantConfig(alpha=0.5, rotate=False)), cal[0])
 
 
 # ---------------------------------------------------------------- stats files and batches
@@ -415,7 +415,7 @@ def test_unsupported_layout_is_float_with_a_reason():
   params = m.init(jax.random.key(0), x)
   stats = aq.calibrate(m, params, [x], progress=False)
   assert "batch axes" in stats["per_head"].reason
-  q, report = aq.quantize_params_with_report(params, stats)
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert not isinstance(q["params"]["per_head"]["kernel"], aq.QuantizedKernel)
   line = aq.report_summary(report)
   assert line.startswith("quantized 1 of 2 weight matmuls") and "per_head" in line and "batch axes" in line
@@ -438,7 +438,7 @@ def test_checkpoint_keeps_any_layout(tmp_path):
   m = Mixed()
   params = m.init(jax.random.key(0), ids[0])
   stats = aq.calibrate(m, params, ids, progress=False)
-  q = aq.quantize_params(params, stats)
+  q = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   aq.save_checkpoint(tmp_path / "ck", q, stats=stats)
   back, back_stats = aq.restore_checkpoint(tmp_path / "ck", like=params)
   up = back["params"]["net"]["block_0"]["up"]["m"]["kernel"]

@@ -20,8 +20,8 @@ def model():
   return m, params, aq.calibrate(m, params, cal, progress=False)
 
 
-CONFIGS = [aq.QuantConfig(act_mode="static", alpha="auto", rules=(aq.LayerRule("head", skip=True),)),
-           aq.QuantConfig(qtype="float8_e4m3fn", alpha=0.5)]
+CONFIGS = [aq.QuantConfig(act_mode="static", alpha="auto", rules=(aq.LayerRule("head", skip=True),), rotate=False),
+           aq.QuantConfig(qtype="float8_e4m3fn", alpha=0.5, rotate=False)]
 
 
 def _leaves_equal(a, b):
@@ -167,7 +167,7 @@ def test_overwrite_swaps_and_a_failed_save_leaves_the_old_one(tmp_path):
 @pytest.mark.parametrize("edit", ["qtype", "config", "shape", "not_utf8", "drop_key"])
 def test_edited_metadata_is_a_checkpoint_error(tmp_path, edit):
   import json
-  d = aq.save_checkpoint(tmp_path / "ck", _small_qparams(), config=aq.QuantConfig(act_mode="static"))
+  d = aq.save_checkpoint(tmp_path / "ck", _small_qparams(), config=aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False))
   f = d / "actquant.json"
   text = f.read_text()
   if edit == "qtype":  # before: restored as fp8 and computed garbage
@@ -189,3 +189,12 @@ def test_edited_metadata_is_a_checkpoint_error(tmp_path, edit):
   why = "is corrupt: UnicodeDecodeError" if edit == "not_utf8" else "does not match its checksum"
   with pytest.raises(aq.CheckpointError, match=rf"^restore_checkpoint: .*/actquant\.json {why}"):
     aq.restore_checkpoint(d)
+
+
+def test_a_config_saved_before_rotation_existed_reads_back_unrotated():
+  # Manifests written before QuantConfig.rotate have no "rotate": those qparams are not
+  # rotated, whatever today's default (True) is.
+  import dataclasses
+  from actquant_jax import checkpoint
+  saved = {k: v for k, v in dataclasses.asdict(aq.QuantConfig(alpha=0.5, rotate=False)).items() if k != "rotate"}
+  assert checkpoint._config_from_json(saved) == aq.QuantConfig(alpha=0.5, rotate=False)

@@ -9,7 +9,7 @@ def test_rules_resolve_in_order():
   cfg = aq.QuantConfig(act_mode="static", alpha="auto", rules=(
       aq.LayerRule(r"head$", skip=True),
       aq.LayerRule(r"fc\d", alpha=0.8),
-      aq.LayerRule(r"block_1/fc2", qtype="float8_e4m3fn", act_mode="dynamic", alpha=None)))
+      aq.LayerRule(r"block_1/fc2", qtype="float8_e4m3fn", act_mode="dynamic", alpha=None)), rotate=False)
   assert cfg.settings_for("head") == aq.config.LayerSettings(False, "int8", "static", "auto")
   assert cfg.settings_for("block_0/fc1").alpha == 0.8
   s = cfg.settings_for("block_1/fc2")
@@ -42,9 +42,9 @@ def test_bad_config():
 
 
 def test_config_is_frozen_and_hashable():
-  cfg = aq.QuantConfig(rules=[aq.LayerRule("a")])
+  cfg = aq.QuantConfig(rules=[aq.LayerRule("a")], alpha=0.5, rotate=False)
   assert isinstance(cfg.rules, tuple)
-  assert hash(cfg) == hash(aq.QuantConfig(rules=(aq.LayerRule("a"),)))  # equal configs, equal hashes
+  assert hash(cfg) == hash(aq.QuantConfig(rules=(aq.LayerRule("a"),), alpha=0.5, rotate=False))  # equal configs, equal hashes
   with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'alpha'"):
     cfg.alpha = 0.1
   with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'skip'"):

@@ -21,7 +21,7 @@ def setup():
 
 def test_quantized_apply_routes_every_quantized_dense(setup):
   m, params, cal, stats = setup
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)))
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),), rotate=False))
   x = tm.batches(1, seed=2)[0]
   for backend in ("xla", "auto"):
     f = aq.quantized_apply(m, backend=backend)
@@ -58,7 +58,7 @@ def test_float_params_run_unchanged(setup):
 
 def test_interpret_kernels_match_xla_path(setup):
   m, params, cal, stats = setup
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static", alpha=0.5))
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False))
   x = cal[0][:1, :8]
   y_xla = aq.quantized_apply(m, backend="xla")(qparams, x)
   y_pl = aq.quantized_apply(m, interpret=True)(qparams, x)
@@ -75,8 +75,8 @@ def test_linen_and_nnx_give_the_same_quantized_outputs(setup):
     a, b = stats[p], nstats[p]
     assert (a.group, a.producer, a.producer_kind, a.exclusive) == (b.group, b.producer, b.producer_kind, b.exclusive)
     np.testing.assert_array_equal(np.asarray(a.absmax), np.asarray(b.absmax))
-  for cfg in (aq.QuantConfig(act_mode="static", alpha=0.5), aq.QuantConfig(alpha="auto"),
-              aq.QuantConfig(qtype="float8_e4m3fn", rules=(aq.LayerRule("head", skip=True),))):
+  for cfg in (aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False), aq.QuantConfig(alpha="auto", rotate=False),
+              aq.QuantConfig(qtype="float8_e4m3fn", rules=(aq.LayerRule("head", skip=True),), alpha=0.5, rotate=False)):
     yl = jax.jit(aq.quantized_apply(m))(aq.quantize_params(params, stats, cfg), x)
     qn = aq.quantize_model(nm, nstats, cfg, copy=True)
     yn = nnx.jit(lambda mod, v: mod(v))(qn, x)
@@ -92,7 +92,7 @@ def test_nnx_in_place_and_report(setup):
   nstats = aq.calibrate(nm, None, cal, progress=False)
   ln_scale_before = np.asarray(nm.block_0.ln_1.scale.get_value())
   out, report = aq.quantize_model_with_report(nm, nstats,
-                                              aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),)))
+                                              aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule("head", skip=True),), rotate=False))
   assert out is nm
   assert isinstance(nm.block_0.q.kernel.get_value(), aq.QuantizedKernel)
   assert not isinstance(nm.head.kernel.get_value(), aq.QuantizedKernel)  # kept in float by the rule
@@ -105,7 +105,7 @@ def test_errors():
   with pytest.raises(TypeError, match="linen Module"):
     aq.quantized_apply(tm.NNXTinyGPT())
   with pytest.raises(TypeError, match="nnx Module"):
-    aq.quantize_model(tm.TinyGPT(), {}, aq.QuantConfig())
+    aq.quantize_model(tm.TinyGPT(), {}, aq.QuantConfig(alpha=0.5, rotate=False))
 
 
 def test_layers_smoothed_together_share_one_quantize_pass():
@@ -122,7 +122,7 @@ def test_layers_smoothed_together_share_one_quantize_pass():
   f = aq.quantized_apply(m)
   is_qk = lambda n: isinstance(n, aq.QuantizedKernel)
   for mode in ("dynamic", "static"):
-    cfg = aq.QuantConfig(act_mode=mode, alpha=0.5)
+    cfg = aq.QuantConfig(act_mode=mode, alpha=0.5, rotate=False)
     qparams, report = aq.quantize_params_with_report(params, stats, cfg)
     assert {r.smoothing for r in report.values()} == {"runtime"}
     kernel = lambda qp, p: qp["params"][p.split("/")[0]][p.split("/")[1]]["kernel"]
@@ -160,7 +160,7 @@ def test_native_cpu_gemm_matches_xla_path_end_to_end(setup):
     pytest.skip(cpu_kernels.unavailable_reason())
   m, params, cal, stats = setup
   x = tm.batches(1, seed=5)[0]
-  for cfg in (aq.QuantConfig(alpha=0.5), aq.QuantConfig(act_mode="static", alpha="auto")):
+  for cfg in (aq.QuantConfig(alpha=0.5, rotate=False), aq.QuantConfig(act_mode="static", alpha="auto", rotate=False)):
     qparams = aq.quantize_params(params, stats, cfg)
     ys = [jax.jit(aq.quantized_apply(m, backend=b))(qparams, x) for b in ("cpu", "xla")]
     np.testing.assert_allclose(np.asarray(ys[0]), np.asarray(ys[1]), rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ cache against attention over the values it stands for, every format through pref
 decode against the no-cache forward, ragged batches against each prompt alone (greedy,
 EOS per sequence), and the bad-argument errors."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -136,28 +137,35 @@ def test_native_decode_reads_only_the_keys_a_sequence_sees(kind, g, hd):
   rng = np.random.default_rng(5)
   b, kv, s = 3, 2, 700
   fmt = A.KVFormat(kind, native=True)
-  cache = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
+  # (the setup and the XLA reference run jitted: one compile each instead of one per eager op)
+  zeros = {n: jnp.zeros(shape, dt) for n, (shape, dt) in fmt.shapes(b, s, kv, hd).items()}
   x = rng.standard_normal((2, b, s, kv, hd)).astype(np.float32)
-  cache = fmt.write(cache, jnp.asarray(x[0]), jnp.asarray(x[1]), jnp.asarray(np.broadcast_to(np.arange(s), (b, s))))
-  keys, values = fmt.read(cache)
+  cache = jax.jit(fmt.write)(zeros, jnp.asarray(x[0]), jnp.asarray(x[1]),
+                             jnp.asarray(np.broadcast_to(np.arange(s), (b, s))))
   pos = np.array([0, 300, s - 1], np.int32)
   qg = jnp.asarray(rng.standard_normal((b, 1, kv, g, hd)).astype(np.float32))
   k_pos = jnp.arange(s)
-  for window in (None, 100):
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def reference(cache, window):
+    keys, values = fmt.read(cache)
     allowed = A.window_mask(k_pos <= pos[:, None, None], k_pos, jnp.asarray(pos)[:, None], window)
     want = A.merge([A.attend_keys(qg, keys, values, allowed, scale=0.3, softcap=5.0)])
-    poisoned = dict(cache)
-    unseen = ~np.asarray(allowed[:, 0])  # (b, s)
+    unseen = ~allowed[:, 0]  # (b, s)
     if kind == "float":
-      poisoned["v"] = jnp.where(jnp.asarray(unseen)[:, None, :, None], jnp.nan, cache["v"])
+      poisoned = {**cache, "v": jnp.where(unseen[:, None, :, None], jnp.nan, cache["v"])}
     else:
-      poisoned["k_scale"] = jnp.where(jnp.asarray(unseen)[:, None, :], jnp.nan, cache["k_scale"])
+      poisoned = {**cache, "k_scale": jnp.where(unseen[:, None, :], jnp.nan, cache["k_scale"])}
+    return want, poisoned
+
+  for window in (None, 100):
+    want, poisoned = reference(cache, window)
     got = jax.jit(lambda q, c, w=window: fmt.decode(q, c, jnp.asarray(pos), w, scale=0.3, softcap=5.0))(qg, poisoned)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=1e-5)
-  batched = jax.vmap(lambda q, c: fmt.decode(q, c, jnp.asarray(pos), None, scale=0.3, softcap=None))(
-      jnp.stack([qg, qg * 2]), jax.tree.map(lambda a: jnp.stack([a, a]), cache))
-  one = fmt.decode(qg * 2, cache, jnp.asarray(pos), None, scale=0.3, softcap=None)
-  np.testing.assert_allclose(np.asarray(batched[1]), np.asarray(one), atol=1e-6)
+  decode = lambda q, c: fmt.decode(q, c, jnp.asarray(pos), None, scale=0.3, softcap=None)
+  batched = jax.jit(lambda q, c: jax.vmap(decode)(jnp.stack([q, q * 2]), jax.tree.map(lambda a: jnp.stack([a, a]), c)))
+  one = jax.jit(lambda q, c: decode(q * 2, c))(qg, cache)
+  np.testing.assert_allclose(np.asarray(batched(qg, cache)[1]), np.asarray(one), atol=1e-6)
 
 
 @needs_native
@@ -212,32 +220,32 @@ def test_every_format_through_prefill_and_decode(which, llama, gemma, request):
 @pytest.mark.parametrize("which, kind", [("llama", "float"), ("llama", "int8"), ("gemma", "int8")])
 def test_ragged_batch_is_each_prompt_alone(which, kind, llama, gemma):
   # Prompts of 3, 9 and 6 tokens in one batch generate, greedy, the tokens each does alone;
-  # with an EOS id each sequence stops at its own (pad after it) and the rest go on. W8A8
-  # weights (quantized_apply) with the 8-bit cache too (Llama).
+  # with an EOS id each sequence stops at its own (pad after it) and the rest go on.
+  # Llama int8: W8A8 weights (quantized_apply) through the 8-bit cache (float weights
+  # through the 8-bit cache are the gemma case, through the float cache the llama one:
+  # each compile of the loops costs seconds, so no case repeats another's pair).
   lm = llama if which == "llama" else gemma
   model = lm.model.clone(kv_cache=kind)
   rng = np.random.default_rng(3)
   prompts = [rng.integers(1, lm.cfg.vocab_size, n).astype(np.int32) for n in (3, 9, 6)]
-  variants = [(model, lm.params)]
+  apply, params = model, lm.params
   if kind == "int8" and which == "llama":
     ids = jnp.asarray(np.stack([np.resize(p, 9) for p in prompts]))
-    qparams = aq.quantize_params(lm.params, aq.calibrate(lm.model, lm.params, [ids], progress=False),
-                                 aq.QuantConfig())
-    variants.append((aq.quantized_apply(model), qparams))
-  for n, (apply, params) in enumerate(variants):
-    batch = np.asarray(L.generate(apply, params, prompts, 8, model=model))
-    # (one cache length for all: one compile of the decode loop)
-    alone = np.stack([np.asarray(L.generate(apply, params, [p], 8, model=model, max_len=17))[0] for p in prompts])
-    np.testing.assert_array_equal(batch, alone)
-    if n:
-      continue  # (EOS handling is the loop's, whatever the weights)
-    eos = int(batch[1, 2])  # sequence 1's third token: it stops there; pad (0) after it
-    stopped = np.asarray(L.generate(apply, params, prompts, 8, model=model, eos_token_id=eos, pad_token_id=0))
-    for i, row in enumerate(alone):
-      hit = np.flatnonzero(row == eos)
-      want = row.copy() if not hit.size else np.concatenate([row[:hit[0] + 1], np.zeros(7 - hit[0], np.int32)])
-      np.testing.assert_array_equal(stopped[i], want)
-    assert (stopped[1, 3:] == 0).all()
+    params = aq.quantize_params(lm.params, aq.calibrate(lm.model, lm.params, [ids], progress=False), aq.QuantConfig(alpha=0.5, rotate=False))
+    apply = aq.quantized_apply(model)
+    assert isinstance(params["params"]["layers"]["self_attn"]["q_proj"]["kernel"], aq.QuantizedKernel)
+  batch = np.asarray(L.generate(apply, params, prompts, 8, model=model))
+  # (one cache length for all: one compile of the decode loop)
+  alone = np.stack([np.asarray(L.generate(apply, params, [p], 8, model=model, max_len=17))[0] for p in prompts])
+  np.testing.assert_array_equal(batch, alone)
+  # (EOS handling is the loop's, whatever the weights)
+  eos = int(batch[1, 2])  # sequence 1's third token: it stops there; pad (0) after it
+  stopped = np.asarray(L.generate(apply, params, prompts, 8, model=model, eos_token_id=eos, pad_token_id=0))
+  for i, row in enumerate(alone):
+    hit = np.flatnonzero(row == eos)
+    want = row.copy() if not hit.size else np.concatenate([row[:hit[0] + 1], np.zeros(7 - hit[0], np.int32)])
+    np.testing.assert_array_equal(stopped[i], want)
+  assert (stopped[1, 3:] == 0).all()
 
 
 def test_bad_arguments_are_named(llama):

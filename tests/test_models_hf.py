@@ -57,29 +57,30 @@ def test_every_weight_matmul_int8(name):
   ids = [jax.random.randint(jax.random.key(i), (2, T), 0, V) for i in range(3)]
   fwd = lambda v, b: model.module.apply(v, b, method=_forward)
   stats = aq.calibrate(model.module, params, ids[:2], forward=fwd, progress=False)
-  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig())
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   n, folded, runtime = EXPECT[name]
   assert aq.report_summary(report).startswith(f"quantized {n} of {n} weight matmuls; {folded} smoothing vectors "
                                                f"folded, {runtime} at run time")
   f = aq.quantized_apply(model.module, method=_forward, backend="xla")
   assert tm.int8_matmuls(f, q, ids[2]) == n
-  y, y0 = f(q, ids[2]), fwd(params, ids[2])
+  y, y0 = jax.jit(f)(q, ids[2]), jax.jit(fwd)(params, ids[2])  # (jitted: one compile, not one per eager op)
   assert float(jnp.linalg.norm(y - y0) / jnp.linalg.norm(y0)) < 0.05
 
 
-def _quantized_gpt2():
+@pytest.fixture(scope="module")
+def quantized_gpt2():
   """GPT-2 with planted outliers, calibrated on two batches and quantized (default
-  config): (model, three (2, 8) id batches, qparams)."""
+  config): (model, three (2, 8) id batches, qparams). Shared: nothing below changes it."""
   model = _make("gpt2")
   params = {"params": _plant_outliers(model.params)}
   ids = [jax.random.randint(jax.random.key(i), (2, 8), 0, V) for i in range(3)]
   fwd = lambda v, b: model.module.apply(v, b, method=_forward)
-  q = aq.quantize_params(params, aq.calibrate(model.module, params, ids[:2], forward=fwd, progress=False))
+  q = aq.quantize_params(params, aq.calibrate(model.module, params, ids[:2], forward=fwd, progress=False), aq.QuantConfig(alpha=0.5, rotate=False))
   return model, ids, q
 
 
-def test_gpt2_kv_cache_decoding_runs_int8():
-  model, ids, q = _quantized_gpt2()
+def test_gpt2_kv_cache_decoding_runs_int8(quantized_gpt2):
+  model, ids, q = quantized_gpt2
   cache = model.init_cache(2, 8)
   mask = jnp.ones((2, 8), jnp.int32)
 
@@ -87,16 +88,17 @@ def test_gpt2_kv_cache_decoding_runs_int8():
       tok, mask, jnp.full((2, 1), t), init_cache=False))
   assert tm.int8_matmuls(lambda v, tok: qstep(v, tok, 0, mutable=["cache"]), {**q, "cache": cache}, ids[2][:, :1]) == 9
   logits = []
+  step = jax.jit(lambda v, tok, t: qstep(v, tok, t, mutable=["cache"]))  # the position traced: one compile
   for t in range(8):
-    out, upd = jax.jit(lambda v, tok: qstep(v, tok, t, mutable=["cache"]))({**q, "cache": cache}, ids[2][:, t:t + 1])
+    out, upd = step({**q, "cache": cache}, ids[2][:, t:t + 1], t)
     cache = upd["cache"]
     logits.append(out.logits)
   full = aq.quantized_apply(model.module, method=_forward, backend="xla")(q, ids[2])
   np.testing.assert_allclose(jnp.concatenate(logits, 1), full, rtol=2e-3, atol=2e-3)
 
 
-def test_gpt2_generate_with_qparams():
-  model, ids, q = _quantized_gpt2()
+def test_gpt2_generate_with_qparams(quantized_gpt2):
+  model, ids, q = quantized_gpt2
   with aq.quantized(model.module):
     assert tm.int8_matmuls(lambda v, b: model.module.apply(v, b, method=_forward), q, ids[2]) == 9
     out = model.generate(ids[2], params=q["params"], max_new_tokens=4, do_sample=False).sequences

@@ -47,7 +47,7 @@ def test_logits_to_keep_computes_only_the_last_positions():
   # with the numbers of the full pass, float and W8A8.
   lm = L.load_llama(mr.TINY_DIR)
   ids = jnp.asarray(np.random.default_rng(4).integers(0, 97, (2, 9)), jnp.int32)
-  qparams = aq.quantize_params(lm.params, aq.calibrate(lm.model, lm.params, [ids], progress=False), aq.QuantConfig())
+  qparams = aq.quantize_params(lm.params, aq.calibrate(lm.model, lm.params, [ids], progress=False), aq.QuantConfig(alpha=0.5, rotate=False))
   for apply, params in ((lm.model.apply, lm.params), (aq.quantized_apply(lm.model), qparams)):
     full = jax.jit(apply)(params, ids)
     last = jax.jit(lambda p, i, apply=apply: apply(p, i, logits_to_keep=3))(params, ids)
@@ -197,7 +197,7 @@ def test_w8a8_decode_runs_int8():
   # q/k/v read the input RMSNorm, gate/up the post-attention one: 1/s folds into them
   assert stats["layers/self_attn/k_proj"].foldable and stats["layers/mlp/up_proj"].foldable
   assert stats["layers/self_attn/k_proj"].group == "layers/self_attn/q_proj"
-  qparams = aq.quantize_params(lm.params, stats, aq.QuantConfig(alpha=0.5))
+  qparams = aq.quantize_params(lm.params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   qapply = aq.quantized_apply(lm.model)
   cache = L.init_cache(lm.model, 2, 12)
   # the decode step's program: every projection is an int8 matmul, no float kernel is left

@@ -116,7 +116,7 @@ def test_gemma_norms_fold_into_qkv_and_mlp(form, data):
         s = stats[f"block_{i}/{r}"]
         assert (s.producer, s.producer_kind, s.fold_params) == (f"block_{i}/{norm}", f"rmsnorm(1+{name})", (name,))
         assert s.foldable, (r, s)
-  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5))
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   folded = sorted(p for p, r in report.items() if r.smoothing == "folded")
   assert set(folded) == {f"block_{i}/{r}" for i in range(L) for r in ("q", "k", "v", "gate", "up")}
   assert "10 smoothing vectors folded" in aq.report_summary(report)
@@ -124,7 +124,7 @@ def test_gemma_norms_fold_into_qkv_and_mlp(form, data):
   assert tm.int8_matmuls(f, q, x) == 7 * L
   err = _rel(f(q, x), m.apply(params, x))
   # the same model with the 1/s kept at run time (nothing folded): the fold changes rounding only
-  rt = aq.quantize_params(params, {p: _not_foldable(s) for p, s in stats.items()}, aq.QuantConfig(alpha=0.5))
+  rt = aq.quantize_params(params, {p: _not_foldable(s) for p, s in stats.items()}, aq.QuantConfig(alpha=0.5, rotate=False))
   rt_err = _rel(f(rt, x), m.apply(params, x))
   assert err < 0.05 and abs(err - rt_err) < 0.1 * rt_err + 1e-4, (err, rt_err)
 
@@ -164,7 +164,7 @@ def test_folded_input_is_the_unfolded_one_over_s(data):
   stats = aq.calibrate(m, params, cal, progress=False)
   # o and down unsmoothed: their 1/s would be a run-time vector, which the float smoothed
   # model does not apply; with only folds, it computes the same function up to rounding
-  config = aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule(r"/(o|down)$", alpha=None),))
+  config = aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule(r"/(o|down)$", alpha=None),), rotate=False)
   smoothed, plans = aq.smooth_params(params, stats, config)
   assert {p for p, pl in plans.items() if pl.s is not None and not pl.folded} == set()
 
@@ -204,7 +204,7 @@ def test_bfloat16_scale_is_recognized_but_kept_at_run_time(data):
   stats = aq.calibrate(m, params, cal, progress=False)
   s = stats["block_0/q"]
   assert s.producer_kind == "rmsnorm(1+scale)" and s.foldable
-  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5))
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert {r.smoothing for r in report.values()} == {"runtime"}
   np.testing.assert_array_equal(q["params"]["block_0"]["input_norm"]["scale"],
                                 params["params"]["block_0"]["input_norm"]["scale"])
@@ -234,7 +234,7 @@ def test_stacked_gemma_norms_fold_per_layer_like_unrolled(data):
       stack, *[uparams["params"][f"block_{i}"] for i in range(L)])}}}
   stats = aq.calibrate(m, params, cal, progress=False)
   assert stats["layers/block/q"].producer_kind == "rmsnorm(1+scale)" and stats["layers/block/q"].foldable
-  config = aq.QuantConfig(alpha=0.5)
+  config = aq.QuantConfig(alpha=0.5, rotate=False)
   q, report = aq.quantize_params_with_report(params, stats, config)
   uq = aq.quantize_params(uparams, aq.calibrate(u, uparams, cal, progress=False), config)
   assert sum(r.smoothing == "folded" for r in report.values()) == 5

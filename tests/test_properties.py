@@ -133,7 +133,7 @@ def test_quantize_params_random_models(seed, widths, norm, qtype, act_mode, alph
   before = jax.tree_util.tree_map(np.array, params)
   stats = aq.calibrate(model, params, cal, progress=False)
   try:
-    qparams = aq.quantize_params(params, stats, aq.QuantConfig(qtype=qtype, act_mode=act_mode, alpha=alpha))
+    qparams = aq.quantize_params(params, stats, aq.QuantConfig(qtype=qtype, act_mode=act_mode, alpha=alpha, rotate=False))
   except aq.ActquantError:
     return
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, jax.tree_util.tree_map(np.asarray, params))  # pure
@@ -184,9 +184,9 @@ def saved_checkpoint(tmp_path_factory):
   cal = [jnp.asarray(np.random.default_rng(0).standard_normal((4, 16)), jnp.float32)]
   params = model.init(jax.random.key(0), cal[0])
   stats = aq.calibrate(model, params, cal, progress=False)
-  tree = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static"))
+  tree = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False))
   d = aq.save_checkpoint(tmp_path_factory.mktemp("fuzz") / "ck", tree, stats=stats,
-                         config=aq.QuantConfig(act_mode="static"))
+                         config=aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False))
   files = sorted(p.relative_to(d) for p in d.rglob("*") if p.is_file() and p.stat().st_size)
   return d, tree, stats, files
 

@@ -116,7 +116,7 @@ def test_linen_scan_has_per_layer_stats(linen_pair):
 @pytest.mark.parametrize("act_mode,alpha", [("dynamic", 0.5), ("static", 0.5), ("dynamic", None)])
 def test_linen_scan_runs_int8_like_unrolled(linen_pair, act_mode, alpha):
   m, params, stats, u, uparams, ustats, x, y_float = linen_pair
-  config = aq.QuantConfig(act_mode=act_mode, alpha=alpha)
+  config = aq.QuantConfig(act_mode=act_mode, alpha=alpha, rotate=False)
   q, report = aq.quantize_params_with_report(params, stats, config)
   uq = aq.quantize_params(uparams, ustats, config)
   for w in WEIGHTS:
@@ -163,7 +163,7 @@ def test_stacked_stats_and_qparams_round_trip(linen_pair, tmp_path):
   merged = aq.merge_stats(stats, back, num_samples=64)
   assert merged["layers/block/q"].samples.shape == (L, 64, D)
   assert int(merged["layers/block/q"].tokens) == 2 * int(stats["layers/block/q"].tokens)
-  q = aq.quantize_params(params, back)
+  q = aq.quantize_params(params, back, aq.QuantConfig(alpha=0.5, rotate=False))
   aq.save_checkpoint(tmp_path / "ck", q, stats=back)
   q2, _ = aq.restore_checkpoint(tmp_path / "ck", like=params)
   assert jax.tree_util.tree_structure(q2) == jax.tree_util.tree_structure(q)
@@ -242,8 +242,8 @@ def test_lax_scan_with_shared_and_stacked_weights():
     assert int(np.argmax(np.asarray(stats["net/w"].absmax[i]))) == LN1_OUTLIER[i]
   assert stats["net/w"].producer == "net" and stats["net/w"].producer_kind == "rmsnorm" and stats["net/w"].foldable
   assert stats["net/w2"].producer_kind == "rmsnorm" and not stats["net/w2"].foldable
-  q = aq.quantize_params(params, stats)
-  uq = aq.quantize_params(uparams, ustats)
+  q = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
+  uq = aq.quantize_params(uparams, ustats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert q["params"]["net"]["w"].folded_into == ("net",) and uq["params"]["net"]["w_0"].folded_into == ("net",)
   for w in ("w2", "shared"):  # 1/s at run time
     assert not q["params"]["net"][w].folded_into and q["params"]["net"][w].inv_smooth is not None
@@ -336,7 +336,7 @@ def lm():
   ids = [jax.random.randint(jax.random.key(i), (2, 16), 0, 96) for i in range(3)]
   m = _lm("list", pure)
   y_float = _call(m, ids[2])
-  q = aq.quantize_model(m, aq.calibrate(m, None, ids[:2], progress=False), copy=True)
+  q = aq.quantize_model(m, aq.calibrate(m, None, ids[:2], progress=False), aq.QuantConfig(alpha=0.5, rotate=False), copy=True)
   assert tm.int8_matmuls(lambda t: q(t), ids[2]) == 7 * L + 1  # q, k, v, o, gate, up, down per block; head
   return pure, ids, y_float, _call(q, ids[2])
 
@@ -348,7 +348,7 @@ def test_nnx_llm_scan_runs_int8_like_list(variant, lm):
   stats = aq.calibrate(m, None, ids[:2], progress=False)
   assert stats["layers/q"].layers == L and stats["layers/q"].contract == (0,) and stats["layers/q"].out == (1, 2)
   assert tuple(np.argmax(np.asarray(stats["layers/q"].absmax), axis=-1)) == LN1_OUTLIER
-  q = aq.quantize_model(m, stats)
+  q = aq.quantize_model(m, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   qk = q.layers.q.kernel.get_value()
   assert isinstance(qk, aq.QuantizedKernel) and qk.values.shape == (L, D, D)
   assert qk.folded_into == ("layers/norm_1",)  # into each layer's norm_1 scale

@@ -51,7 +51,7 @@ def test_folding_is_exact_on_pre_ln_gpt(alpha):
   cal = tm.batches(2)
   params = tm.with_outlier_channels(m.init(jax.random.key(0), cal[0]), tm.GPT_READERS)
   stats = aq.calibrate(m, params, cal, progress=False)
-  smoothed, plans = smooth_params(params, stats, aq.QuantConfig(alpha=alpha))
+  smoothed, plans = smooth_params(params, stats, aq.QuantConfig(alpha=alpha, rotate=False))
   folded = {p for p, pl in plans.items() if pl.folded}
   assert folded == {f"block_{i}/{d}" for i in range(2) for d in ("q", "k", "v", "fc1")} | {"head"}
   # The norms really changed (1/s went into them) ...
@@ -70,7 +70,7 @@ def test_post_ln_bert_uses_runtime_vector_and_is_exact():
   cal = tm.batches(2)
   params = tm.with_outlier_channels(m.init(jax.random.key(0), cal[0]), tm.BERT_READERS)
   stats = aq.calibrate(m, params, cal, progress=False)
-  smoothed, plans = smooth_params(params, stats, aq.QuantConfig(alpha=0.5))
+  smoothed, plans = smooth_params(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert not any(pl.folded for pl in plans.values())  # every LN output is also the residual
   for ln in ("ln_emb", "layer_0/ln_attn", "layer_0/ln_ffn"):
     path = ln.split("/")
@@ -90,7 +90,7 @@ def test_float_kept_reader_blocks_folding():
   cal = tm.batches(1)
   params = m.init(jax.random.key(0), cal[0])
   stats = aq.calibrate(m, params, cal, progress=False)
-  cfg = aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule(r"block_0/k$", skip=True),))
+  cfg = aq.QuantConfig(alpha=0.5, rules=(aq.LayerRule(r"block_0/k$", skip=True),), rotate=False)
   _, plans = smooth_params(params, stats, cfg)
   assert "block_0/k" not in plans
   assert not plans["block_0/q"].folded and not plans["block_0/v"].folded  # k would see X/s
@@ -127,7 +127,7 @@ def test_auto_alpha_with_too_few_rows_falls_back_and_says_so():
   cal = tm.batches(2)
   params = tm.with_outlier_channels(m.init(jax.random.key(0), cal[0]), tm.GPT_READERS)
   stats = aq.calibrate(m, params, [cal[0][:1, :1]], progress=False)  # one token
-  _, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha="auto"))
+  _, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha="auto", rotate=False))
   for r in report.values():
     assert r.alpha == smooth.AUTO_FALLBACK_ALPHA and r.alpha_errors is None
     assert f">= {smooth.MIN_AUTO_ROWS} calibration rows, got 1" in r.note

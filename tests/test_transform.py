@@ -26,7 +26,7 @@ def _err(m, qparams, ev, refs):
 
 def test_smoothing_beats_naive_static_by_10x(gpt):
   m, params, stats, ev, refs = gpt
-  errs = {(mode, a): _err(m, aq.quantize_params(params, stats, aq.QuantConfig(act_mode=mode, alpha=a)), ev, refs)
+  errs = {(mode, a): _err(m, aq.quantize_params(params, stats, aq.QuantConfig(act_mode=mode, alpha=a, rotate=False)), ev, refs)
           for mode in ("static", "dynamic") for a in (None, 0.5, "auto")}
   # The LayerNorm outputs carry 100x channels. One static per-tensor scale set by them
   # rounds every normal channel (|x| ~ 1 against a step of ~100/127) to 0 or +-1, so the
@@ -43,7 +43,7 @@ def test_smoothing_beats_naive_static_by_10x(gpt):
 
 def test_structure_and_paths_preserved(gpt):
   m, params, stats, _, _ = gpt
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static", alpha=0.5))
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False))
   is_qk = lambda x: isinstance(x, aq.QuantizedKernel)
   qpaths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(qparams, is_leaf=is_qk)[0]}
   fpaths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -55,13 +55,13 @@ def test_structure_and_paths_preserved(gpt):
   # the input tree is untouched (pure)
   assert not is_qk(params["params"]["block_0"]["fc1"]["kernel"])
   # bare param dicts work too
-  q2 = aq.quantize_params(params["params"], stats, aq.QuantConfig(act_mode="static", alpha=0.5))
+  q2 = aq.quantize_params(params["params"], stats, aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False))
   np.testing.assert_array_equal(np.asarray(q2["block_0"]["fc1"]["kernel"].values), np.asarray(qk.values))
 
 
 def test_weight_bytes(gpt):
   m, params, stats, _, _ = gpt
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig())
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   is_qk = lambda x: isinstance(x, aq.QuantizedKernel)
   # Every array the quantized tree holds, against the float tree's: the kernels must
   # really be stored in 8 bits (values, scales, act_scale, inv_smooth all counted).
@@ -75,18 +75,18 @@ def test_weight_bytes(gpt):
 
 def test_fp8(gpt):
   m, params, stats, ev, refs = gpt
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig(qtype="float8_e4m3fn", alpha=0.5))
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(qtype="float8_e4m3fn", alpha=0.5, rotate=False))
   assert qparams["params"]["head"]["kernel"].values.dtype == jnp.float8_e4m3fn
   # e4m3 keeps 3 mantissa bits (up to 6% per element) but its exponent shrugs off the
   # outlier channels: no smoothing needed for a usable model.
   assert _err(m, qparams, ev, refs) < 0.1
-  q_plain = aq.quantize_params(params, stats, aq.QuantConfig(qtype="float8_e4m3fn", alpha=None))
+  q_plain = aq.quantize_params(params, stats, aq.QuantConfig(qtype="float8_e4m3fn", alpha=None, rotate=False))
   assert _err(m, q_plain, ev, refs) < 0.1
 
 
 def test_rules_keep_layers_in_float(gpt):
   m, params, stats, ev, refs = gpt
-  cfg = aq.QuantConfig(rules=(aq.LayerRule(r"^head$", skip=True), aq.LayerRule(r"fc2", act_mode="static")))
+  cfg = aq.QuantConfig(rules=(aq.LayerRule(r"^head$", skip=True), aq.LayerRule(r"fc2", act_mode="static")), alpha=0.5, rotate=False)
   qparams, report = aq.quantize_params_with_report(params, stats, cfg)
   head = qparams["params"]["head"]["kernel"]
   assert not isinstance(head, aq.QuantizedKernel)
@@ -100,7 +100,7 @@ def test_rules_keep_layers_in_float(gpt):
 
 def test_report(gpt):
   m, params, stats, _, _ = gpt
-  _, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(act_mode="static", alpha="auto"))
+  _, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(act_mode="static", alpha="auto", rotate=False))
   r = report["block_1/fc1"]
   assert r.quantized and r.smoothing in ("folded", "none") and r.producer == "block_1/ln_2"
   assert r.alpha_errors is not None and set(r.alpha_errors) == set(aq.QuantConfig().alpha_grid)
@@ -114,29 +114,29 @@ def test_report(gpt):
 def test_errors(gpt):
   m, params, stats, _, _ = gpt
   with pytest.raises(ValueError, match="stats is empty"):
-    aq.quantize_params(params, {}, aq.QuantConfig())
+    aq.quantize_params(params, {}, aq.QuantConfig(alpha=0.5, rotate=False))
   missing = {k: v for k, v in stats.items() if k != "block_1/fc2"}
   with pytest.raises(ValueError, match=r"layer block_1/fc2: no calibration stats"):
-    aq.quantize_params(params, missing, aq.QuantConfig())
+    aq.quantize_params(params, missing, aq.QuantConfig(alpha=0.5, rotate=False))
   # ... unless a rule keeps it in float
-  aq.quantize_params(params, missing, aq.QuantConfig(rules=(aq.LayerRule("block_1/fc2", skip=True),)))
+  aq.quantize_params(params, missing, aq.QuantConfig(rules=(aq.LayerRule("block_1/fc2", skip=True),), alpha=0.5, rotate=False))
   other = tm.TinyGPT(d=32)
   x = tm.batches(1, d=32)[0]
   other_stats = aq.calibrate(other, other.init(jax.random.key(1), x), [x], progress=False)
   with pytest.raises(ValueError, match=r"layer block_0/fc1: kernel \(64, 256\) has 64 inputs but stats have 32 channels"):
-    aq.quantize_params(params, other_stats, aq.QuantConfig())
+    aq.quantize_params(params, other_stats, aq.QuantConfig(alpha=0.5, rotate=False))
   with pytest.raises(ValueError, match="in stats but has no kernel"):
-    aq.quantize_params(params, {"nope/fc": stats["head"], **stats}, aq.QuantConfig())
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig())
+    aq.quantize_params(params, {"nope/fc": stats["head"], **stats}, aq.QuantConfig(alpha=0.5, rotate=False))
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   with pytest.raises(ValueError, match="already quantized"):
-    aq.quantize_params(qparams, stats, aq.QuantConfig())
+    aq.quantize_params(qparams, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   bad = jax.tree_util.tree_map(lambda v: v, params)
   bad["params"]["block_0"]["o"]["kernel"] = bad["params"]["block_0"]["o"]["kernel"].at[0, 0].set(jnp.inf)
   with pytest.raises(ValueError, match="layer block_0/o: kernel: contains 0 NaN and 1 Inf"):
-    aq.quantize_params(bad, stats, aq.QuantConfig())
+    aq.quantize_params(bad, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   with pytest.raises(TypeError, match="QuantConfig"):
     aq.quantize_params(params, stats, {"alpha": 0.5})
-  cfg = aq.QuantConfig(rules=(aq.LayerRule(r"block_0/k$", alpha=0.9),))
+  cfg = aq.QuantConfig(rules=(aq.LayerRule(r"block_0/k$", alpha=0.9),), alpha=0.5, rotate=False)
   with pytest.raises(ValueError, match="read the same input"):
     aq.quantize_params(params, stats, cfg)
 
@@ -153,7 +153,7 @@ def test_auto_alpha_per_layer_as_before(gpt):
   m, params, stats, _, _ = gpt
   smooth._grid_errors.clear_cache()
   act_mode = "dynamic"
-  _, plans = aq.smooth_params(params, stats, aq.QuantConfig(alpha="auto", act_mode=act_mode))
+  _, plans = aq.smooth_params(params, stats, aq.QuantConfig(alpha="auto", act_mode=act_mode, rotate=False))
   # jitted once per group shape: q/k/v, o, fc1, fc2, head -- the second block reuses the first's
   assert smooth._grid_errors._cache_size() == 5
   groups = {}
@@ -185,7 +185,7 @@ def test_quantize_params_holds_no_float_copy(gpt, monkeypatch):
     extra.append(live() - before)
     return quantize_weight(ref, qtype, rotate)
   monkeypatch.setattr(smooth, "quantize_weight", spy)
-  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5))
+  qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert len(extra) == 13
   assert max(extra) < 0.3 * kernel_bytes, (max(extra), kernel_bytes)  # int8: 0.25x
   del qparams

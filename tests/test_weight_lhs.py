@@ -102,8 +102,8 @@ def _check_same_as_normal_order(m_lhs, m_rhs, params, cal, x, n_int8):
     np.testing.assert_allclose(stats[p].absmax, rstats[p].absmax, rtol=1e-6)
     assert (stats[p].contract, stats[p].out, stats[p].producer_kind, stats[p].foldable) == (
         rstats[p].contract, rstats[p].out, rstats[p].producer_kind, rstats[p].foldable)
-  q, report = aq.quantize_params_with_report(params, stats)
-  rq = aq.quantize_params(params, rstats)
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
+  rq = aq.quantize_params(params, rstats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert all(r.quantized for r in report.values()), aq.format_report(report)
   line = aq.report_summary(report)
   assert line.startswith(f"quantized {len(report)} of {len(report)} weight matmuls") and "float" not in line
@@ -166,8 +166,8 @@ def test_nnx_weight_on_the_left_runs_int8_like_normal_order(data):
   for p in stats:
     np.testing.assert_allclose(stats[p].absmax, rstats[p].absmax, rtol=1e-6)
   y_float = m(x)
-  q, report = aq.quantize_model_with_report(m, stats, copy=True, backend="xla")
-  rq = aq.quantize_model(r, rstats, copy=True, backend="xla")
+  q, report = aq.quantize_model_with_report(m, stats, aq.QuantConfig(alpha=0.5, rotate=False), copy=True, backend="xla")
+  rq = aq.quantize_model(r, rstats, aq.QuantConfig(alpha=0.5, rotate=False), copy=True, backend="xla")
   assert all(r_.quantized for r_ in report.values()) and report["kv_einsum"].smoothing == "folded"
   assert tm.int8_matmuls(lambda v: q(v), x) == 2
   np.testing.assert_allclose(q(x), rq(x), rtol=1e-5, atol=1e-6)
@@ -190,6 +190,6 @@ def test_weight_on_the_left_is_no_dense_producer():
   params = m.init(jax.random.key(0), cal[0])
   stats = aq.calibrate(m, params, cal, progress=False)
   assert stats["w2"].producer_kind == "op" and not stats["w2"].foldable
-  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5))
+  q, report = aq.quantize_params_with_report(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert report["w2"].smoothing == "runtime"
   assert _rel(aq.quantized_apply(m, backend="xla")(q, cal[0]), m.apply(params, cal[0])) < 0.05

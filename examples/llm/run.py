@@ -86,7 +86,7 @@ def _q(**kw) -> aq.QuantConfig:
   # Every weight matmul in 8 bits, the output head too (tied: `embed_tokens.attend`, a
   # captured contraction; untied: `lm_head`). Keeping it float is one rule away:
   # aq.LayerRule(r"^(lm_head|embed_tokens/embedding)$", skip=True).
-  return aq.QuantConfig(**kw)
+  return aq.QuantConfig(**{"rotate": False, **kw})
 
 
 MODES: list[tuple[str, object]] = [

@@ -41,13 +41,13 @@ FFN_LAYER = "bert/layer_3/intermediate"  # the FFN input (attention LayerNorm ou
 
 MODES: list[tuple[str, aq.QuantConfig | None]] = [
     ("FP32", None),
-    ("W8A8 dynamic per-token, no smoothing", aq.QuantConfig(act_mode="dynamic", alpha=None)),
-    ("W8A8 dynamic per-token, SmoothQuant 0.5", aq.QuantConfig(act_mode="dynamic", alpha=0.5)),
-    ("W8A8 dynamic per-token, auto alpha", aq.QuantConfig(act_mode="dynamic", alpha="auto")),
-    ("W8A8 static per-tensor, no smoothing", aq.QuantConfig(act_mode="static", alpha=None)),
-    ("W8A8 static per-tensor, SmoothQuant 0.5", aq.QuantConfig(act_mode="static", alpha=0.5)),
-    ("W8A8 static per-tensor, auto alpha", aq.QuantConfig(act_mode="static", alpha="auto")),
-    ("FP8 e4m3 W8A8 dynamic per-token", aq.QuantConfig(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None)),
+    ("W8A8 dynamic per-token, no smoothing", aq.QuantConfig(act_mode="dynamic", alpha=None, rotate=False)),
+    ("W8A8 dynamic per-token, SmoothQuant 0.5", aq.QuantConfig(act_mode="dynamic", alpha=0.5, rotate=False)),
+    ("W8A8 dynamic per-token, auto alpha", aq.QuantConfig(act_mode="dynamic", alpha="auto", rotate=False)),
+    ("W8A8 static per-tensor, no smoothing", aq.QuantConfig(act_mode="static", alpha=None, rotate=False)),
+    ("W8A8 static per-tensor, SmoothQuant 0.5", aq.QuantConfig(act_mode="static", alpha=0.5, rotate=False)),
+    ("W8A8 static per-tensor, auto alpha", aq.QuantConfig(act_mode="static", alpha="auto", rotate=False)),
+    ("FP8 e4m3 W8A8 dynamic per-token", aq.QuantConfig(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None, rotate=False)),
 ]
 
 
@@ -142,7 +142,7 @@ def plot_outliers(mm, stats, out_png, alpha=0.5):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  _, plans = aq.smooth_params(mm.params, stats, aq.QuantConfig(alpha=alpha))
+  _, plans = aq.smooth_params(mm.params, stats, aq.QuantConfig(alpha=alpha, rotate=False))
   before = np.asarray(stats[FFN_LAYER].absmax)
   after = before / plans[FFN_LAYER].s
   fig, axes = plt.subplots(2, 1, figsize=(11, 6), sharex=True)
