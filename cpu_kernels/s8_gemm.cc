@@ -859,8 +859,10 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
                  K % m != 0)) {
     return ffi::Error::InvalidArgument("actquant quantize_rows: expected signs (K,) and hm (m, m), m dividing K");
   }
-  // Row blocks of about 64 KiB of x: enough work per chunk, and both cores busy at M >= 2 * rows.
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1));
+  // Row blocks of about 64 KiB of x: enough work per chunk, and both cores busy at M >= 2 * rows
+  // (a rotated row is about m / 8 times the work: blocks that much shorter).
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1) /
+                                                std::max<int64_t>(1, m / 8));
   const int64_t blocks = (M + rows - 1) / rows;
   const float* x = x_buf.typed_data();
   const float* inv = inv_buf.typed_data();
