@@ -240,7 +240,8 @@ def _matmul(site: _capture.Contraction, stacked: QuantizedKernel, layer, x, w, r
   x2d = x2.reshape(-1, qk.in_features)
   kernel = ops.choose_kernel(qk, m=x2d.shape[0], out_dtype=out_dtype, backend=backend, interpret=interpret)
   xq, sx = _shared_quantize(shared, x, site, x2d, qk, kernel)
-  y = shared.pop(("y", id(x), site.param), None)  # computed with its group's first member
+  # computed with its group's first member (x stays alive in its quantize entry: a unique id)
+  y = shared.pop(("y", id(x), site.param), None)
   if y is None and kernel.backend == "cpu" and len(members) > 1:
     y = _group_products(shared, x, x2d, site, members, qks, layer, xq, sx, kernel, out_dtype, interpret)
   if y is None or y.dtype != out_dtype:
