@@ -136,6 +136,14 @@ def test_gguf_errors(toy_gguf, tmp_path):
     G.read_gguf(other)
   with pytest.raises(FileNotFoundError, match="is not a file"):
     G.read_gguf(tmp_path / "missing.gguf")
+  # damaged files: our header parser names the file and what is wrong
+  raw = Path(path).read_bytes()
+  for name, data, why in [("short.gguf", raw[:2000], "truncated GGUF header"),
+                          ("cut.gguf", raw[:len(raw) - 100], "tensor .* runs past the end of the file"),
+                          ("npz.gguf", b"PK\x03\x04" + raw[4:], "not a GGUF file")]:
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ModelConfigError, match=f"{name}: {why}"):
+      G.read_gguf(tmp_path / name)
 
 
 # ---------------------------------------------------------------- the real models
