@@ -104,6 +104,7 @@ def _config_from_json(d) -> QuantConfig | None:
   d["rules"] = tuple(LayerRule(**r) for r in d.get("rules", ()))
   d["alpha_grid"] = tuple(d.get("alpha_grid", ()))
   d.setdefault("rotate", False)  # written before rotation existed: not rotated (the default is now True)
+  d.setdefault("weight_rounding", "nearest")  # written before GPTQ existed
   return QuantConfig(**d)
 
 

@@ -12,6 +12,7 @@ from actquant_jax.quant import check_qtype
 Alpha = Union[float, str, None]  # a migration strength in [0, 1], "auto", or None (no smoothing)
 ACT_MODES = ("dynamic", "static")
 DEFAULT_ALPHA_GRID: tuple[float | None, ...] = (None, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
 
 
 def _check_alpha(alpha, where: str):
@@ -75,6 +76,13 @@ class QuantConfig:
               taken on the rotated rows); skipped (and reported) where K has no Hadamard
               size or a lookup reads the weight. A rotated layer needs its whole input
               rows: row-parallel (K-sharded) shard_map use takes rotate=False.
+  weight_rounding: "nearest", or "gptq": round each weight against its calibration
+              inputs, moving each input channel's rounding error onto the channels not
+              yet rounded (gptq.py). Same grid and scales either way. GPTQ needs at
+              least K calibration rows per layer (calibrate(..., num_samples=2048) for
+              K up to 2048; the default keeps 512); a layer with fewer, or whose weight a
+              lookup also reads (a tied embedding), is rounded to nearest and its report
+              says why. It pays most for FP8 (docs/results.md).
   rules:      LayerRule overrides, matched on the module path; later rules win.
 
   The defaults (dynamic, rotated, alpha "auto") are the most accurate measured on real
@@ -87,6 +95,7 @@ class QuantConfig:
   alpha: Alpha = "auto"
   alpha_grid: tuple[float | None, ...] = DEFAULT_ALPHA_GRID
   rotate: bool = True
+  weight_rounding: str = "nearest"
   rules: tuple[LayerRule, ...] = ()
 
   def __post_init__(self):
@@ -96,6 +105,9 @@ class QuantConfig:
     _check_alpha(self.alpha, "QuantConfig")
     if not isinstance(self.rotate, bool):
       raise QuantizationTypeError(f"QuantConfig: rotate must be True or False, got {self.rotate!r}")
+    if self.weight_rounding not in WEIGHT_ROUNDINGS:
+      raise QuantizationError(f"QuantConfig: weight_rounding must be one of {WEIGHT_ROUNDINGS}, "
+                              f"got {self.weight_rounding!r}")
     if not self.alpha_grid:
       raise QuantizationError("QuantConfig: alpha_grid must not be empty")
     for a in self.alpha_grid:

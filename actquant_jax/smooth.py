@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from actquant_jax._dataflow import kind_offsets
-from actquant_jax import backends, rotation
+from actquant_jax import backends, gptq, rotation
 from actquant_jax.errors import QuantizationError
 from actquant_jax.quant import qtype_max, quantize_with_scale, scale_from_absmax, weight_matrix
 from actquant_jax.sharding import kernel_axes, put_like, to_host
@@ -205,11 +205,16 @@ def _row_absmax(w, vecs, *, kinds, contract, out):
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("qtype", "rotate", "values_sharding", "scale_sharding"))
-def _quantize_weight(w, vecs, *, kinds, contract, out, qtype, rotate, values_sharding, scale_sharding):
+def _quantize_weight(w, vecs, rows, s, *, kinds, contract, out, qtype, rotate, values_sharding, scale_sharding):
   w32 = _current32(w, vecs, kinds, contract, out)
   if rotate:  # R^T W, quantized from its (K, N) matrix
     w32, contract, out = rotation.rotate_weight(weight_matrix(w32, contract, out)), (0,), (1,)
-  values, scale = _quantize_in_place(w32, qtype, contract, out)
+  if rows is not None:  # GPTQ against the rows as the GEMM reads them: x / s, rotated
+    x = rows if s is None else rows / s
+    x = rotation.rotate_rows(x) if rotate else x
+    values, scale = gptq.round_weight(weight_matrix(w32, contract, out), gptq.hessian(x), qtype=qtype)
+  else:
+    values, scale = _quantize_in_place(w32, qtype, contract, out)
   if values_sharding is not None:  # (N, K): the weight's own sharding, transposed
     values = jax.lax.with_sharding_constraint(values, values_sharding)
     scale = jax.lax.with_sharding_constraint(scale, scale_sharding)
@@ -231,17 +236,20 @@ def weight_row_absmax(kernels) -> np.ndarray:
   return np.max(np.stack([np.asarray(m) for m in to_host(maxima)]), axis=0).astype(np.float32)
 
 
-def quantize_weight(ref: WeightRef, qtype: str, rotate: bool = False):
+def quantize_weight(ref: WeightRef, qtype: str, rotate: bool = False, rows=None, s=None):
   """(values (N, K), scale (N,)) of the weight with its updates, quantized per output
-  channel (bit for bit what quantize_kernel gives), on the weight's devices; a
-  weight with a NamedSharding gives values with its spec transposed and scales with its
-  output axis's."""
+  channel, on the weight's devices: rounded to nearest (bit for bit what quantize_kernel
+  gives), or with `rows` -- the (S, K) calibration rows of its input, before smoothing
+  and rotation; s the smoothing vector or None -- by GPTQ (gptq.py). A weight with a
+  NamedSharding gives values with its spec transposed and scales with its output axis's."""
   vs = ss = None
   sharding = getattr(ref.leaf, "sharding", None)
   if isinstance(ref.leaf, jax.Array) and isinstance(sharding, NamedSharding):
     k_axis, n_axis = kernel_axes(sharding.spec, ref.leaf.ndim, ref.contract, ref.out)
     vs, ss = NamedSharding(sharding.mesh, P(n_axis, k_axis)), NamedSharding(sharding.mesh, P(n_axis))
-  return _quantize_weight(ref.leaf, ref.vectors(), kinds=ref.kinds, contract=ref.contract, out=ref.out, qtype=qtype,
+  rows = None if rows is None else jnp.asarray(rows, jnp.float32)
+  s = None if s is None or rows is None else jnp.asarray(s, jnp.float32)
+  return _quantize_weight(ref.leaf, ref.vectors(), rows, s, kinds=ref.kinds, contract=ref.contract, out=ref.out, qtype=qtype,
                           rotate=rotate, values_sharding=vs, scale_sharding=ss)
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from actquant_jax import rotation, smooth
+from actquant_jax import gptq, rotation, smooth
 from actquant_jax._capture import layer_name
 from actquant_jax._dataflow import DataflowFacts, layer_dataflow
 from actquant_jax.calibrate import LayerStats, check_stats
@@ -112,6 +112,7 @@ class LayerPlan:
   note: str = ""
   rotated: bool = False    # R^T W quantized, x rotated at run time (QuantConfig.rotate)
   act_scale: Any = None    # static: the group's scale (smooth.static_act_scale; (L,) for a stack)
+  gptq: bool = False       # weight rounded by GPTQ against stats.samples (else nearest)
 
 
 def weight_path(layer: str, st: LayerStats) -> str:
@@ -336,9 +337,24 @@ def _plan(params, stats, config):
     for p in quantized:
       if s is not None:  # input channels of W times s (per layer for a stack: s (L, K))
         updates.setdefault(weight_path(p, live[p]), []).append(("rows", s))
+      use_gptq, rounding_note = _rounding(config.weight_rounding, live[p], weight_path(p, live[p]))
       plans[p] = LayerPlan(settings[p], alpha, alpha_errors, s, fold, x_absmax, live[p],
-                           "; ".join(n for n in (note, rotate_note, sink_note) if n), rotate, act_scale)
+                           "; ".join(n for n in (note, rotate_note, sink_note, rounding_note) if n), rotate, act_scale,
+                           use_gptq)
   return rebuild, new_root, {wp: tuple(u) for wp, u in updates.items()}, plans
+
+
+def _rounding(rounding: str, st: LayerStats, wp: str):
+  """(GPTQ or not, note) of one layer (QuantConfig.weight_rounding)."""
+  if rounding == "nearest":
+    return False, ""
+  if st.keep_float:  # the lookup's rows would carry the matmul's error compensation
+    return False, f"rounded to nearest, not by GPTQ: {wp} is also read by a lookup (a tied embedding)"
+  rows, k = np.shape(st.samples)[-2:]
+  if rows < gptq.min_rows(k):
+    return False, (f"rounded to nearest, not by GPTQ: {rows} calibration rows for K = {k} (GPTQ needs >= "
+                   f"{gptq.min_rows(k)}: calibrate more tokens, or with a larger num_samples)")
+  return True, ""
 
 
 def _static_scale(st: LayerStats, s, settings, rotate: bool):
@@ -439,7 +455,7 @@ def _quantize_layer(ref: smooth.WeightRef, plan: LayerPlan, name: str) -> Quanti
     raise QuantizationError(f"{name}: act_scale must be in (0, 2^126] (its reciprocal multiplies x), "
                             f"got {float(act_scale)}")
   inv = None if (plan.s is None or plan.folded) else (1.0 / plan.s).astype(np.float32)
-  values, scale = smooth.quantize_weight(ref, qt, plan.rotated)
+  values, scale = smooth.quantize_weight(ref, qt, plan.rotated, plan.stats.samples if plan.gptq else None, plan.s)
   leaf = ref.leaf
   sharding = getattr(leaf, "sharding", None)
   k_axis = (kernel_axes(sharding.spec, leaf.ndim, ref.contract, ref.out)[0]

@@ -198,3 +198,15 @@ def test_a_config_saved_before_rotation_existed_reads_back_unrotated():
   from actquant_jax import checkpoint
   saved = {k: v for k, v in dataclasses.asdict(aq.QuantConfig(alpha=0.5, rotate=False)).items() if k != "rotate"}
   assert checkpoint._config_from_json(saved) == aq.QuantConfig(alpha=0.5, rotate=False)
+
+
+def test_a_config_saved_before_gptq_existed_reads_back_nearest():
+  # Manifests written before QuantConfig.weight_rounding: those weights were rounded to
+  # nearest; a GPTQ config reads back as GPTQ.
+  import dataclasses
+  from actquant_jax import checkpoint
+  cfg = aq.QuantConfig(alpha=0.5)
+  saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "weight_rounding"}
+  assert checkpoint._config_from_json(saved) == aq.QuantConfig(alpha=0.5, weight_rounding="nearest")
+  gptq = aq.QuantConfig(weight_rounding="gptq")
+  assert checkpoint._config_from_json(dataclasses.asdict(gptq)) == gptq
