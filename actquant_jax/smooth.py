@@ -80,20 +80,57 @@ def sink_rows(row_absmax) -> np.ndarray:
   return r > SINK_RATIO * med if med > 0 else np.zeros(r.shape, bool)
 
 
+# The static range is chosen among these fractions of the non-sink rows' absmax.
+CLIP_GRID = tuple(float(f) for f in np.linspace(0.2, 1.0, 33))
+
+
 def static_act_scale(samples, s, qtype: str, rotate: bool = False) -> np.float32:
   """Per-tensor static scale of X / s (rotated where the layer is) from its calibration
-  rows: the absmax of the rows that are not sinks, / qmax. At run time every row within it
-  shares it and a row beyond it (a sink token, or text unlike the calibration's) is
-  scaled on its own (pallas_kernels.reference.static_row_scale): nothing saturates."""
-  return static_scale_of_rows(calibration_row_absmax(samples, s, rotate), qtype)
+  rows: static_scale_of_rows[0]."""
+  return static_scale_of_rows(samples, s, qtype, rotate)[0]
 
 
-def static_scale_of_rows(row_absmax, qtype: str) -> np.float32:
-  """static_act_scale from the rows' maxima (calibration_row_absmax)."""
-  r = np.asarray(row_absmax, np.float32)
-  r = r[~sink_rows(r)]
-  amax = float(r.max()) if r.size else 0.0
-  return np.float32(amax / qtype_max(qtype) if amax > 0 else 1.0)
+def static_scale_of_rows(samples, s, qtype: str, rotate: bool = False):
+  """(scale, rows beyond it, sink rows, rows) of X / s (rotated where the layer is).
+
+  The scale is the range, among CLIP_GRID's fractions of the largest non-sink row max,
+  whose *clipped* quantization of the non-sink rows has the least mean per-row relative
+  error ||Q(x) - x||^2 / ||x||^2: what a kernel that saturates would do best, every token
+  counting the same. The absmax itself gives the few largest rows' range to all: on Gemma 3
+  (rotated + auto alpha) KL 2.5e-2 with it, 7.4e-3 with this. At run time a row within the
+  scale shares it and a row beyond it (a sink token, one of the largest rows, or text
+  unlike the calibration's) is scaled on its own (pallas_kernels.reference.static_row_scale):
+  nothing saturates. How many calibration rows that is goes into the report."""
+  x = samples if isinstance(samples, jax.Array) else jax.device_put(np.asarray(samples, np.float32))
+  sv = None if s is None else put_like(np.asarray(s, np.float32), x)
+  r = calibration_row_absmax(x, s, rotate)
+  sinks = sink_rows(r)
+  amax = float(r[~sinks].max()) if (~sinks).any() else 0.0
+  if amax <= 0:
+    return np.float32(1.0), int(sinks.sum()), int(sinks.sum()), int(r.size)
+  scales, errors = to_host(_clip_errors(x, sv, put_like(~sinks, x), np.float32(amax), qtype=qtype, rotate=rotate))
+  best = len(CLIP_GRID) - 1 - int(np.argmin(np.asarray(errors)[::-1]))  # a tie: the wider range
+  scale = np.float32(np.asarray(scales)[best])
+  return scale, int((r > scale * qtype_max(qtype)).sum()), int(sinks.sum()), int(r.size)
+
+
+@functools.partial(jax.jit, static_argnames=("qtype", "rotate"))
+def _clip_errors(x, s, keep, amax, *, qtype, rotate):
+  """(scales, mean relative error of the kept rows) for each CLIP_GRID fraction of amax."""
+  x = x.astype(jnp.float32)
+  if s is not None:
+    x = x / s
+  if rotate:
+    x = rotation.rotate_rows(x)
+  n2 = jnp.sum(x * x, axis=1)
+  w = jnp.where(keep & (n2 > 0), 1.0 / jnp.where(n2 > 0, n2, 1.0), 0.0)
+  scales = scale_from_absmax(amax * jnp.asarray(CLIP_GRID, jnp.float32), qtype)
+
+  def err(scale):
+    q = quantize_with_scale(x, scale, qtype).astype(jnp.float32) * scale
+    return jnp.sum(w * jnp.sum((q - x) ** 2, axis=1)) / jnp.maximum(jnp.sum(w > 0), 1)
+
+  return scales, jax.lax.map(err, scales)
 
 
 # ---------------------------------------------------------------- reading weights on device

@@ -358,20 +358,22 @@ def _rounding(rounding: str, st: LayerStats, wp: str):
 
 
 def _static_scale(st: LayerStats, s, settings, rotate: bool):
-  """(act_scale, note) of a static group: smooth.static_act_scale of its first layer's
+  """(act_scale, note) of a static group: smooth.static_scale_of_rows of its first layer's
   calibration rows (per layer for a stack), one scale for the whole group (it shares one
-  quantized input); the note says how many rows were sinks, scaled on their own at run time."""
+  quantized input); the note says how many calibration rows were beyond it -- scaled on
+  their own at run time -- and how many of those were sinks."""
   def one(samples, si):
-    r = smooth.calibration_row_absmax(samples, si, rotate)
-    return smooth.static_scale_of_rows(r, settings.qtype), int(smooth.sink_rows(r).sum()), r.size
+    return smooth.static_scale_of_rows(samples, si, settings.qtype, rotate)
   if st.layers:
     per = _per_layer(st.layers, one, st.samples, s)
-    scale, sinks, rows = np.array([p[0] for p in per], np.float32), max(p[1] for p in per), per[0][2]
+    scale = np.array([p[0] for p in per], np.float32)
+    beyond, sinks, rows = max(p[1] for p in per), max(p[2] for p in per), per[0][3]
   else:
-    scale, sinks, rows = one(st.samples, s)
-  note = (f"static: {sinks} of {rows} calibration rows{' (in some layer)' if st.layers else ''} are sink tokens "
-          f"(row max > {smooth.SINK_RATIO:g}x the median row's): outside the static range, scaled on their own at "
-          "run time" if sinks else "")
+    scale, beyond, sinks, rows = one(st.samples, s)
+  where = " (in the worst layer)" if st.layers else ""
+  note = (f"static: {beyond} of {rows} calibration rows{where} beyond the scale, scaled on their own at run time"
+          + (f"; {sinks} of them sink tokens (row max > {smooth.SINK_RATIO:g}x the median row's)" if sinks else "")
+          if beyond else "")
   return scale, note
 
 

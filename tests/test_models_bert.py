@@ -67,8 +67,10 @@ def test_w8a8_accuracy_floors():
   # Small version of the main job (examples/minilm/run.py): 32 calibration (one batch) and
   # 96 evaluation sentences, every mode the assertions below read (static SmoothQuant 0.5,
   # asserted nothing, is left out). Floors sit ~1.5x above what this size measures
-  # (dynamic auto 8.2e-4, SQ 0.5 1.0e-3, static auto 1.9e-3, FP8 2.3e-3), so a regression in
-  # smoothing, calibration or the int8 path fails here.
+  # (dynamic auto 8.2e-4, SQ 0.5 1.0e-3, static auto 1.65e-3, FP8 2.3e-3), so a regression in
+  # smoothing, calibration or the int8 path fails here. Static without smoothing: 4.8e-3
+  # with the clipped static range (smooth.static_scale_of_rows; with the absmax range it was
+  # over 5x static auto's).
   from examples.minilm.run import MODES, run
   modes = [m for m in MODES[1:] if m[0] != "W8A8 static per-tensor, SmoothQuant 0.5"]
   recs, stats = run(32, 96, speed=False, log=lambda s: None, modes=modes)
@@ -78,8 +80,8 @@ def test_w8a8_accuracy_floors():
   st_none, st_auto = err["W8A8 static per-tensor, no smoothing"], err["W8A8 static per-tensor, auto alpha"]
   assert dyn_auto <= 1.25e-3 and dyn_auto < dyn_none
   assert err["W8A8 dynamic per-token, SmoothQuant 0.5"] <= 1.5e-3
-  assert st_auto <= 2.8e-3
-  assert st_none >= 5 * st_auto  # outlier channels ruin one static scale; smoothing repairs it
+  assert st_auto <= 2.5e-3
+  assert st_none >= 2 * st_auto  # outlier channels hurt one static scale; smoothing repairs it
   assert err["FP8 e4m3 W8A8 dynamic per-token"] <= 3.5e-3
   assert top1["W8A8 dynamic per-token, auto alpha"] >= 0.9 and top1["W8A8 static per-tensor, auto alpha"] >= 0.88
   assert len(recs) == 6 and all(r["weight_bytes_ratio"] <= 0.27 for r in recs)

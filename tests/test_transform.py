@@ -181,9 +181,9 @@ def test_quantize_params_holds_no_float_copy(gpt, monkeypatch):
   before, extra = live(), []
   quantize_weight = smooth.quantize_weight
 
-  def spy(ref, qtype, rotate=False):
+  def spy(ref, qtype, rotate=False, rows=None, s=None):
     extra.append(live() - before)
-    return quantize_weight(ref, qtype, rotate)
+    return quantize_weight(ref, qtype, rotate, rows, s)
   monkeypatch.setattr(smooth, "quantize_weight", spy)
   qparams = aq.quantize_params(params, stats, aq.QuantConfig(alpha=0.5, rotate=False))
   assert len(extra) == 13

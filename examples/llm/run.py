@@ -86,7 +86,7 @@ def _q(**kw) -> aq.QuantConfig:
   # Every weight matmul in 8 bits, the output head too (tied: `embed_tokens.attend`, a
   # captured contraction; untied: `lm_head`). Keeping it float is one rule away:
   # aq.LayerRule(r"^(lm_head|embed_tokens/embedding)$", skip=True).
-  return aq.QuantConfig(**{"rotate": False, **kw})
+  return aq.QuantConfig(**{"rotate": False, "weight_rounding": "nearest", **kw})
 
 
 MODES: list[tuple[str, object]] = [
@@ -103,7 +103,16 @@ MODES: list[tuple[str, object]] = [
     ("W8A8 static, rotated + auto alpha", _q(act_mode="static", alpha="auto", rotate=True)),
     ("FP8 e4m3 dynamic, no smoothing", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None)),
     ("FP8 e4m3 dynamic, rotated", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha=None, rotate=True)),
+    ("FP8 e4m3 dynamic, rotated + auto alpha", _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha="auto", rotate=True)),
+    # GPTQ rounding (calibrated with GPTQ_SAMPLES rows per layer: it needs >= K)
+    ("W8A8 dynamic, rotated + auto alpha + GPTQ",
+     _q(act_mode="dynamic", alpha="auto", rotate=True, weight_rounding="gptq")),
+    ("W8A8 static, rotated + auto alpha + GPTQ",
+     _q(act_mode="static", alpha="auto", rotate=True, weight_rounding="gptq")),
+    ("FP8 e4m3 dynamic, rotated + auto alpha + GPTQ",
+     _q(qtype="float8_e4m3fn", act_mode="dynamic", alpha="auto", rotate=True, weight_rounding="gptq")),
 ]
+GPTQ_SAMPLES = 2048  # calibration rows kept per layer for the GPTQ modes (>= every K of both real models)
 
 
 def windows(lm: L.CausalLM, text: str, n: int | None, seq: int = SEQ) -> np.ndarray:
@@ -195,6 +204,7 @@ def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True
   stats = aq.calibrate(lm.model, lm.params, [jnp.asarray(calib[i:i + 4, :-1]) for i in range(0, len(calib), 4)],
                        progress=False)
   log(f"calibrated {len(stats)} weight matmuls ({time.perf_counter() - t0:.0f}s)")
+  gptq_stats = None  # the GPTQ modes' own calibration (more rows kept); the other modes' numbers are unchanged
   model, bf16_model = lm.model, lm.model.clone(param_dtype=jnp.bfloat16)
   bf16_params = to_bf16(lm.params)
   q_apply = aq.quantized_apply(model)
@@ -211,7 +221,11 @@ def run(model_dir="smollm2", n_calib=16, n_eval=None, speed_rounds=5, speed=True
     elif cfg == "bf16":
       params, apply, m = bf16_params, bf16_model.apply, bf16_model
     else:
-      params, reports[name] = aq.quantize_params_with_report(lm.params, stats, cfg)
+      if cfg.weight_rounding == "gptq" and gptq_stats is None:
+        gptq_stats = aq.calibrate(lm.model, lm.params, [jnp.asarray(calib[i:i + 4, :-1]) for i in range(0, len(calib), 4)],
+                                  progress=False, num_samples=GPTQ_SAMPLES)
+      params, reports[name] = aq.quantize_params_with_report(
+          lm.params, gptq_stats if cfg.weight_rounding == "gptq" else stats, cfg)
       apply, m = q_apply, model
     rec = dict(mode=name)
     rec.update(base if cfg is None else evaluate(_eval_fn(apply), params, evals, ref)[0])
