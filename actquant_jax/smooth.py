@@ -108,7 +108,8 @@ def static_scale_of_rows(samples, s, qtype: str, rotate: bool = False):
   amax = float(r[~sinks].max()) if (~sinks).any() else 0.0
   if amax <= 0:
     return np.float32(1.0), int(sinks.sum()), int(sinks.sum()), int(r.size)
-  scales, errors = to_host(_clip_errors(x, sv, put_like(~sinks, x), np.float32(amax), qtype=qtype, rotate=rotate))
+  scales, errors = to_host(_clip_errors(x, sv, put_like(~sinks, x), put_like(np.float32(amax), x), qtype=qtype,
+                                        rotate=rotate))
   best = len(CLIP_GRID) - 1 - int(np.argmin(np.asarray(errors)[::-1]))  # a tie: the wider range
   scale = np.float32(np.asarray(scales)[best])
   return scale, int((r > scale * qtype_max(qtype)).sum()), int(sinks.sum()), int(r.size)
@@ -284,8 +285,11 @@ def quantize_weight(ref: WeightRef, qtype: str, rotate: bool = False, rows=None,
   if isinstance(ref.leaf, jax.Array) and isinstance(sharding, NamedSharding):
     k_axis, n_axis = kernel_axes(sharding.spec, ref.leaf.ndim, ref.contract, ref.out)
     vs, ss = NamedSharding(sharding.mesh, P(n_axis, k_axis)), NamedSharding(sharding.mesh, P(n_axis))
-  rows = None if rows is None else jnp.asarray(rows, jnp.float32)
-  s = None if s is None or rows is None else jnp.asarray(s, jnp.float32)
+  if rows is not None:  # explicit transfers, onto the weight's devices
+    rows = _put_rows(rows if isinstance(rows, jax.Array) else np.asarray(rows, np.float32), ref)
+    s = None if s is None else put_like(np.asarray(s, np.float32), ref.leaf)
+  else:
+    s = None
   return _quantize_weight(ref.leaf, ref.vectors(), rows, s, kinds=ref.kinds, contract=ref.contract, out=ref.out, qtype=qtype,
                           rotate=rotate, values_sharding=vs, scale_sharding=ss)
 
