@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import cho_solve
 
+from actquant_jax.errors import QuantizationError
 from actquant_jax.quant import qtype_dtype, scale_from_absmax
 from pallas_kernels import reference as numerics
 
@@ -56,6 +57,8 @@ def round_weight(w_kn: jax.Array, h: jax.Array, *, qtype: str, block: int = BLOC
   upper Cholesky factor of H^-1 (U^T U = H^-1), the form in which the GPTQ update is a
   row of U. Values beyond the scale's range saturate, as nearest rounding's would.
   """
+  if w_kn.ndim != 2 or h.shape != (w_kn.shape[0],) * 2:
+    raise QuantizationError(f"gptq.round_weight: w_kn must be (K, N) and h (K, K); got {w_kn.shape} and {h.shape}")
   k, n = w_kn.shape
   w = jnp.asarray(w_kn, jnp.float32)
   scale = scale_from_absmax(jnp.max(jnp.abs(w), axis=0), qtype)  # (N,): nearest's scales

@@ -133,3 +133,8 @@ def test_quantize_params_rounds_by_gptq_and_reports_where_it_cannot():
 def test_bad_weight_rounding_is_named():
   with pytest.raises(aq.QuantizationError, match="weight_rounding must be one of"):
     aq.QuantConfig(weight_rounding="round")
+
+
+def test_mismatched_hessian_is_named():
+  with pytest.raises(aq.QuantizationError, match=r"w_kn must be \(K, N\) and h \(K, K\)"):
+    gptq.round_weight(jnp.ones((8, 4)), jnp.eye(6), qtype="int8")
