@@ -55,16 +55,27 @@ OURS = {
     "ours W8A8 dynamic, default (rotated + auto alpha)": aq.QuantConfig(),
 }
 LLAMA_TYPES = ("F32", "Q8_0")
+AMX_ROW = "llama.cpp Q8_0, AMX"  # where llama.cpp was built with AMX-INT8 (its fastest decode)
+
+
+def llama_has_amx() -> bool:
+  import llama_cpp as lc
+  return "AMX_INT8 = 1" in lc.llama_print_system_info().decode()
 
 
 class LlamaCpp:
   """A llama.cpp model and context through llama-cpp-python's C API: token ids in, logits
   out, several sequences per batch (n_seq), the KV cache trimmed per sequence."""
 
-  def __init__(self, path: Path, n_ctx: int, n_seq: int, threads: int, n_batch: int = 512):
+  def __init__(self, path: Path, n_ctx: int, n_seq: int, threads: int, n_batch: int = 512, amx: bool = False):
     import llama_cpp as lc
     self.lc = lc
     mp = lc.llama_model_default_params()
+    # amx: its AMX-INT8 weight buffers (the "extra buffer types"; else its AVX512-VNNI /
+    # AVX2 kernels). Their multi-token path crashes in 0.3.36 (an upstream bug), so an AMX
+    # model is fed one token per llama_decode call.
+    mp.use_extra_bufts = amx
+    self.chunk = 1 if amx else n_batch
     self.model = lc.llama_model_load_from_file(str(path).encode(), mp)
     if not self.model:
       raise RuntimeError(f"llama.cpp could not load {path}")
@@ -94,12 +105,13 @@ class LlamaCpp:
 
   def decode(self, tokens: np.ndarray, pos0: int, all_logits: bool = False) -> np.ndarray:
     """tokens (B, T) at positions pos0.. of sequences 0..B-1 -> logits (B, vocab) of each
-    sequence's last token, or (B, T, vocab) with all_logits. Chunks of n_batch tokens."""
+    sequence's last token, or (B, T, vocab) with all_logits. Chunks of n_batch tokens (one
+    on the AMX path)."""
     b, t = tokens.shape
     flat = [(s, j) for s in range(b) for j in range(t)]
     out = np.empty((b, t if all_logits else 1, self.vocab), np.float32)
-    for c in range(0, len(flat), self.n_batch):
-      part = flat[c:c + self.n_batch]
+    for c in range(0, len(flat), self.chunk):
+      part = flat[c:c + self.chunk]
       bt = self.batch
       for i, (s, j) in enumerate(part):
         bt.token[i] = int(tokens[s, j])
@@ -183,7 +195,12 @@ def main():
   log(f"loaded and quantized {gguf.name} ({time.perf_counter() - t0:.0f}s)")
 
   # accuracy: ours against our float, llama.cpp fed the same windows
-  records = {n: {} for n in [f"llama.cpp {t}" for t in LLAMA_TYPES] + list(ours)}
+  # llama.cpp rows: (file type, AMX path). The AMX row runs what its one-token-a-call path
+  # can: decode at batch 1 and the accuracy; batched decode and prefill are "-".
+  systems = {f"llama.cpp {t}": (t, False) for t in LLAMA_TYPES}
+  if llama_has_amx():
+    systems[AMX_ROW] = ("Q8_0", True)
+  records = {n: {} for n in list(systems) + list(ours)}
   base, ref = evaluate(_eval_fn(model.apply), lm.params, evals, None)
   for name, (apply, params) in ours.items():
     records[name].update(base if OURS[name] is None else evaluate(_eval_fn(apply), params, evals, ref)[0])
@@ -192,15 +209,17 @@ def main():
   tmp = Path(tempfile.mkdtemp(prefix="bench_llamacpp_"))
   n_ctx = max(args.prompt + args.steps, args.prefill, SEQ) + 64
   llamas = {}
-  for t in LLAMA_TYPES:
-    path = quantize_gguf(gguf, t, tmp / f"{gguf.stem}.{t}.gguf")
-    llamas[t] = dict(b1=LlamaCpp(path, n_ctx, 1, args.threads))
-    if args.batch:
-      llamas[t]["bn"] = LlamaCpp(path, n_ctx * args.batch, args.batch, args.threads)
-    records[f"llama.cpp {t}"].update(llama_accuracy(llamas[t]["b1"], evals, ref))
-    records[f"llama.cpp {t}"]["weight_bytes"] = path.stat().st_size
-    log(f"llama.cpp {t}: perplexity {records[f'llama.cpp {t}']['perplexity']:.3f}, "
-        f"KL {records[f'llama.cpp {t}']['kl']:.2e} ({time.perf_counter() - t0:.0f}s)")
+  for name, (t, amx) in systems.items():
+    path = tmp / f"{gguf.stem}.{t}.gguf"
+    if not path.exists():
+      quantize_gguf(gguf, t, path)
+    llamas[name] = dict(b1=LlamaCpp(path, n_ctx, 1, args.threads, amx=amx))
+    if args.batch and not amx:
+      llamas[name]["bn"] = LlamaCpp(path, n_ctx * args.batch, args.batch, args.threads)
+    records[name].update(llama_accuracy(llamas[name]["b1"], evals, ref))
+    records[name]["weight_bytes"] = path.stat().st_size
+    log(f"{name}: perplexity {records[name]['perplexity']:.3f}, KL {records[name]['kl']:.2e} "
+        f"({time.perf_counter() - t0:.0f}s)")
   for name, (_, params) in ours.items():
     records[name]["weight_bytes"] = sum(x.nbytes for x in jax.tree.leaves(params))
 
@@ -214,13 +233,14 @@ def main():
   for key, b in [("decode_b1", 1)] + ([("decode_bn", args.batch)] if args.batch else []):
     ids = np.random.default_rng(b).integers(100, lm.cfg.vocab_size, (b, args.prompt)).astype(np.int32)
     fns, fargs = {}, {}
-    for t in LLAMA_TYPES:
-      llm = llamas[t]["b1" if b == 1 else "bn"]
+    for name, llm in ((n, ls.get("b1" if b == 1 else "bn")) for n, ls in llamas.items()):
+      if llm is None:
+        continue
       llm.clear()
       first = llm.decode(ids, 0)
-      fns[f"llama.cpp {t}"] = pause_then(lambda llm=llm, first=first: (llm.trim(args.prompt),
-                                                                       llm.greedy(first, args.prompt, args.steps))[1])
-      fargs[f"llama.cpp {t}"] = ()
+      fns[name] = pause_then(lambda llm=llm, first=first: (llm.trim(args.prompt),
+                                                           llm.greedy(first, args.prompt, args.steps))[1])
+      fargs[name] = ()
     for name, (apply, params) in ours.items():
       cache = L.init_cache(model, b, args.prompt + args.steps)
       first, cache = L.prefill(apply, params, cache, jnp.asarray(ids))
@@ -236,10 +256,12 @@ def main():
   # prefill: one prompt, batch 1
   ids = np.random.default_rng(0).integers(100, lm.cfg.vocab_size, (1, args.prefill)).astype(np.int32)
   fns, fargs = {}, {}
-  for t in LLAMA_TYPES:
-    llm = llamas[t]["b1"]
-    fns[f"llama.cpp {t}"] = pause_then(lambda llm=llm: (llm.clear(), llm.decode(ids, 0))[1])
-    fargs[f"llama.cpp {t}"] = ()
+  for name, (_, amx) in systems.items():
+    if amx:
+      continue
+    llm = llamas[name]["b1"]
+    fns[name] = pause_then(lambda llm=llm: (llm.clear(), llm.decode(ids, 0))[1])
+    fargs[name] = ()
   for name, (apply, params) in ours.items():
     fns[name] = pause_then(lambda p, c, x, apply=apply: L.prefill(apply, p, c, x)[0])
     fargs[name] = (params, L.init_cache(model, 1, args.prefill), jnp.asarray(ids))
@@ -247,24 +269,29 @@ def main():
   for n, s in times.items():
     records[n]["prefill"] = args.prefill / (s - PAUSE_S)
   log(f"prefill {args.prefill}: " + ", ".join(f"{n} {records[n]['prefill']:.0f}" for n in times) + " tok/s")
-  for t in LLAMA_TYPES:
-    for llm in llamas[t].values():
+  for ls in llamas.values():
+    for llm in ls.values():
       llm.close()
 
   info = results_md.provenance(extra=[f"jax {jax.__version__}, llama-cpp-python {llama_cpp.__version__} "
                                       f"(llama.cpp built with -march=native), {args.threads} threads for llama.cpp",
                                       f"{gguf.name}; {args.eval} held-out windows ({args.eval * SEQ} predictions)"])
   q8 = records["llama.cpp Q8_0"]
+  # batch 1 against llama.cpp's fastest Q8_0 build here (AMX where it has it), the rest
+  # against its Q8_0 (the AMX path does not run them)
+  q8_b1 = max(r["decode_b1"] for n, r in records.items() if n.startswith("llama.cpp Q8_0"))
+  fmt = lambda r, key, f: f.format(r[key]) if key in r else "-"
+  ratio = lambda r, key, ref: f"{r[key] / ref:.2f}x" if key in r else "-"
   bn = f"decode tok/s, batch {args.batch}"
-  headers = ["system", "weights MiB", "decode tok/s, batch 1", "vs llama.cpp Q8_0"] + (
+  headers = ["system", "weights MiB", "decode tok/s, batch 1", "vs fastest Q8_0"] + (
       [bn, "vs Q8_0"] if args.batch else []) + [f"prefill {args.prefill} tok/s", "vs Q8_0",
                                                 "perplexity (vs float)", "KL", "top-1"]
   rows = []
   for n, r in records.items():
-    row = [n, f"{r['weight_bytes'] / 2**20:.0f}", f"{r['decode_b1']:.1f}", f"{r['decode_b1'] / q8['decode_b1']:.2f}x"]
+    row = [n, f"{r['weight_bytes'] / 2**20:.0f}", fmt(r, "decode_b1", "{:.1f}"), ratio(r, "decode_b1", q8_b1)]
     if args.batch:
-      row += [f"{r['decode_bn']:.1f}", f"{r['decode_bn'] / q8['decode_bn']:.2f}x"]
-    row += [f"{r['prefill']:.0f}", f"{r['prefill'] / q8['prefill']:.2f}x",
+      row += [fmt(r, "decode_bn", "{:.1f}"), ratio(r, "decode_bn", q8["decode_bn"])]
+    row += [fmt(r, "prefill", "{:.0f}"), ratio(r, "prefill", q8["prefill"]),
             f"{r['perplexity']:.3f} ({100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%)",
             f"{r['kl']:.1e}", f"{100 * r['top1_agreement']:.1f}%"]
     rows.append(row)

@@ -2,6 +2,7 @@
 
   python benchmarks/profile_llm.py                       # SmolLM2, batch 1, f32 and W8A8
   python benchmarks/profile_llm.py --batch 8 --ops 25    # + the 25 costliest ops
+  python benchmarks/profile_llm.py --prefill 512         # one 512-token prompt's prefill instead
 
 Runs --steps greedy steps through the KV cache (one jitted loop, after a --prompt-token
 prompt) under `jax.profiler`, reads each thunk's time and classifies the top-level ops of
@@ -82,6 +83,8 @@ def main():
   ap.add_argument("--steps", type=int, default=16)
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--ops", type=int, default=0, help="also list the N costliest ops of each variant")
+  ap.add_argument("--prefill", type=int, default=0, help="profile the prefill of one prompt of this many "
+                  "tokens (batch 1) instead of the decode steps")
   args = ap.parse_args()
   lm = load_model(args.model)
   calib = windows(lm, (DATA / "calibration.txt").read_text(), 8)
@@ -96,14 +99,22 @@ def main():
   table = {}
   with tempfile.TemporaryDirectory() as tmp:
     for name, (apply, params) in variants.items():
-      cache = L.init_cache(model, args.batch, args.prompt + args.steps)
-      first, cache = L.prefill(apply, params, cache, ids)
-      fn = jax.jit(lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), args.steps))
-      ms, hlo = profile(fn, (params, cache, first), args.reps, Path(tmp) / name.replace(" ", "_"))
+      if args.prefill:
+        prompt = jnp.asarray(np.random.default_rng(0).integers(100, lm.cfg.vocab_size, (1, args.prefill)), jnp.int32)
+        fn = jax.jit(lambda p, c, x, apply=apply: L.prefill(apply, p, c, x)[0])
+        fargs, per = (params, L.init_cache(model, 1, args.prefill), prompt), 1
+      else:
+        cache = L.init_cache(model, args.batch, args.prompt + args.steps)
+        first, cache = L.prefill(apply, params, cache, ids)
+        fn = jax.jit(lambda p, c, lg, apply=apply: L.decode_loop(apply, p, c, lg, jax.random.key(0), args.steps))
+        fargs, per = (params, cache, first), args.steps
+      ms, hlo = profile(fn, fargs, args.reps, Path(tmp) / name.replace(" ", "_"))
       # (the loops' containers, while ops, are left out: their bodies' ops are counted)
-      table[name] = by_class(ms, hlo, classify, args.ops, name, scale=1 / args.steps, skip=("while",))
-  print(f"\n{args.model} decode step, batch {args.batch}, {args.prompt}-token prompt: ms per step by op class "
-        f"(jax.profiler, {args.reps} x {args.steps} steps; jax {jax.__version__})")
+      table[name] = by_class(ms, hlo, classify, args.ops, name, scale=1 / per, skip=("while",))
+  what = (f"prefill of a {args.prefill}-token prompt: ms" if args.prefill else
+          f"decode step, batch {args.batch}, {args.prompt}-token prompt: ms per step")
+  print(f"\n{args.model} {what} by op class (jax.profiler, {args.reps} x "
+        f"{1 if args.prefill else args.steps} {'prefills' if args.prefill else 'steps'}; jax {jax.__version__})")
   print_classes(table, CLASSES)
 
 

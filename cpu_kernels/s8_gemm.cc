@@ -811,9 +811,101 @@ AVX2 void Mix(const float* t, const float* hm, int64_t m, int64_t p, float norm,
   MixRows<NV, 1>(t, hm, m, p, whole, m, norm, y);
 }
 
+// H_p (unscaled) on each of the m rows of t (m, p), p a multiple of 8, with t = x * inv *
+// signs computed on the way in: the butterflies of h = 1, 2, 4 inside one 8-lane register
+// (a lane swap, then u + v in the lower lanes and u - v, computed as swapped - v, in the
+// upper: the same sums as the scalar loop, in the same order), h >= 8 across registers.
+// Row a of t is at t + a * ld (ld = p; 2 p where two x rows are interleaved, MixRows512).
+AVX2 void ButterfliesBy8(const float* x, const float* inv, const float* signs, int64_t m, int64_t p, float* t,
+                         int64_t ld) {
+  for (int64_t j = 0; j < m * p; j += 8) {
+    __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(inv + j)),
+                             _mm256_loadu_ps(signs + j));
+    __m256 s = _mm256_permute_ps(v, 0xB1);  // h = 1: lanes [1, 0, 3, 2, ...]
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xAA);
+    s = _mm256_permute_ps(v, 0x4E);  // h = 2: lanes [2, 3, 0, 1, ...]
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xCC);
+    s = _mm256_permute2f128_ps(v, v, 0x01);  // h = 4: the two 128-bit halves swapped
+    v = _mm256_blend_ps(_mm256_add_ps(v, s), _mm256_sub_ps(s, v), 0xF0);
+    _mm256_storeu_ps(t + j / p * ld + j % p, v);
+  }
+  for (int64_t h = 8; h < p; h *= 2) {
+    for (int64_t a = 0; a < m; ++a) {
+      float* r = t + a * ld;
+      for (int64_t i = 0; i < p; i += 2 * h) {
+        for (int64_t j = i; j < i + h; j += 8) {
+          const __m256 u = _mm256_loadu_ps(r + j), v = _mm256_loadu_ps(r + j + h);
+          _mm256_storeu_ps(r + j, _mm256_add_ps(u, v));
+          _mm256_storeu_ps(r + j + h, _mm256_sub_ps(u, v));
+        }
+      }
+    }
+  }
+}
+
+// MixRows in 16 lanes (AVX-512 CPUs: half the instructions), over rows of w floats: w = p,
+// or 2 p = 16 where two x rows' t are interleaved (row a: [row 0's p | row 1's p]).
+template <int NV, int CB>
+VNNI void MixRows512(const float* t, const float* hm, int64_t m, int64_t w, int64_t c0, int64_t c1, float norm,
+                     float* y) {
+  for (int64_t c = c0; c + CB <= c1; c += CB) {
+    for (int64_t j0 = 0; j0 < w; j0 += 16 * NV) {
+      __m512 acc[CB][NV];
+      UNROLL for (int b = 0; b < CB; ++b) UNROLL for (int v = 0; v < NV; ++v) acc[b][v] = _mm512_setzero_ps();
+      for (int64_t a = 0; a < m; ++a) {
+        __m512 ta[NV];
+        UNROLL for (int v = 0; v < NV; ++v) ta[v] = _mm512_loadu_ps(t + a * w + j0 + 16 * v);
+        UNROLL for (int b = 0; b < CB; ++b) {
+          const __m512 h = _mm512_set1_ps(hm[a * m + c + b]);
+          UNROLL for (int v = 0; v < NV; ++v) acc[b][v] = _mm512_fmadd_ps(h, ta[v], acc[b][v]);
+        }
+      }
+      const __m512 n = _mm512_set1_ps(norm);
+      UNROLL for (int b = 0; b < CB; ++b) UNROLL for (int v = 0; v < NV; ++v) {
+        _mm512_storeu_ps(y + (c + b) * w + j0 + 16 * v, _mm512_mul_ps(acc[b][v], n));
+      }
+    }
+  }
+}
+
+template <int NV, int CB>
+VNNI void Mix512(const float* t, const float* hm, int64_t m, int64_t w, float norm, float* y) {
+  const int64_t whole = m - m % CB;
+  MixRows512<NV, CB>(t, hm, m, w, 0, whole, norm, y);
+  MixRows512<NV, 1>(t, hm, m, w, whole, m, norm, y);
+}
+
+// Rows r0 and r0 + 1 of x rotated together (p = 8, AVX-512): their t interleaved into rows
+// of 16, mixed in 16 lanes, split back into y (2, K). The same sums as RotateRow's.
+VNNI void RotateTwoRows8(const float* x, const float* inv, const float* signs, const float* hm, int64_t m,
+                         float* t, float* t2, float* y) {
+  const int64_t K = m * 8;
+  ButterfliesBy8(x, inv, signs, m, 8, t, 16);
+  ButterfliesBy8(x + K, inv, signs, m, 8, t + 8, 16);
+  Mix512<1, 8>(t, hm, m, 16, 1.0f / std::sqrt(8.0f), t2);
+  for (int64_t c = 0; c < m; ++c) {
+    _mm256_storeu_ps(y + c * 8, _mm256_loadu_ps(t2 + c * 16));
+    _mm256_storeu_ps(y + K + c * 8, _mm256_loadu_ps(t2 + c * 16 + 8));
+  }
+}
+
 AVX2 void RotateRow(const float* x, const float* inv, const float* signs, const float* hm, int64_t m, int64_t p,
                     float* t, float* y) {
   const int64_t K = m * p;
+  const float norm = 1.0f / std::sqrt(static_cast<float>(p));
+  if (p % 8 == 0) {
+    ButterfliesBy8(x, inv, signs, m, p, t, p);
+    if (kHasVnni && p >= 16) {
+      if (p >= 128) return Mix512<8, 1>(t, hm, m, p, norm, y);
+      if (p == 64) return Mix512<4, 2>(t, hm, m, p, norm, y);
+      if (p == 32) return Mix512<2, 4>(t, hm, m, p, norm, y);
+      return Mix512<1, 8>(t, hm, m, p, norm, y);
+    }
+    if (p >= 64) return Mix<8, 1>(t, hm, m, p, norm, y);
+    if (p == 32) return Mix<4, 2>(t, hm, m, p, norm, y);
+    if (p == 16) return Mix<2, 4>(t, hm, m, p, norm, y);
+    return Mix<1, 8>(t, hm, m, p, norm, y);
+  }
   for (int64_t k = 0; k < K; ++k) t[k] = x[k] * inv[k] * signs[k];
   for (int64_t h = 1; h < p; h *= 2) {
     for (int64_t a = 0; a < m; ++a) {
@@ -827,11 +919,6 @@ AVX2 void RotateRow(const float* x, const float* inv, const float* signs, const 
       }
     }
   }
-  const float norm = 1.0f / std::sqrt(static_cast<float>(p));
-  if (p >= 64) return Mix<8, 1>(t, hm, m, p, norm, y);
-  if (p == 32) return Mix<4, 2>(t, hm, m, p, norm, y);
-  if (p == 16) return Mix<2, 4>(t, hm, m, p, norm, y);
-  if (p == 8) return Mix<1, 8>(t, hm, m, p, norm, y);
   for (int64_t c = 0; c < m; ++c) {  // p < 8: a short row (K < 8 m)
     float* yc = y + c * p;
     for (int64_t j = 0; j < p; ++j) yc[j] = 0.0f;
@@ -879,12 +966,22 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
     ParallelFor(pool, blocks, [&](int64_t c) {
       const int64_t m0 = c * rows, m1 = std::min(M, m0 + rows);
       if (!rotate) return pass(x, inv, K, m0, m1, xq, sx);
-      thread_local std::vector<float> t, y, ones;
-      t.resize(K);
-      y.resize(K);
+      thread_local std::vector<float> t, t2, y, ones;
+      t.resize(2 * K);
+      t2.resize(2 * K);
+      y.resize(2 * K);
       ones.assign(K, 1.0f);  // (the rotated row carries inv already)
-      for (int64_t r = m0; r < m1; ++r) {
-        RotateRow(x + r * K, inv, signs_buf.typed_data(), hm_buf.typed_data(), m, K / m, t.data(), y.data());
+      const float* signs = signs_buf.typed_data();
+      const float* hm = hm_buf.typed_data();
+      int64_t r = m0;
+      if (kHasVnni && K / m == 8) {  // p = 8: two rows fill the 16 lanes
+        for (; r + 2 <= m1; r += 2) {
+          RotateTwoRows8(x + r * K, inv, signs, hm, m, t.data(), t2.data(), y.data());
+          pass(y.data(), ones.data(), K, 0, 2, xq + r * K, sx + r);
+        }
+      }
+      for (; r < m1; ++r) {
+        RotateRow(x + r * K, inv, signs, hm, m, K / m, t.data(), y.data());
         pass(y.data(), ones.data(), K, 0, 1, xq + r * K, sx + r);
       }
     });
