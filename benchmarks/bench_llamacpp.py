@@ -18,7 +18,7 @@ quantizes with quantize_params (calibrated on 16 windows of other text).
 Speed, timed round-robin (benchmarks/timing.interleaved_medians, medians of --rounds
 rounds, a 0.1 s pause before each call): decode tokens/s of --steps greedy steps after a
 --prompt-token prompt (the prompt's cache kept: llama.cpp drops the steps' KV entries
-before each call, ours starts from the prefilled cache) at batch 1 and --batch (llama.cpp:
+before each call, ours starts from the prefilled cache) at batch 1 and each --batch (llama.cpp:
 that many sequences in one llama_batch), prefill tokens/s of one --prefill-token prompt.
 Both use 2 threads' worth of cores: llama.cpp --threads, XLA's CPU client every core
 (this machine: 2). Accuracy: perplexity, KL(float || system) and top-1 agreement with
@@ -170,7 +170,7 @@ def main():
   ap.add_argument("--threads", type=int, default=2)
   ap.add_argument("--prompt", type=int, default=128)
   ap.add_argument("--steps", type=int, default=64)
-  ap.add_argument("--batch", type=int, default=8, help="the batched decode's sequences (0: skip)")
+  ap.add_argument("--batch", default="8,32", help="the batched decodes' sequences, comma-separated ('': none)")
   ap.add_argument("--prefill", type=int, default=512)
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--calib", type=int, default=16)
@@ -178,6 +178,7 @@ def main():
   ap.add_argument("--json", default=str(ROOT / "results" / "bench_llamacpp.json"))
   ap.add_argument("--no-publish", action="store_true", help="print only (exploratory runs)")
   args = ap.parse_args()
+  batches = [int(b) for b in args.batch.split(",") if b.strip()]
   log = lambda s: print(s, file=sys.stderr, flush=True)
   t0 = time.perf_counter()
   import llama_cpp
@@ -214,8 +215,8 @@ def main():
     if not path.exists():
       quantize_gguf(gguf, t, path)
     llamas[name] = dict(b1=LlamaCpp(path, n_ctx, 1, args.threads, amx=amx))
-    if args.batch and not amx:
-      llamas[name]["bn"] = LlamaCpp(path, n_ctx * args.batch, args.batch, args.threads)
+    for b in [] if amx else batches:  # (a batch of B one-token sequences is a multi-token call)
+      llamas[name][b] = LlamaCpp(path, n_ctx * b, b, args.threads)
     records[name].update(llama_accuracy(llamas[name]["b1"], evals, ref))
     records[name]["weight_bytes"] = path.stat().st_size
     log(f"{name}: perplexity {records[name]['perplexity']:.3f}, KL {records[name]['kl']:.2e} "
@@ -230,10 +231,10 @@ def main():
     return g
 
   # decode: batch 1 and --batch
-  for key, b in [("decode_b1", 1)] + ([("decode_bn", args.batch)] if args.batch else []):
+  for key, b in [("decode_b1", 1)] + [(f"decode_b{b}", b) for b in batches]:
     ids = np.random.default_rng(b).integers(100, lm.cfg.vocab_size, (b, args.prompt)).astype(np.int32)
     fns, fargs = {}, {}
-    for name, llm in ((n, ls.get("b1" if b == 1 else "bn")) for n, ls in llamas.items()):
+    for name, llm in ((n, ls.get("b1" if b == 1 else b)) for n, ls in llamas.items()):
       if llm is None:
         continue
       llm.clear()
@@ -282,15 +283,14 @@ def main():
   q8_b1 = max(r["decode_b1"] for n, r in records.items() if n.startswith("llama.cpp Q8_0"))
   fmt = lambda r, key, f: f.format(r[key]) if key in r else "-"
   ratio = lambda r, key, ref: f"{r[key] / ref:.2f}x" if key in r else "-"
-  bn = f"decode tok/s, batch {args.batch}"
-  headers = ["system", "weights MiB", "decode tok/s, batch 1", "vs fastest Q8_0"] + (
-      [bn, "vs Q8_0"] if args.batch else []) + [f"prefill {args.prefill} tok/s", "vs Q8_0",
+  headers = ["system", "weights MiB", "decode tok/s, batch 1", "vs fastest Q8_0"] + sum(
+      ([f"decode tok/s, batch {b}", "vs Q8_0"] for b in batches), []) + [f"prefill {args.prefill} tok/s", "vs Q8_0",
                                                 "perplexity (vs float)", "KL", "top-1"]
   rows = []
   for n, r in records.items():
     row = [n, f"{r['weight_bytes'] / 2**20:.0f}", fmt(r, "decode_b1", "{:.1f}"), ratio(r, "decode_b1", q8_b1)]
-    if args.batch:
-      row += [fmt(r, "decode_bn", "{:.1f}"), ratio(r, "decode_bn", q8["decode_bn"])]
+    for b in batches:
+      row += [fmt(r, f"decode_b{b}", "{:.1f}"), ratio(r, f"decode_b{b}", q8[f"decode_b{b}"])]
     row += [fmt(r, "prefill", "{:.0f}"), ratio(r, "prefill", q8["prefill"]),
             f"{r['perplexity']:.3f} ({100 * (r['perplexity'] / base['perplexity'] - 1):+.2f}%)",
             f"{r['kl']:.1e}", f"{100 * r['top1_agreement']:.1f}%"]
