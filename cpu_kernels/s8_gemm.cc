@@ -947,9 +947,12 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
     return ffi::Error::InvalidArgument("actquant quantize_rows: expected signs (K,) and hm (m, m), m dividing K");
   }
   // Row blocks of about 64 KiB of x: enough work per chunk, and both cores busy at M >= 2 * rows
-  // (a rotated row is about m / 8 times the work: blocks that much shorter).
-  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1) /
-                                                std::max<int64_t>(1, m / 8));
+  // (a rotated row is about m / 8 times the work: blocks that much shorter; an even count
+  // where rows are rotated in pairs, RotateTwoRows8).
+  const bool pairs = kHasVnni && rotate && K / m == 8;
+  const int64_t rows0 = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(K, 1) /
+                                                 std::max<int64_t>(1, m / 8));
+  const int64_t rows = pairs ? rows0 + rows0 % 2 : rows0;
   const int64_t blocks = (M + rows - 1) / rows;
   const float* x = x_buf.typed_data();
   const float* inv = inv_buf.typed_data();
@@ -974,7 +977,7 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
       const float* signs = signs_buf.typed_data();
       const float* hm = hm_buf.typed_data();
       int64_t r = m0;
-      if (kHasVnni && K / m == 8) {  // p = 8: two rows fill the 16 lanes
+      if (pairs) {  // p = 8: two rows fill the 16 lanes
         for (; r + 2 <= m1; r += 2) {
           RotateTwoRows8(x + r * K, inv, signs, hm, m, t.data(), t2.data(), y.data());
           pass(y.data(), ones.data(), K, 0, 2, xq + r * K, sx + r);
