@@ -220,8 +220,7 @@ def preference(p: Problem) -> tuple[str, ...]:
 _QUANTIZERS = {"xla": "the reference formulas as XLA fusions", "cpu": "the native one-pass quantize",
                "triton": "the Pallas quantize kernel"}
 _MARKS = {"scale": "a NaN row scale from the quantize pass",
-          "gemm": "marked elements, flagged by the native GEMM as it reads x",
-          "scan": "marked elements, flagged by a native scan of the int8 x"}
+          "gemm": "marked elements, flagged by the native GEMM as it reads x"}
 
 
 def _stages(backend: str, requested: str, p: Problem) -> tuple[str, str]:
@@ -229,19 +228,17 @@ def _stages(backend: str, requested: str, p: Problem) -> tuple[str, str]:
 
   Pallas GEMMs take the Pallas quantize pass (Triton's: a memory-bound row pass, which
   the Mosaic path uses too). On a CPU with the native library (unless backend='xla',
-  which is XLA only): dynamic int8 is quantized by the native pass (XLA splits it into
-  a reduction and an elementwise fusion, each recomputing x's producer: an erf GELU three
-  times over on MiniLM, 10x the native pass's time). Rows holding NaN/Inf: the native
-  GEMM flags the marked rows while it reads x; static int8 under XLA's GEMM, a native
-  scan of the int8 x (an XLA reduction for it, or a float probe, cost MiniLM static 1.5x
-  vs 2.5x FP32 unchecked: XLA fused x's producers into it); otherwise the scale."""
+  which is XLA only): int8, dynamic or static, is quantized by the native pass (XLA
+  splits it into a reduction and an elementwise fusion, each recomputing x's producer:
+  an erf GELU three times over on MiniLM, 10x the native pass's time; and a rotation as
+  XLA einsums). Rows holding NaN/Inf: the native GEMM flags the marked rows while it
+  reads x; under XLA's GEMM the native pass's NaN scale; otherwise (XLA's pass) the
+  scale too."""
   if backend in ("triton", "mosaic"):
     return "triton", "scale"
   native = p.platform == "cpu" and not p.is_fp8 and requested != "xla" and _native_cpu()[0]
-  quantizer = "cpu" if native and p.act == "dynamic" else "xla"
-  if backend == "cpu":
-    return quantizer, "gemm"
-  return quantizer, "scan" if native and p.act == "static" else "scale"
+  quantizer = "cpu" if native else "xla"
+  return quantizer, "gemm" if backend == "cpu" else "scale"
 
 
 def _zero_flags(xq):
@@ -261,7 +258,7 @@ class W8A8Kernel:
 
   backend: the GEMM ("xla", "cpu", "triton", "mosaic"). quantizer: the activation pass
   ("xla", "cpu" native, "triton" Pallas). marks: how a row holding NaN/Inf gets a NaN
-  output row ("scale": its sx is NaN; "gemm"/"scan": its elements are quantized to
+  output row ("scale": its sx is NaN; "gemm": its elements are quantized to
   numerics.NONFINITE_MARK and accumulate's flags are NaN for it).
   """
 
@@ -300,7 +297,7 @@ class W8A8Kernel:
         import cpu_kernels
         inv = None if inv_smooth is None else inv_smooth.astype(jax.numpy.float32)
         signs, hm, _ = rotation.parts(x.shape[-1])
-        return cpu_kernels.quantize_rows(x.astype(jax.numpy.float32), inv, rotation=(signs, hm))
+        return cpu_kernels.quantize_rows(x.astype(jax.numpy.float32), inv, rotation=(signs, hm), scale=scale)
       x = rotation.rotate_rows(x if inv_smooth is None else x.astype(jax.numpy.float32) * inv_smooth)
       inv_smooth = None
     if k_axis is not None:
@@ -310,7 +307,7 @@ class W8A8Kernel:
     if self.quantizer == "cpu":
       import cpu_kernels
       inv = None if inv_smooth is None else inv_smooth.astype(jax.numpy.float32)
-      return cpu_kernels.quantize_rows(x.astype(jax.numpy.float32), inv)
+      return cpu_kernels.quantize_rows(x.astype(jax.numpy.float32), inv, scale=scale)
     if self.quantizer == "xla":
       return numerics.quantize_rows_ref(x, inv_smooth, dtype=self.dtype, scale=scale,
                                         nonfinite="scale" if self.marks == "scale" else "mark")
@@ -391,7 +388,6 @@ class W8A8Kernel:
     if layer is not None:
       wq = wq[layer]
     if self.backend == "xla":
-      sx = sx + self.flags(xq) if self.marks == "scan" else sx
       if xq.shape[0] == 1 and self.problem.platform == "cpu":
         # XLA CPU's int8 matrix-vector product is ~15x slower than its GEMM at two rows.
         y = numerics.scaled_matmul_ref(jax.numpy.pad(xq, ((0, 1), (0, 0))), wq, jax.numpy.pad(sx, (0, 1)), sw,

@@ -249,10 +249,12 @@ def marked_rows(xq: jax.Array) -> jax.Array:
 
 
 def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None,
-                  rotation: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array]:
-  """Dynamic per-row int8 quantization of f32 x (M, K), one native pass over memory:
-  (xq (M, K) int8, sx (M,) f32), bit for bit reference.quantize_rows_ref(x, inv_smooth)
-  (dynamic, int8). A row holding NaN or Inf gets sx = NaN and every element
+                  rotation: tuple[jax.Array, jax.Array] | None = None,
+                  scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Per-row int8 quantization of f32 x (M, K), one native pass over memory: (xq (M, K)
+  int8, sx (M,) f32), bit for bit reference.quantize_rows_ref(x, inv_smooth, scale=scale)
+  (int8): dynamic per row (scale None) or static (scale: a scalar; a row beyond it gets
+  its own). A row holding NaN or Inf gets sx = NaN and every element
   reference.NONFINITE_MARK. CPU only.
 
   rotation: (signs (K,), hm (m, m)) f32, m dividing K: each row x * inv_smooth is first
@@ -275,12 +277,18 @@ def quantize_rows(x: jax.Array, inv_smooth: jax.Array | None = None,
     if signs.shape != x.shape[1:] or hm.shape != (m, m) or m == 0 or m * p != x.shape[1] or p & (p - 1):
       raise KernelArgumentError(f"quantize_rows: rotation must be (signs ({x.shape[1]},), hm (m, m)) with "
                                 f"K = {x.shape[1]} = m * 2^j; got signs {signs.shape}, hm {hm.shape}")
+  if scale is None:
+    scale = jnp.zeros((0,), jnp.float32)
+  elif jnp.size(scale) != 1:
+    raise KernelArgumentError(f"quantize_rows: scale must be one static scale (a scalar), got shape {jnp.shape(scale)}")
+  else:
+    scale = jnp.asarray(scale, jnp.float32).reshape(1)
   ok, why = _load()
   if not ok:
     raise BackendUnavailableError(f"quantize_rows is not available here: {why}; check cpu_kernels.available() "
                                   "first, or use reference.quantize_rows_ref")
   out = (jax.ShapeDtypeStruct(x.shape, jnp.int8), jax.ShapeDtypeStruct(x.shape[:1], jnp.float32))
-  return tuple(jax.ffi.ffi_call(_QUANTIZE_TARGET, out, vmap_method="sequential")(x, inv_smooth, signs, hm))
+  return tuple(jax.ffi.ffi_call(_QUANTIZE_TARGET, out, vmap_method="sequential")(x, inv_smooth, signs, hm, scale))
 
 
 def attention_available() -> bool:

@@ -24,7 +24,7 @@
 // Work is split into chunks shared through an atomic counter by the calling thread and
 // XLA's intra-op thread pool.
 //
-// Also here: quantize_rows, the dynamic per-row int8 quantization of f32 x (see
+// Also here: quantize_rows, the per-row int8 quantization of f32 x, dynamic or static (see
 // QuantizeRows; with the online Hadamard rotation: RotateRow), and marked_rows, the mark
 // scan alone.
 //
@@ -326,19 +326,29 @@ VNNI void PackedChunk(const int8_t* x, const uint8_t* packed, const int32_t* com
   }
 }
 
-// ---- Dynamic per-row int8 quantization.
+// ---- Per-row int8 quantization, dynamic or static.
 
-// Dynamic per-row int8 quantization of f32 x (M, K), the numbers of
-// reference.quantize_rows_ref(x, inv_smooth, scale=None) bit for bit:
+// Per-row int8 quantization of f32 x (M, K), the numbers of
+// reference.quantize_rows_ref(x, inv_smooth, scale=...) bit for bit:
 //   c[k]  = |inv[k]| * f32(1/127);   amax = max_k |x[m, k]| * c[k]   (0 for K = 0)
-//   sx[m] = 1 if amax < FLT_MIN; amax if amax <= 2^126; else NaN
+//   dynamic (scale null): sx[m] = 1 if amax < FLT_MIN; amax if amax <= 2^126; else NaN
+//   static: sx[m] = max(*scale, amax < FLT_MIN ? 0 : amax) (reference.static_row_scale:
+//           a row beyond the calibrated scale gets its own); NaN if amax > 2^126
 //   xq    = saturate(round_half_even(x * (inv[k] * (1 / sx))))
 // A row holding NaN or Inf gets sx = NaN and every element -128 (the mark), so both the
 // scale and the mark signal it. One pass over memory: the second read of a row (K * 4
 // bytes) hits L1. XLA fuses a reduction and an elementwise pass separately, recomputing
 // x's producer in each (an erf GELU, three times over on MiniLM) or reading x twice.
+// The row scale from amax (see above); NaN for a row holding NaN / Inf (bad).
+inline float RowScale(float mx, bool bad, const float* scale) {
+  const float tiny = std::numeric_limits<float>::min();
+  float s = scale == nullptr ? (mx < tiny ? 1.0f : mx) : std::max(*scale, mx < tiny ? 0.0f : mx);
+  if (bad || !(mx <= 0x1p126f)) s = std::numeric_limits<float>::quiet_NaN();
+  return s;
+}
+
 VNNI void QuantizeRows(const float* x, const float* inv, int64_t K, int64_t m0, int64_t m1, int8_t* xq,
-                       float* sx) {
+                       float* sx, const float* scale) {
   const __m512 c_scalar = _mm512_set1_ps(static_cast<float>(1.0 / 127.0));
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
@@ -354,9 +364,7 @@ VNNI void QuantizeRows(const float* x, const float* inv, int64_t K, int64_t m0, 
       bad |= _mm512_mask_cmp_ps_mask(t, a, inf, _CMP_NLT_UQ);  // NaN or Inf
       amax = _mm512_max_ps(amax, _mm512_mul_ps(a, c));
     }
-    const float mx = _mm512_reduce_max_ps(amax);
-    float s = mx < std::numeric_limits<float>::min() ? 1.0f : mx;
-    if (bad || !(mx <= 0x1p126f)) s = std::numeric_limits<float>::quiet_NaN();
+    const float s = RowScale(_mm512_reduce_max_ps(amax), bad != 0, scale);
     sx[m] = s;
     if (s != s) {
       std::memset(out, 0x80, K);
@@ -558,7 +566,7 @@ AVX2 inline __m256 Load8F(const float* p, int64_t n) {
 // QuantizeRows in AVX2: the same operations in the same order, 8 lanes at a time (the
 // tail through a zero-padded copy: 0 * 0 adds nothing to the max), so the same bits.
 AVX2 void QuantizeRowsAvx2(const float* x, const float* inv, int64_t K, int64_t m0, int64_t m1, int8_t* xq,
-                           float* sx) {
+                           float* sx, const float* scale) {
   const __m256 c_scalar = _mm256_set1_ps(static_cast<float>(1.0 / 127.0));
   const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -576,9 +584,7 @@ AVX2 void QuantizeRowsAvx2(const float* x, const float* inv, int64_t K, int64_t 
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
-    const float mx = _mm_cvtss_f32(h);
-    float s = mx < std::numeric_limits<float>::min() ? 1.0f : mx;
-    if (_mm256_movemask_ps(bad) || !(mx <= 0x1p126f)) s = std::numeric_limits<float>::quiet_NaN();
+    const float s = RowScale(_mm_cvtss_f32(h), _mm256_movemask_ps(bad) != 0, scale);
     sx[m] = s;
     if (s != s) {
       std::memset(out, 0x80, K);
@@ -930,11 +936,13 @@ AVX2 void RotateRow(const float* x, const float* inv, const float* signs, const 
   }
 }
 
-// x (M, K), inv (K,), and either signs (0,) and hm (0, 0) -- no rotation -- or signs (K,)
-// and hm (m, m) with m dividing K (rotated rows: RotateRow, then the pass on them).
+// x (M, K), inv (K,), either signs (0,) and hm (0, 0) -- no rotation -- or signs (K,) and
+// hm (m, m) with m dividing K (rotated rows: RotateRow, then the pass on them), and scale
+// (0,) -- dynamic -- or (1,), the static scale.
 ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, ffi::Buffer<ffi::F32> inv_buf,
                             ffi::Buffer<ffi::F32> signs_buf, ffi::Buffer<ffi::F32> hm_buf,
-                            ffi::ResultBuffer<ffi::S8> xq_buf, ffi::ResultBuffer<ffi::F32> sx_buf) {
+                            ffi::Buffer<ffi::F32> scale_buf, ffi::ResultBuffer<ffi::S8> xq_buf,
+                            ffi::ResultBuffer<ffi::F32> sx_buf) {
   auto xd = x_buf.dimensions(), id = inv_buf.dimensions(), hd = hm_buf.dimensions();
   if (xd.size() != 2 || id.size() != 1 || id[0] != xd[1]) {
     return ffi::Error::InvalidArgument("actquant quantize_rows: expected x (M, K) and inv_smooth (K,)");
@@ -946,6 +954,10 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
                  K % m != 0)) {
     return ffi::Error::InvalidArgument("actquant quantize_rows: expected signs (K,) and hm (m, m), m dividing K");
   }
+  if (scale_buf.element_count() > 1) {
+    return ffi::Error::InvalidArgument("actquant quantize_rows: expected scale (0,) or (1,)");
+  }
+  const float* scale = scale_buf.element_count() == 1 ? scale_buf.typed_data() : nullptr;
   // Row blocks of about 64 KiB of x: enough work per chunk, and both cores busy at M >= 2 * rows
   // (a rotated row is about m / 8 times the work: blocks that much shorter; an even count
   // where rows are rotated in pairs, RotateTwoRows8).
@@ -958,11 +970,12 @@ ffi::Error QuantizeRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x_buf, f
   const float* inv = inv_buf.typed_data();
   int8_t* xq = xq_buf->typed_data();
   float* sx = sx_buf->typed_data();
-  const auto pass = [](const float* xs, const float* invs, int64_t K, int64_t m0, int64_t m1, int8_t* q, float* s) {
+  const auto pass = [scale](const float* xs, const float* invs, int64_t K, int64_t m0, int64_t m1, int8_t* q,
+                            float* s) {
     if (kHasVnni) {
-      QuantizeRows(xs, invs, K, m0, m1, q, s);
+      QuantizeRows(xs, invs, K, m0, m1, q, s, scale);
     } else {
-      QuantizeRowsAvx2(xs, invs, K, m0, m1, q, s);
+      QuantizeRowsAvx2(xs, invs, K, m0, m1, q, s, scale);
     }
   };
   if (blocks > 0) {
@@ -1341,6 +1354,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantS8Gemm, S8GemmImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ActquantQuantizeRows, QuantizeRowsImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -110,8 +110,9 @@ def test_cpu_preference_by_amx_and_rows():
 @pytest.mark.parametrize("native", [True, False], ids=["native-lib", "no-native-lib"])
 def test_every_stage_is_decided_in_the_kernel(native, monkeypatch):
   # The policy alone (the native library faked present or absent): backend='xla' is XLA
-  # in every stage; auto/cpu quantize dynamic int8 natively and find NaN/Inf rows by marks
-  # the native GEMM (or, under XLA's GEMM, a native scan) reads; fp8 and Pallas never mix.
+  # in every stage; auto/cpu quantize int8 (dynamic and static) natively and find NaN/Inf
+  # rows by marks the native GEMM reads (under XLA's GEMM: the pass's NaN scale); fp8 and
+  # Pallas never mix.
   monkeypatch.setattr(backends, "_native_cpu", lambda: (native, "" if native else "faked absent"))
   monkeypatch.setattr(backends, "_decisions", {})
   cpu = lambda **kw: Problem(k=64, platform="cpu", **kw)
@@ -122,9 +123,9 @@ def test_every_stage_is_decided_in_the_kernel(native, monkeypatch):
     assert stages("auto", _gpu(H100, m=8, act=act))[1:] == ("triton", "scale")
   if native:
     assert stages("auto", cpu(m=8)) == stages("cpu", cpu(m=8)) == ("cpu", "cpu", "gemm")
-    assert stages("auto", cpu(m=8, act="static")) == ("cpu", "xla", "gemm")
+    assert stages("auto", cpu(m=8, act="static")) == ("cpu", "cpu", "gemm")
     assert stages("auto", cpu(m=8, cpu_amx=True)) == ("xla", "cpu", "scale")  # AMX: XLA's GEMM from M = 3
-    assert stages("auto", cpu(m=8, cpu_amx=True, act="static")) == ("xla", "xla", "scan")
+    assert stages("auto", cpu(m=8, cpu_amx=True, act="static")) == ("xla", "cpu", "scale")
   else:
     assert stages("auto", cpu(m=8)) == stages("auto", cpu(m=8, act="static")) == ("xla", "xla", "scale")
   kernel = backends.choose("xla", cpu(m=8))

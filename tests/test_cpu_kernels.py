@@ -161,6 +161,31 @@ def test_quantize_rows_matches_reference(m, k, smooth, rng):
   np.testing.assert_array_equal(np.asarray(xq), np.asarray(xq_ref))
 
 
+# Static: the calibrated scale for a row within it (an all-zero row too), the row's own
+# beyond it (reference.static_row_scale), on the AVX-512 and AVX2 passes alike; rotated
+# rows take the scale after the rotation.
+@needs_kernel
+@pytest.mark.parametrize("m,k", [(5, 24), (43, 384), (11, 1536)])
+def test_quantize_rows_static_scale_matches_reference(m, k, rng):
+  from actquant_jax import rotation
+  x = rng.standard_normal((m, k)).astype(np.float32) * np.exp(rng.uniform(-3, 3, (m, 1))).astype(np.float32)
+  x[1] = 0.0
+  inv = jnp.asarray(np.exp(rng.uniform(-1, 1, k)).astype(np.float32))
+  amax = np.abs(x * np.asarray(inv)).max(axis=1) / 127
+  scale = jnp.float32(np.median(amax))  # about half the rows beyond it
+  xq, sx = jax.jit(cpu_kernels.quantize_rows)(jnp.asarray(x), inv, None, scale)
+  xq_ref, sx_ref = jax.jit(lambda x, inv, s: ref.quantize_rows_ref(x, inv, scale=s))(jnp.asarray(x), inv, scale)
+  np.testing.assert_array_equal(np.asarray(sx), np.asarray(sx_ref))
+  np.testing.assert_array_equal(np.asarray(xq), np.asarray(xq_ref))
+  assert (np.asarray(sx) == scale).sum() >= m // 3 and (np.asarray(sx) > scale).sum() >= m // 3
+  signs, hm, _ = rotation.parts(k)
+  xq, sx = jax.jit(cpu_kernels.quantize_rows)(jnp.asarray(x), inv, (jnp.asarray(signs), jnp.asarray(hm)), scale)
+  y = (x.astype(np.float64) * np.asarray(inv)) @ rotation.matrix(k)
+  want = np.maximum(np.float64(scale), np.abs(y).max(axis=1) / 127)
+  np.testing.assert_allclose(np.asarray(sx), want, rtol=1e-5)
+  assert np.abs(np.asarray(xq).astype(np.int64) - y / want[:, None]).max() <= 0.5 + 1e-3
+
+
 # A NaN or Inf anywhere (first lane, masked tail, last element) makes its row's scale NaN
 # (as the reference's) and marks the whole row; the other rows are untouched.
 @needs_kernel

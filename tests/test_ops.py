@@ -168,9 +168,9 @@ def test_auto_backend_on_cpu_runs_the_native_gemm_where_it_can():
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU quantize pass")
 @pytest.mark.parametrize("backend", ["auto", "xla", "cpu"])
-def test_dynamic_int8_on_cpu_quantizes_in_one_native_pass(backend):
-  # Dynamic int8: cpu_kernels.quantize_rows (its numbers: test_cpu_paths_are_bit_identical).
-  # Static: an elementwise pass XLA fuses into x's producer; fp8: XLA. backend='xla': XLA only.
+def test_int8_on_cpu_quantizes_in_one_native_pass(backend):
+  # int8, dynamic and static: cpu_kernels.quantize_rows (its numbers:
+  # test_cpu_paths_are_bit_identical, test_cpu_kernels); fp8: XLA. backend='xla': XLA only.
   import cpu_kernels
   if not cpu_kernels.available():
     pytest.skip(cpu_kernels.unavailable_reason())
@@ -178,8 +178,7 @@ def test_dynamic_int8_on_cpu_quantizes_in_one_native_pass(backend):
     qk = aq.quantize_kernel(jnp.ones((64, 8)), qtype, act_scale=act_scale, inv_smooth=jnp.full(64, 0.5))
     f = functools.partial(aq.w8a8_dot, backend=backend)
     return "actquant_quantize_rows" in str(jax.jit(f).lower(jnp.ones((300, 64)), qk).as_text())
-  assert native() == (backend != "xla")
-  assert not native(act_scale=0.05)
+  assert native() == native(act_scale=0.05) == (backend != "xla")
   if backend != "cpu":
     assert not native("float8_e4m3fn")
 
